@@ -1,0 +1,469 @@
+"""The greenfleet wire contract: MQTT topics and the JSON messages sent on them.
+
+This is the only place where topics are built or parsed and where message shapes are
+defined; controller, agent, simulator and tests all go through it. It imports nothing but
+the standard library and pydantic, so that any process (and any test) can speak the
+protocol without loading an inference runtime or an MQTT client.
+
+Topics (root ``gf/v1``, versioned like Sparkplug's ``spBv1.0``)::
+
+    gf/v1/{device}/state                    agent -> ctl, retained: Birth, or Death (last will)
+    gf/v1/{device}/cmd                      ctl -> agent: Deploy, Ping, InjectFault
+    gf/v1/{device}/reply                    agent -> ctl: Reply echoing the command id
+    gf/v1/{device}/events                   agent -> ctl: Event (deploy progress, errors, ...)
+    gf/v1/{device}/telemetry                agent -> ctl: TelemetryBatch, records keyed (session, seq)
+    gf/v1/{device}/results                  agent -> local consumers: Result
+    gf/v1/{device}/blob/req                 agent -> ctl: BlobRequest for a window of chunks
+    gf/v1/{device}/blob/{sha256}/{index}    ctl -> agent: raw chunk bytes (not JSON)
+
+Every JSON message carries the envelope fields ``v``, ``kind``, ``id`` and ``ts``; ``kind``
+discriminates the union, and :func:`decode` is the one parser for all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = 1
+ROOT = "gf/v1"
+DEFAULT_CHUNK_SIZE = 256 * 1024
+MAX_CHUNK_SIZE = 4 * 1024 * 1024
+MAX_WINDOW = 64
+
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+DeviceId = Annotated[
+    str,
+    Field(
+        pattern=_DEVICE_ID.pattern,
+        description="Device identifier: letters, digits, '_', '.', '-'; at most 64 characters.",
+    ),
+]
+Sha256 = Annotated[str, Field(pattern=_SHA256.pattern, description="Lower-case hex SHA-256.")]
+
+
+class ProtocolError(ValueError):
+    """A topic or payload that does not follow the wire contract; the message says what is wrong."""
+
+
+# --------------------------------------------------------------------------------------- topics
+
+
+class Channel(StrEnum):
+    """The per-device topic channels."""
+
+    STATE = "state"
+    CMD = "cmd"
+    REPLY = "reply"
+    EVENTS = "events"
+    TELEMETRY = "telemetry"
+    RESULTS = "results"
+    BLOB_REQ = "blob/req"
+    BLOB = "blob"
+
+
+def check_device_id(device: str) -> str:
+    """Return ``device`` if it is a valid device id (no MQTT wildcards or separators)."""
+    if not _DEVICE_ID.match(device):
+        raise ProtocolError(
+            f"invalid device id {device!r}: use 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return device
+
+
+def topic(device: str, channel: Channel) -> str:
+    """The topic of one JSON channel of one device, e.g. ``gf/v1/press-1/cmd``."""
+    if channel is Channel.BLOB:
+        raise ProtocolError("blob chunk topics need a sha256 and index: use blob_topic()")
+    return f"{ROOT}/{check_device_id(device)}/{channel.value}"
+
+
+def blob_topic(device: str, sha256: str, index: int) -> str:
+    """The topic that carries chunk ``index`` of the artifact ``sha256`` to ``device``."""
+    if not _SHA256.match(sha256):
+        raise ProtocolError(f"invalid sha256 {sha256!r}")
+    if index < 0:
+        raise ProtocolError(f"invalid chunk index {index}")
+    return f"{ROOT}/{check_device_id(device)}/blob/{sha256}/{index}"
+
+
+def blob_subscription(device: str) -> str:
+    """The filter an agent subscribes to for all chunks sent to it."""
+    return f"{ROOT}/{check_device_id(device)}/blob/+/+"
+
+
+def subscription(channel: Channel, device: str = "+") -> str:
+    """A subscription filter for one channel of one device, or of all devices (``+``)."""
+    if device != "+":
+        check_device_id(device)
+    return f"{ROOT}/{device}/{channel.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    """A topic taken apart: the device, the channel, and for chunks the sha256 and index."""
+
+    device: str
+    channel: Channel
+    sha256: str | None = None
+    index: int | None = None
+
+
+def parse_topic(name: str) -> ParsedTopic:
+    """Take a greenfleet topic apart; raise ProtocolError for anything else."""
+    parts = name.split("/")
+    if len(parts) < 4 or f"{parts[0]}/{parts[1]}" != ROOT:
+        raise ProtocolError(f"not a {ROOT} topic: {name!r}")
+    device = check_device_id(parts[2])
+    rest = parts[3:]
+    if rest[0] == "blob":
+        if rest[1:] == ["req"]:
+            return ParsedTopic(device, Channel.BLOB_REQ)
+        if len(rest) == 3 and _SHA256.match(rest[1]) and rest[2].isdigit():
+            return ParsedTopic(device, Channel.BLOB, rest[1], int(rest[2]))
+        raise ProtocolError(f"malformed blob topic {name!r}")
+    if len(rest) == 1:
+        try:
+            return ParsedTopic(device, Channel(rest[0]))
+        except ValueError:
+            pass
+    raise ProtocolError(f"unknown channel in topic {name!r}")
+
+
+# ------------------------------------------------------------------------------------- messages
+
+
+def new_id() -> str:
+    """A fresh message id (32 hex characters)."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC (message timestamps are always UTC)."""
+    return datetime.now(UTC)
+
+
+class Strict(BaseModel):
+    """Base of every wire model: unknown fields are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Envelope(Strict):
+    """Fields every JSON message carries."""
+
+    v: Literal[1] = Field(default=1, description="Protocol version.")
+    id: str = Field(default_factory=new_id, min_length=1, max_length=64, description="Message id.")
+    ts: datetime = Field(default_factory=utcnow, description="When the sender created it (UTC).")
+
+
+class ModelFormat(StrEnum):
+    """File formats an agent can run."""
+
+    ONNX = "onnx"
+    TFLITE = "tflite"
+
+
+class ModelRef(Strict):
+    """A model version as the fleet names it: ``name:version``."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$", description="Model name.")
+    version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,31}$", description="Version.")
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        """Parse ``name:version``; raise ProtocolError naming the expected form."""
+        name, sep, version = text.partition(":")
+        if not sep:
+            raise ProtocolError(f"model reference {text!r} must look like NAME:VERSION")
+        try:
+            return cls(name=name, version=version)
+        except ValidationError as exc:
+            raise ProtocolError(f"invalid model reference {text!r}: {_first_error(exc)}") from exc
+
+
+class Artifact(Strict):
+    """One model file, addressed by content."""
+
+    sha256: Sha256
+    size: int = Field(gt=0, description="Size in bytes.")
+    format: ModelFormat
+    chunk_size: int = Field(
+        default=DEFAULT_CHUNK_SIZE, gt=0, le=MAX_CHUNK_SIZE, description="Bytes per chunk."
+    )
+
+    @property
+    def chunk_count(self) -> int:
+        return -(-self.size // self.chunk_size)
+
+
+class ActiveModel(Strict):
+    """What an agent is running."""
+
+    model: ModelRef
+    sha256: Sha256
+    format: ModelFormat
+
+
+class HardwareFacts(Strict):
+    """What the agent read from its host at start."""
+
+    arch: str = Field(description="Machine architecture, e.g. x86_64 or aarch64.")
+    cpu_model: str = Field(default="", description="CPU model name, if readable.")
+    cpu_flags: list[str] = Field(default_factory=list, description="Notable CPU features.")
+    cores: int = Field(ge=1)
+    memory_mb: int = Field(ge=0, description="Physical memory in MiB.")
+    os: str = Field(description="Kernel and OS, e.g. 'Linux 6.1.0'.")
+    python: str
+
+
+class Birth(Envelope):
+    """Retained on the state topic when an agent connects: who it is and what it runs."""
+
+    kind: Literal["birth"] = "birth"
+    session: str = Field(min_length=1, max_length=64, description="New at every agent start.")
+    agent_version: str
+    device_class: str = Field(description="Hardware class, a device_configs/ name.")
+    labels: dict[str, str] = Field(default_factory=dict)
+    runtimes: list[ModelFormat] = Field(description="Formats the agent can load.")
+    hardware: HardwareFacts
+    active: ActiveModel | None = None
+
+
+class Death(Envelope):
+    """The last will, retained on the state topic: the broker publishes it when the agent vanishes.
+
+    An agent that stops cleanly publishes it itself.
+    """
+
+    kind: Literal["death"] = "death"
+    session: str = Field(min_length=1, max_length=64)
+    reason: str = "connection lost"
+
+
+class Deploy(Envelope):
+    """Controller -> agent: fetch this artifact, verify it, and make it the active model."""
+
+    kind: Literal["deploy"] = "deploy"
+    model: ModelRef
+    artifact: Artifact
+    window: int = Field(default=8, ge=1, le=MAX_WINDOW, description="Chunks in flight at once.")
+
+
+class Ping(Envelope):
+    """Controller -> agent: answer with a Reply; used for liveness and round-trip time."""
+
+    kind: Literal["ping"] = "ping"
+
+
+class FaultKind(StrEnum):
+    """Bearing faults the simulated vibration sensor can inject."""
+
+    NONE = "none"
+    OUTER_RACE = "outer_race"
+    INNER_RACE = "inner_race"
+    BALL = "ball"
+
+
+class InjectFault(Envelope):
+    """Controller -> agent: set the simulated sensor's bearing fault (demos and tests only).
+
+    An agent whose input is not the simulated sensor refuses it with an error reply.
+    """
+
+    kind: Literal["inject_fault"] = "inject_fault"
+    fault: FaultKind
+    severity: float = Field(default=1.0, ge=0.0, le=10.0)
+
+
+class Reply(Envelope):
+    """Agent -> controller: the outcome of one command, echoing its id in ``ref``."""
+
+    kind: Literal["reply"] = "reply"
+    ref: str = Field(description="The id of the command this answers, or '' if it had none.")
+    ok: bool
+    error: str | None = Field(default=None, description="What went wrong and what to do.")
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class EventKind(StrEnum):
+    """Things an agent tells the controller about."""
+
+    DEPLOY_STARTED = "deploy_started"
+    DEPLOY_PROGRESS = "deploy_progress"
+    DEPLOY_FAILED = "deploy_failed"
+    ACTIVATED = "activated"
+    MODEL_LOAD_FAILED = "model_load_failed"
+    INFERENCE_ERROR = "inference_error"
+    COMMAND_REJECTED = "command_rejected"
+    INPUT_ERROR = "input_error"
+
+
+class Event(Envelope):
+    """Agent -> controller: something happened; ``message`` is for people, ``detail`` for code."""
+
+    kind: Literal["event"] = "event"
+    event: EventKind
+    session: str
+    message: str = ""
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class PowerMethod(StrEnum):
+    """How a power figure was obtained; an estimate is never passed off as a measurement."""
+
+    ESTIMATE = "estimate"
+    RAPL = "rapl"
+    HWMON = "hwmon"
+    PMIC = "pmic"
+    NVML = "nvml"
+
+
+class TelemetryRecord(Strict):
+    """One telemetry window of one agent session; (session, seq) is unique."""
+
+    seq: int = Field(ge=0, description="Per-session sequence number, from 0, no gaps.")
+    start: datetime = Field(description="Start of the window (UTC).")
+    window_s: float = Field(gt=0, description="Length of the window in seconds.")
+    model: ModelRef | None = Field(description="The model that served the window, if any.")
+    tier: str = Field(default="active", description="Which fallback tier produced results.")
+    inferences: int = Field(ge=0)
+    errors: int = Field(ge=0)
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    latency_p99_ms: float | None = None
+    cpu_s: float = Field(ge=0, description="Process CPU time spent in the window.")
+    power_w: float | None = Field(default=None, ge=0, description="Mean power in the window.")
+    energy_per_inference_j: float | None = Field(default=None, ge=0)
+    power_method: PowerMethod = PowerMethod.ESTIMATE
+
+
+class TelemetryBatch(Envelope):
+    """Agent -> controller: one or more telemetry records, oldest first."""
+
+    kind: Literal["telemetry"] = "telemetry"
+    session: str
+    records: list[TelemetryRecord] = Field(min_length=1, max_length=1000)
+
+
+class Result(Envelope):
+    """Agent -> local consumers: the output of one inference, naming the model and tier."""
+
+    kind: Literal["result"] = "result"
+    seq: int = Field(ge=0, description="Per-session inference counter.")
+    model: ModelRef | None
+    tier: str = "active"
+    latency_ms: float = Field(ge=0)
+    outputs: dict[str, list[float]] = Field(description="Output name -> flattened values.")
+    input_ts: datetime | None = Field(default=None, description="When the input was captured.")
+
+
+class BlobRequest(Envelope):
+    """Agent -> controller: send chunks ``first`` .. ``first + count - 1`` of an artifact."""
+
+    kind: Literal["blob_request"] = "blob_request"
+    sha256: Sha256
+    first: int = Field(ge=0)
+    count: int = Field(ge=1, le=MAX_WINDOW)
+    chunk_size: int = Field(gt=0, le=MAX_CHUNK_SIZE)
+
+
+class SensorReading(Envelope):
+    """A window of samples on a local input topic, for agents whose input source is MQTT.
+
+    This is the one message on the wire that a third party (a PLC bridge, a sensor gateway)
+    produces; the agent also accepts a bare JSON array of numbers on that topic.
+    """
+
+    kind: Literal["reading"] = "reading"
+    values: list[float] = Field(min_length=1)
+    sample_rate_hz: float | None = Field(default=None, gt=0)
+
+
+Command = Annotated[Deploy | Ping | InjectFault, Field(discriminator="kind")]
+Message = Annotated[
+    Birth
+    | Death
+    | Deploy
+    | Ping
+    | InjectFault
+    | Reply
+    | Event
+    | TelemetryBatch
+    | Result
+    | BlobRequest
+    | SensorReading,
+    Field(discriminator="kind"),
+]
+MESSAGE: TypeAdapter[Message] = TypeAdapter(Message)
+COMMAND: TypeAdapter[Command] = TypeAdapter(Command)
+COMMAND_KINDS = ("deploy", "ping", "inject_fault")
+
+
+def _first_error(exc: ValidationError, skip_tag: str | None = None) -> str:
+    err = exc.errors()[0]
+    loc = list(err["loc"])
+    if skip_tag is not None and loc[:1] == [skip_tag]:
+        loc = loc[1:]
+    where = ".".join(str(p) for p in loc) or "message"
+    return f"{where}: {err['msg']}"
+
+
+def _decode(adapter: TypeAdapter[Any], payload: bytes | str, what: str) -> Any:
+    try:
+        raw = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{what} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"{what} must be a JSON object, got {type(raw).__name__}")
+    if raw.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"{what} has protocol version {raw.get('v')!r}; this side speaks {PROTOCOL_VERSION}"
+        )
+    try:
+        return adapter.validate_python(raw)
+    except ValidationError as exc:
+        kind = raw.get("kind")
+        if exc.errors()[0]["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            raise ProtocolError(f"{what} has unknown kind {kind!r}") from exc
+        raise ProtocolError(f"malformed {kind or what}: {_first_error(exc, kind)}") from exc
+
+
+def decode(payload: bytes | str) -> Message:
+    """Parse any greenfleet JSON message; raise ProtocolError with a readable reason."""
+    result: Message = _decode(MESSAGE, payload, "message")
+    return result
+
+
+def decode_command(payload: bytes | str) -> Command:
+    """Parse a message on a cmd topic; anything but a command is a ProtocolError."""
+    result: Command = _decode(COMMAND, payload, "command")
+    return result
+
+
+def command_id(payload: bytes | str) -> str:
+    """Best-effort id of a command that failed to parse, so the error reply can echo it."""
+    try:
+        raw = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return ""
+    value = raw.get("id") if isinstance(raw, dict) else None
+    return value if isinstance(value, str) and len(value) <= 64 else ""
+
+
+def encode(message: BaseModel) -> bytes:
+    """Serialize a message to compact JSON bytes."""
+    return message.model_dump_json().encode()
