@@ -1,0 +1,84 @@
+"""Which model is active on this device, kept on disk so a restart comes back to it.
+
+Layout under the agent's state directory::
+
+    models/<sha256>.<onnx|tflite>    verified artifacts, immutable once renamed into place
+    downloads/                       partial transfers (see agent.transfer)
+    active.json                      {"active": ..., "last_good": ...}, replaced by one rename
+
+Switching the active model writes the new pointer to a temp file, fsyncs it and renames it over
+``active.json``: the device is always either on the old model or on the new one. The model that
+was active before becomes ``last_good``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from agent.protocol import ActiveModel, Strict
+from agent.transfer import fsync_dir
+
+log = logging.getLogger(__name__)
+
+
+class Pointer(Strict):
+    """The content of active.json."""
+
+    active: ActiveModel | None = None
+    last_good: ActiveModel | None = None
+
+
+class Activation:
+    """The on-disk record of the active and last-good models."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.models_dir = state_dir / "models"
+        self.downloads_dir = state_dir / "downloads"
+        self.pointer_path = state_dir / "active.json"
+
+    def prepare(self) -> None:
+        """Create the directories (the only I/O; kept out of the constructor)."""
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.downloads_dir.mkdir(parents=True, exist_ok=True)
+
+    def artifact_path(self, model: ActiveModel) -> Path:
+        return self.models_dir / f"{model.sha256}.{model.format.value}"
+
+    def read(self) -> Pointer:
+        """The current pointer; a missing or unreadable file means no model yet (logged)."""
+        try:
+            raw = json.loads(self.pointer_path.read_text())
+            return Pointer.model_validate(raw)
+        except FileNotFoundError:
+            return Pointer()
+        except (OSError, ValueError, ValidationError) as exc:
+            log.error("ignoring unreadable %s (%s); starting without a model", self.pointer_path, exc)
+            return Pointer()
+
+    def activate(self, model: ActiveModel) -> Pointer:
+        """Make ``model`` active; the previously active one becomes last-good."""
+        current = self.read()
+        last_good = current.active if current.active and current.active != model else current.last_good
+        pointer = Pointer(active=model, last_good=last_good)
+        tmp = self.pointer_path.with_suffix(".json.tmp")
+        with tmp.open("w") as fh:
+            fh.write(pointer.model_dump_json(indent=1))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.pointer_path)
+        fsync_dir(self.state_dir)
+        self._prune(pointer)
+        return pointer
+
+    def _prune(self, pointer: Pointer) -> None:
+        """Delete model files that are neither active nor last-good (devices have small disks)."""
+        keep = {self.artifact_path(m).name for m in (pointer.active, pointer.last_good) if m}
+        for path in self.models_dir.iterdir():
+            if path.name not in keep:
+                path.unlink(missing_ok=True)

@@ -1,0 +1,143 @@
+"""Agent configuration: one YAML file, validated strictly, with environment overrides.
+
+Any field can be overridden by an environment variable ``GREENFLEET_AGENT__<PATH>`` where
+``<PATH>`` is the field path joined by double underscores, e.g.
+``GREENFLEET_AGENT__BROKER__HOST=10.0.0.5``; values are parsed as YAML scalars. This is how
+a systemd unit or a container injects credentials without editing the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.errors import ConfigError
+from agent.protocol import DeviceId, FaultKind
+
+ENV_PREFIX = "GREENFLEET_AGENT__"
+
+
+class Section(BaseModel):
+    """Base of every config section: a misspelt key is an error, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class BrokerConfig(Section):
+    """Where the site's MQTT broker is and how to log in."""
+
+    host: str = Field(default="127.0.0.1", description="Broker host name or address.")
+    port: int = Field(default=1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    reconnect_min_s: float = Field(default=0.5, gt=0, description="First reconnect delay.")
+    reconnect_max_s: float = Field(default=30.0, gt=0, description="Cap of the backoff.")
+
+
+class PowerConfig(Section):
+    """Figures for the power estimate used when no meter can be read (from the device profile)."""
+
+    idle_w: float = Field(default=3.0, ge=0, description="Whole-device power when idle, W.")
+    active_w_per_core: float = Field(
+        default=1.5, ge=0, description="Extra power per fully busy core, W."
+    )
+
+
+class VibrationInput(Section):
+    """The simulated vibration sensor on a rotating machine."""
+
+    type: Literal["vibration"] = "vibration"
+    sample_rate_hz: float = Field(default=12800.0, gt=0)
+    window: int = Field(default=512, ge=16)
+    rpm: float = Field(default=1800.0, gt=0)
+    fault: FaultKind = FaultKind.NONE
+    severity: float = Field(default=1.0, ge=0)
+    seed: int | None = None
+
+
+class MqttInput(Section):
+    """Windows published on a topic of the local broker (a PLC bridge, a sensor gateway)."""
+
+    type: Literal["mqtt"] = "mqtt"
+    topic: str = Field(description="Topic carrying SensorReading JSON or a bare JSON array.")
+    queue: int = Field(default=64, ge=1, description="Readings buffered; the oldest is dropped.")
+
+
+InputConfig = Annotated[VibrationInput | MqttInput, Field(discriminator="type")]
+
+
+class InferenceConfig(Section):
+    """How often to run the model on the input source."""
+
+    rate_hz: float = Field(default=10.0, gt=0, le=10000)
+    threads: int = Field(default=1, ge=1, le=64, description="Runtime intra-op threads.")
+    publish_results: bool = True
+
+
+class TelemetryConfig(Section):
+    interval_s: float = Field(default=5.0, gt=0, description="Length of a telemetry window.")
+
+
+class AgentConfig(Section):
+    """Everything the agent needs to run on one device."""
+
+    device_id: DeviceId
+    device_class: str = Field(default="generic", description="Hardware class (device_configs/).")
+    labels: dict[str, str] = Field(default_factory=dict, description="e.g. site, line.")
+    state_dir: Path = Field(default=Path("./agent-state"), description="Models and state.")
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    input: InputConfig = Field(default_factory=VibrationInput)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    power: PowerConfig = Field(default_factory=PowerConfig)
+
+
+def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``GREENFLEET_AGENT__A__B=value`` set at ``raw[a][b]``."""
+    result: dict[str, Any] = dict(raw)
+    for key, value in sorted(environ.items()):
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[path[-1]] = yaml.safe_load(value) if value else value
+    return result
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read, override and validate the agent's YAML config; ConfigError says what to fix."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings, not {type(raw).__name__}")
+    raw = apply_env_overrides(raw, os.environ if environ is None else environ)
+    try:
+        config = AgentConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise ConfigError(f"invalid config {path}: {problems}") from exc
+    if not config.state_dir.is_absolute():
+        config.state_dir = (path.parent / config.state_dir).resolve()
+    return config

@@ -1,0 +1,40 @@
+"""The power estimate used when no meter can be read: CPU time times the profile's figures.
+
+Whole-device power is ``idle_w + active_w_per_core * busy_cores``; energy per inference is the
+dynamic part only (``active_w_per_core * inference CPU seconds / inferences``), because that is
+what differs between model variants. Every figure is labelled ``estimate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.protocol import PowerMethod
+
+
+@dataclass(frozen=True, slots=True)
+class PowerReading:
+    """Power over one telemetry window, and how it was obtained."""
+
+    power_w: float
+    energy_per_inference_j: float | None
+    method: PowerMethod
+
+
+@dataclass(frozen=True, slots=True)
+class EstimateMeter:
+    """Estimates power from CPU time and the device profile's idle and per-core power."""
+
+    idle_w: float
+    active_w_per_core: float
+    method: PowerMethod = PowerMethod.ESTIMATE
+
+    def read(
+        self, window_s: float, process_cpu_s: float, inference_cpu_s: float, inferences: int
+    ) -> PowerReading:
+        busy_cores = process_cpu_s / window_s if window_s > 0 else 0.0
+        power = self.idle_w + self.active_w_per_core * busy_cores
+        per_inference = (
+            self.active_w_per_core * inference_cpu_s / inferences if inferences else None
+        )
+        return PowerReading(round(power, 4), per_inference, self.method)

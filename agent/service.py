@@ -1,0 +1,491 @@
+"""The agent daemon: receives commands, pulls and activates models, runs inference, reports.
+
+Threads and who owns what:
+
+- paho's network thread only decodes topics and enqueues (``_on_message``);
+- the worker thread (``_work``) owns commands and transfers: it downloads, verifies, loads
+  and swaps models, so a slow download never delays an inference;
+- the inference thread (``_infer``) reads the input source at the configured rate, runs the
+  current model and cuts telemetry windows. A model swap is one reference assignment, so no
+  inference is dropped or fails while a new model is being activated.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psutil
+from paho.mqtt.client import topic_matches_sub
+
+from agent import protocol as p
+from agent.activation import Activation
+from agent.config import AgentConfig
+from agent.errors import IntegrityError, TransferError
+from agent.hardware import read_hardware
+from agent.link import MqttLink, Will
+from agent.power.estimate import EstimateMeter
+from agent.runtime import available_formats, load_model
+from agent.runtime.base import InferenceError, LoadedModel, ModelLoadError
+from agent.sources import source_class
+from agent.sources.base import Source
+from agent.telemetry import TelemetryWindow
+from agent.transfer import Download
+from agent.version import __version__
+
+log = logging.getLogger(__name__)
+
+CHUNK_TIMEOUT_S = 5.0  # re-ask for chunks that have not arrived after this long
+PROGRESS_STEPS = 4  # deploy_progress events per transfer
+EVENT_REPEAT_S = 60.0  # the same recurring error is reported at most once per this period
+
+
+@dataclass
+class Serving:
+    """The model the inference thread uses, swapped as a whole."""
+
+    model: LoadedModel
+    active: p.ActiveModel
+
+
+@dataclass
+class Transfer:
+    """A deploy in progress."""
+
+    command: p.Deploy
+    download: Download
+    next_progress: int = 1
+
+
+class Agent:
+    """One device's agent. Build it with a config; ``run`` blocks until ``stop``."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.device = config.device_id
+        self.session = p.new_id()[:16]
+        self.activation = Activation(config.state_dir)
+        self.meter = EstimateMeter(config.power.idle_w, config.power.active_w_per_core)
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=10_000)
+        self._stop = threading.Event()
+        self._serving: Serving | None = None
+        self._transfer: Transfer | None = None
+        self._input_handlers: list[tuple[str, Any]] = []
+        self._last_event: dict[str, float] = {}
+        self._process = psutil.Process()
+        self.source: Source | None = None
+        self.link: MqttLink | None = None
+        self.inference_seq = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Restore the active model, connect, and start the worker and inference threads."""
+        self.activation.prepare()
+        self._restore()
+        self.hardware = read_hardware()
+        self.runtimes = available_formats()
+        self.link = MqttLink(
+            client_id=f"gf-agent-{self.device}",
+            host=self.config.broker.host,
+            port=self.config.broker.port,
+            username=self.config.broker.username,
+            password=self.config.broker.password,
+            keepalive_s=self.config.broker.keepalive_s,
+            reconnect_min_s=self.config.broker.reconnect_min_s,
+            reconnect_max_s=self.config.broker.reconnect_max_s,
+            on_message=self._on_message,
+            subscriptions=[
+                (p.topic(self.device, p.Channel.CMD), 1),
+                (p.blob_subscription(self.device), 1),
+            ],
+            will=Will(
+                p.topic(self.device, p.Channel.STATE),
+                p.encode(p.Death(session=self.session)),
+            ),
+            birth=self._birth,
+            on_connected=self._on_connected,
+        )
+        self.source = source_class(self.config.input.type)(self.config.input)
+        topic = getattr(self.source, "topic", None)
+        if topic is not None:
+            self._input_handlers.append((topic, self.source.offer))  # type: ignore[attr-defined]
+            self.link.subscribe(topic, 0)
+        self.link.start()
+        self._threads = [
+            threading.Thread(target=self._guard, args=(self._work,), name="gf-worker", daemon=True),
+            threading.Thread(target=self._guard, args=(self._infer,), name="gf-infer", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        log.info(
+            "agent %s started (session %s, runtimes %s, model %s)",
+            self.device,
+            self.session,
+            ",".join(r.value for r in self.runtimes) or "none",
+            self._serving.active.model if self._serving else "none",
+        )
+
+    def stop(self) -> None:
+        """Stop threads, keep transfer progress, and tell the controller we left on purpose."""
+        self._stop.set()
+        for thread in getattr(self, "_threads", []):
+            thread.join(timeout=5)
+        if self._transfer is not None:
+            self._transfer.download.close()
+        if self.link is not None:
+            death = p.Death(session=self.session, reason="agent stopped")
+            self.link.stop(last=(p.topic(self.device, p.Channel.STATE), p.encode(death)))
+
+    def wait(self) -> int:
+        """Block until stopped; return the process exit code."""
+        while not self._stop.wait(0.5):
+            if self.link is not None and self.link.fatal is not None:
+                self.stop()
+                return 3
+        return 0
+
+    def _guard(self, target: Any) -> None:
+        """Keep a thread alive through unexpected errors (logged), so the agent never goes silent."""
+        while not self._stop.is_set():
+            try:
+                target()
+                return
+            except Exception:
+                log.exception("%s crashed; restarting it", threading.current_thread().name)
+                time.sleep(1.0)
+
+    def _restore(self) -> None:
+        """Load the model that was active before the restart, or the last-good one."""
+        pointer = self.activation.read()
+        for candidate in (pointer.active, pointer.last_good):
+            if candidate is None:
+                continue
+            try:
+                model = load_model(self.activation.artifact_path(candidate), candidate.format)
+            except ModelLoadError as exc:
+                log.error("cannot load %s from disk: %s", candidate.model, exc)
+                continue
+            self._serving = Serving(model, candidate)
+            if candidate is not pointer.active:
+                self.activation.activate(candidate)
+            return
+
+    # -- MQTT ---------------------------------------------------------------------------------
+
+    def _birth(self) -> tuple[str, bytes]:
+        birth = p.Birth(
+            session=self.session,
+            agent_version=__version__,
+            device_class=self.config.device_class,
+            labels=self.config.labels,
+            runtimes=self.runtimes,
+            hardware=self.hardware,
+            active=self._serving.active if self._serving else None,
+        )
+        return p.topic(self.device, p.Channel.STATE), p.encode(birth)
+
+    def _on_connected(self) -> None:
+        if self._transfer is not None:
+            self._transfer.download.reset_in_flight()
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        for sub, handler in self._input_handlers:
+            if topic_matches_sub(sub, topic):
+                handler(payload)
+                return
+        try:
+            self._inbox.put_nowait((topic, payload))
+        except queue.Full:
+            log.error("inbox full; dropped message on %s", topic)
+
+    def _publish(self, channel: p.Channel, message: Any, qos: int = 1) -> None:
+        assert self.link is not None
+        self.link.publish(p.topic(self.device, channel), p.encode(message), qos=qos)
+
+    def _reply(self, ref: str, ok: bool, error: str | None = None, **detail: Any) -> None:
+        self._publish(p.Channel.REPLY, p.Reply(ref=ref, ok=ok, error=error, detail=detail))
+
+    def _event(self, kind: p.EventKind, message: str, *, throttle: str | None = None, **detail: Any) -> None:
+        """Publish an event and log it; ``throttle`` names a recurring error to rate-limit."""
+        if throttle is not None:
+            now = time.monotonic()
+            if now - self._last_event.get(throttle, -EVENT_REPEAT_S) < EVENT_REPEAT_S:
+                return
+            self._last_event[throttle] = now
+        level = logging.INFO if kind in (p.EventKind.ACTIVATED, p.EventKind.DEPLOY_STARTED, p.EventKind.DEPLOY_PROGRESS) else logging.WARNING
+        log.log(level, "%s: %s", kind.value, message)
+        self._publish(
+            p.Channel.EVENTS, p.Event(event=kind, session=self.session, message=message, detail=detail)
+        )
+
+    # -- worker: commands and transfers -----------------------------------------------------
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                topic, payload = self._inbox.get(timeout=0.5)
+            except queue.Empty:
+                self._pump_transfer()
+                continue
+            try:
+                parsed = p.parse_topic(topic)
+            except p.ProtocolError as exc:
+                log.warning("ignored message: %s", exc)
+                continue
+            if parsed.channel is p.Channel.CMD:
+                self._handle_command(payload)
+            elif parsed.channel is p.Channel.BLOB:
+                assert parsed.sha256 is not None and parsed.index is not None
+                self._handle_chunk(parsed.sha256, parsed.index, payload)
+            self._pump_transfer()
+
+    def _handle_command(self, payload: bytes) -> None:
+        try:
+            command = p.decode_command(payload)
+        except p.ProtocolError as exc:
+            ref = p.command_id(payload)
+            self._reply(ref, False, f"{exc}; known commands: {', '.join(p.COMMAND_KINDS)}")
+            self._event(p.EventKind.COMMAND_REJECTED, str(exc), ref=ref)
+            return
+        if isinstance(command, p.Ping):
+            self._reply(command.id, True, session=self.session)
+        elif isinstance(command, p.InjectFault):
+            try:
+                assert self.source is not None
+                self.source.set_fault(command.fault, command.severity)
+            except NotImplementedError as exc:
+                self._reply(command.id, False, str(exc))
+            else:
+                self._reply(command.id, True, fault=command.fault.value, severity=command.severity)
+        elif isinstance(command, p.Deploy):
+            self._start_deploy(command)
+
+    def _start_deploy(self, command: p.Deploy) -> None:
+        artifact = command.artifact
+        if artifact.format not in self.runtimes:
+            reason = (
+                f"cannot run {artifact.format.value} models: no runtime installed "
+                f"(install greenfleet[{'tflite' if artifact.format is p.ModelFormat.TFLITE else 'agent'}])"
+            )
+            self._reply(command.id, False, reason)
+            self._event(p.EventKind.DEPLOY_FAILED, reason, model=str(command.model))
+            return
+        if self._serving and self._serving.active.sha256 == artifact.sha256:
+            if self._serving.active.model != command.model:
+                self._activate_loaded(command, self._serving.model)
+            self._reply(command.id, True, status="already active", model=str(command.model))
+            return
+        current = self._transfer
+        if current is not None and current.download.artifact.sha256 == artifact.sha256:
+            current.command = command  # a re-sent deploy: keep going, answer this id at the end
+            current.download.reset_in_flight()
+            return
+        if current is not None:
+            current.download.close()
+            self._reply(current.command.id, False, f"superseded by deploy of {command.model}")
+        download = Download(self.activation.downloads_dir, artifact)
+        try:
+            have = download.open()
+        except OSError as exc:
+            self._fail_deploy(command, f"cannot write the download to {download.part}: {exc}")
+            return
+        self._transfer = Transfer(command, download)
+        self._event(
+            p.EventKind.DEPLOY_STARTED,
+            f"fetching {command.model} ({artifact.size} bytes, {artifact.chunk_count} chunks"
+            + (f", resuming with {have} on disk)" if have else ")"),
+            model=str(command.model),
+            resumed_chunks=have,
+        )
+
+    def _pump_transfer(self) -> None:
+        transfer = self._transfer
+        if transfer is None or self.link is None or not self.link.connected.is_set():
+            return
+        artifact = transfer.download.artifact
+        for first, count in transfer.download.requests(transfer.command.window, CHUNK_TIMEOUT_S):
+            request = p.BlobRequest(
+                sha256=artifact.sha256, first=first, count=count, chunk_size=artifact.chunk_size
+            )
+            self._publish(p.Channel.BLOB_REQ, request)
+
+    def _handle_chunk(self, sha256: str, index: int, data: bytes) -> None:
+        transfer = self._transfer
+        if transfer is None or transfer.download.artifact.sha256 != sha256:
+            return  # a late chunk of a finished or superseded transfer
+        try:
+            transfer.download.accept(index, data)
+        except TransferError as exc:
+            self._event(p.EventKind.DEPLOY_FAILED, f"rejected chunk: {exc}", throttle="bad-chunk", model=str(transfer.command.model))
+            return
+        done = transfer.download.received * PROGRESS_STEPS // transfer.download.artifact.chunk_count
+        if done >= transfer.next_progress and not transfer.download.complete:
+            transfer.next_progress = done + 1
+            self._event(
+                p.EventKind.DEPLOY_PROGRESS,
+                f"{transfer.command.model}: {transfer.download.received}/{transfer.download.artifact.chunk_count} chunks",
+                model=str(transfer.command.model),
+                received=transfer.download.received,
+                total=transfer.download.artifact.chunk_count,
+            )
+        if transfer.download.complete:
+            self._transfer = None
+            self._finish_deploy(transfer)
+
+    def _finish_deploy(self, transfer: Transfer) -> None:
+        command = transfer.command
+        artifact = command.artifact
+        active = p.ActiveModel(model=command.model, sha256=artifact.sha256, format=artifact.format)
+        path = self.activation.artifact_path(active)
+        try:
+            transfer.download.finish(path)
+        except IntegrityError as exc:
+            self._fail_deploy(command, str(exc))
+            return
+        except OSError as exc:
+            transfer.download.close()
+            self._fail_deploy(command, f"cannot store the model: {exc}")
+            return
+        try:
+            model = load_model(path, artifact.format, threads=self.config.inference.threads)
+            self._smoke_test(model)
+        except (ModelLoadError, InferenceError) as exc:
+            path.unlink(missing_ok=True)
+            self._event(p.EventKind.MODEL_LOAD_FAILED, str(exc), model=str(command.model))
+            self._fail_deploy(command, str(exc))
+            return
+        self._activate_loaded(command, model)
+        self._reply(command.id, True, status="activated", model=str(command.model))
+
+    def _smoke_test(self, model: LoadedModel) -> None:
+        """Run the model once on zeros: it must load, accept its input and return finite numbers."""
+        spec = model.inputs[0]
+        shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in spec.shape)
+        outputs = model.run({spec.name: np.zeros(shape, dtype=spec.dtype)})
+        for name, value in outputs.items():
+            if not np.all(np.isfinite(value)):
+                raise InferenceError(f"smoke test: output {name!r} is not finite on a zero input")
+
+    def _activate_loaded(self, command: p.Deploy, model: LoadedModel) -> None:
+        active = p.ActiveModel(
+            model=command.model, sha256=command.artifact.sha256, format=command.artifact.format
+        )
+        self.activation.activate(active)
+        previous = self._serving
+        self._serving = Serving(model, active)
+        self._event(
+            p.EventKind.ACTIVATED,
+            f"{command.model} active" + (f" (was {previous.active.model})" if previous else ""),
+            model=str(command.model),
+            previous=str(previous.active.model) if previous else None,
+        )
+        assert self.link is not None
+        topic, payload = self._birth()
+        self.link.publish(topic, payload, qos=1, retain=True)
+
+    def _fail_deploy(self, command: p.Deploy, reason: str) -> None:
+        current = self._serving.active.model if self._serving else None
+        message = f"deploy of {command.model} failed: {reason}; still running {current or 'no model'}"
+        self._reply(command.id, False, message)
+        self._event(p.EventKind.DEPLOY_FAILED, message, model=str(command.model))
+
+    # -- inference ------------------------------------------------------------------------------
+
+    def _infer(self) -> None:
+        period = 1.0 / self.config.inference.rate_hz
+        interval = self.config.telemetry.interval_s
+        window = TelemetryWindow(p.utcnow(), self._cpu_s())
+        next_report = time.monotonic() + interval
+        next_tick = time.monotonic()
+        assert self.source is not None
+        while not self._stop.is_set():
+            reading = self.source.read(timeout=min(period, 0.5))
+            serving = self._serving
+            if reading is not None and serving is not None:
+                self._infer_once(serving, reading, window)
+            now = time.monotonic()
+            if now >= next_report:
+                next_report = now + interval
+                self._report(window, serving)
+            next_tick += period
+            delay = next_tick - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+            else:
+                next_tick = time.monotonic()  # behind: skip ticks rather than build a backlog
+
+    def _infer_once(self, serving: Serving, reading: Any, window: TelemetryWindow) -> None:
+        spec = serving.model.inputs[0]
+        try:
+            feed = reading.values.reshape(tuple(d if isinstance(d, int) and d > 0 else -1 for d in spec.shape))
+        except ValueError:
+            window.error()
+            self._event(
+                p.EventKind.INPUT_ERROR,
+                f"input has {reading.values.size} values; model {serving.active.model} expects "
+                f"shape {spec.shape}. Check the input source's window size.",
+                throttle="input-shape",
+            )
+            return
+        t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
+        try:
+            outputs = serving.model.run({spec.name: feed})
+        except InferenceError as exc:
+            window.error()
+            self._event(p.EventKind.INFERENCE_ERROR, str(exc), throttle="inference")
+            return
+        latency_ms = (time.perf_counter_ns() - t0) / 1e6
+        window.observe(latency_ms, (time.thread_time_ns() - c0) / 1e9)
+        seq = self.inference_seq
+        self.inference_seq += 1
+        if self.config.inference.publish_results:
+            result = p.Result(
+                seq=seq,
+                model=serving.active.model,
+                latency_ms=latency_ms,
+                outputs={k: np.asarray(v, dtype=np.float64).ravel().tolist() for k, v in outputs.items()},
+                input_ts=reading.ts,
+            )
+            self._publish(p.Channel.RESULTS, result, qos=0)
+
+    def _cpu_s(self) -> float:
+        times = self._process.cpu_times()
+        return float(times.user + times.system)
+
+    def _report(self, window: TelemetryWindow, serving: Serving | None) -> None:
+        now, cpu = p.utcnow(), self._cpu_s()
+        window_s = max((now - window.start).total_seconds(), 1e-6)
+        reading = self.meter.read(
+            window_s, max(cpu - window.start_cpu_s, 0.0), window.inference_cpu_s, window.inferences
+        )
+        record = window.cut(
+            now,
+            cpu,
+            serving.active.model if serving else None,
+            "active",
+            reading.power_w,
+            reading.energy_per_inference_j,
+            reading.method,
+        )
+        self._publish(p.Channel.TELEMETRY, p.TelemetryBatch(session=self.session, records=[record]))
+
+
+def run_agent(config: AgentConfig, stop: threading.Event | None = None) -> int:
+    """Run until ``stop`` is set or the broker refuses our credentials; return an exit code."""
+    agent = Agent(config)
+    agent.start()
+    if stop is None:
+        return agent.wait()
+    while not stop.wait(0.5):
+        if agent.link is not None and agent.link.fatal is not None:
+            agent.stop()
+            return 3
+    agent.stop()
+    return 0
+

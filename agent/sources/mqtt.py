@@ -1,0 +1,77 @@
+"""Windows of samples arriving on a topic of the local broker.
+
+Accepts a ``SensorReading`` JSON message or a bare JSON array of numbers. The buffer is
+bounded: when inference cannot keep up, the oldest readings are dropped and counted, so the
+model always works on recent data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import deque
+
+import numpy as np
+
+from agent.config import MqttInput
+from agent.protocol import FaultKind, ProtocolError, SensorReading, decode, utcnow
+from agent.sources.base import Reading
+
+log = logging.getLogger(__name__)
+
+
+def parse_reading(payload: bytes) -> Reading:
+    """Decode one payload; ProtocolError says what is wrong with it."""
+    try:
+        raw = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"sensor reading is not valid JSON: {exc}") from exc
+    if isinstance(raw, list):
+        try:
+            values = np.asarray(raw, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError("sensor reading array must hold only numbers") from exc
+        if values.ndim != 1 or values.size == 0:
+            raise ProtocolError("sensor reading array must be a non-empty flat list of numbers")
+        return Reading(values, utcnow())
+    message = decode(payload)
+    if not isinstance(message, SensorReading):
+        raise ProtocolError(f"expected a reading on the input topic, got {message.kind!r}")
+    return Reading(np.asarray(message.values, dtype=np.float32), message.ts)
+
+
+class MqttSource:
+    """A bounded queue of readings fed by the MQTT network thread."""
+
+    name = "mqtt"
+
+    def __init__(self, config: MqttInput) -> None:
+        self.topic = config.topic
+        self._queue: deque[Reading] = deque(maxlen=config.queue)
+        self._ready = threading.Condition()
+        self.dropped = 0
+        self.rejected = 0
+
+    def offer(self, payload: bytes) -> None:
+        """Called from the network thread: parse and enqueue, never raise."""
+        try:
+            reading = parse_reading(payload)
+        except ProtocolError as exc:
+            self.rejected += 1
+            log.warning("ignored reading on %s: %s", self.topic, exc)
+            return
+        with self._ready:
+            if len(self._queue) == self._queue.maxlen:
+                self.dropped += 1
+            self._queue.append(reading)
+            self._ready.notify()
+
+    def read(self, timeout: float) -> Reading | None:
+        with self._ready:
+            if not self._queue:
+                self._ready.wait(timeout)
+            return self._queue.popleft() if self._queue else None
+
+    def set_fault(self, fault: FaultKind, severity: float) -> None:
+        raise NotImplementedError("fault injection needs the simulated vibration input")

@@ -1,0 +1,92 @@
+"""Telemetry windows: what the agent measured between two reports, cut into records.
+
+The inference loop calls :meth:`TelemetryWindow.observe` once per inference; every
+``interval_s`` it calls :meth:`TelemetryWindow.cut`, which returns a record with latency
+percentiles, counts, CPU time and the power reading for that window, and starts a new one.
+Records are numbered per session without gaps so the controller can de-duplicate replays.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from agent.protocol import ModelRef, PowerMethod, TelemetryRecord
+
+MAX_SAMPLES = 20_000  # latencies kept per window; beyond that every other one is dropped
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (q in 0..100)."""
+    if not sorted_values:
+        raise ValueError("no values")
+    rank = max(1, -(-len(sorted_values) * q // 100))
+    return sorted_values[int(rank) - 1]
+
+
+class TelemetryWindow:
+    """Accumulates one window of inference measurements."""
+
+    def __init__(self, start: datetime, start_cpu_s: float) -> None:
+        self.seq = 0
+        self.start = start
+        self.start_cpu_s = start_cpu_s
+        self._latencies_ms: list[float] = []
+        self._stride = 1
+        self._seen = 0
+        self.inferences = 0
+        self.errors = 0
+        self.inference_cpu_s = 0.0
+
+    def observe(self, latency_ms: float, cpu_s: float) -> None:
+        """Record one successful inference: wall latency and CPU time of the calling thread."""
+        self.inferences += 1
+        self.inference_cpu_s += cpu_s
+        self._seen += 1
+        if self._seen % self._stride == 0:
+            self._latencies_ms.append(latency_ms)
+            if len(self._latencies_ms) >= MAX_SAMPLES:
+                self._latencies_ms = self._latencies_ms[::2]
+                self._stride *= 2
+
+    def error(self) -> None:
+        self.errors += 1
+
+    def cut(
+        self,
+        now: datetime,
+        cpu_s: float,
+        model: ModelRef | None,
+        tier: str,
+        power_w: float | None,
+        energy_per_inference_j: float | None,
+        method: PowerMethod,
+    ) -> TelemetryRecord:
+        """Close the window at ``now`` (process CPU time ``cpu_s``) and start the next one."""
+        window_s = max((now - self.start).total_seconds(), 1e-6)
+        lat = sorted(self._latencies_ms)
+        record = TelemetryRecord(
+            seq=self.seq,
+            start=self.start,
+            window_s=window_s,
+            model=model,
+            tier=tier,
+            inferences=self.inferences,
+            errors=self.errors,
+            latency_p50_ms=percentile(lat, 50) if lat else None,
+            latency_p95_ms=percentile(lat, 95) if lat else None,
+            latency_p99_ms=percentile(lat, 99) if lat else None,
+            cpu_s=max(cpu_s - self.start_cpu_s, 0.0),
+            power_w=power_w,
+            energy_per_inference_j=energy_per_inference_j,
+            power_method=method,
+        )
+        self.seq += 1
+        self.start = now
+        self.start_cpu_s = cpu_s
+        self._latencies_ms = []
+        self._stride = 1
+        self._seen = 0
+        self.inferences = 0
+        self.errors = 0
+        self.inference_cpu_s = 0.0
+        return record

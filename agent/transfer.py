@@ -1,0 +1,197 @@
+"""Pulling one model artifact in chunks, streamed to disk and resumable after any interruption.
+
+The agent asks the controller for windows of chunks (``BlobRequest``) and writes every chunk
+at its offset in ``<sha256>.part``; a sidecar ``<sha256>.chunks`` records which chunks are on
+disk (written after the data is fsynced), so a restart or a reconnect only asks for what is
+missing. The finished file is checked against the announced sha256 and size before it is
+renamed into place; nothing unverified is ever loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.errors import IntegrityError, TransferError
+from agent.protocol import Artifact
+
+SIDECAR_EVERY = 16  # chunks between sidecar writes; a crash re-fetches at most this many
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Download:
+    """One artifact being assembled in ``directory``; survives process restarts."""
+
+    def __init__(
+        self,
+        directory: Path,
+        artifact: Artifact,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.artifact = artifact
+        self.part = directory / f"{artifact.sha256}.part"
+        self.sidecar = directory / f"{artifact.sha256}.chunks"
+        self._clock = clock
+        self._received: set[int] = set()
+        self._in_flight: dict[int, float] = {}
+        self._unsynced = 0
+        self._fh: int | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def open(self) -> int:
+        """Create or resume the partial file; return how many chunks are already on disk."""
+        self.part.parent.mkdir(parents=True, exist_ok=True)
+        self._received = self._load_sidecar() if self.part.exists() else set()
+        self._fh = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(self._fh, self.artifact.size)
+        return len(self._received)
+
+    def _load_sidecar(self) -> set[int]:
+        try:
+            state = json.loads(self.sidecar.read_text())
+        except (OSError, ValueError):
+            return set()
+        if not isinstance(state, dict) or state.get("chunk_size") != self.artifact.chunk_size:
+            return set()
+        count = self.artifact.chunk_count
+        return {i for i in state.get("received", []) if isinstance(i, int) and 0 <= i < count}
+
+    def _save_sidecar(self) -> None:
+        if self._fh is not None:
+            os.fsync(self._fh)
+        tmp = self.sidecar.with_suffix(".chunks.tmp")
+        tmp.write_text(
+            json.dumps(
+                {"chunk_size": self.artifact.chunk_size, "received": sorted(self._received)}
+            )
+        )
+        os.replace(tmp, self.sidecar)
+        self._unsynced = 0
+
+    def close(self) -> None:
+        """Flush progress so a later ``open`` resumes from here."""
+        if self._fh is None:
+            return
+        self._save_sidecar()
+        os.close(self._fh)
+        self._fh = None
+
+    def discard(self) -> None:
+        """Forget everything fetched so far (after an integrity failure)."""
+        if self._fh is not None:
+            os.close(self._fh)
+            self._fh = None
+        for path in (self.part, self.sidecar):
+            path.unlink(missing_ok=True)
+        self._received.clear()
+        self._in_flight.clear()
+
+    # -- flow control -------------------------------------------------------------------------
+
+    @property
+    def received(self) -> int:
+        return len(self._received)
+
+    @property
+    def complete(self) -> bool:
+        return len(self._received) == self.artifact.chunk_count
+
+    def requests(self, window: int, timeout_s: float) -> list[tuple[int, int]]:
+        """Ranges ``(first, count)`` to ask for now, keeping at most ``window`` chunks in flight.
+
+        Chunks asked for more than ``timeout_s`` ago without arriving are asked for again
+        (a lost message, a broker restart). Ranges are contiguous runs of missing chunks.
+        """
+        now = self._clock()
+        for index, asked in list(self._in_flight.items()):
+            if now - asked > timeout_s:
+                del self._in_flight[index]
+        budget = window - len(self._in_flight)
+        wanted: list[int] = []
+        if budget > 0:
+            for index in range(self.artifact.chunk_count):
+                if index not in self._received and index not in self._in_flight:
+                    wanted.append(index)
+                    if len(wanted) == budget:
+                        break
+        ranges: list[tuple[int, int]] = []
+        for index in wanted:
+            self._in_flight[index] = now
+            if ranges and ranges[-1][0] + ranges[-1][1] == index:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
+            else:
+                ranges.append((index, 1))
+        return ranges
+
+    def reset_in_flight(self) -> None:
+        """Forget outstanding requests (after a reconnect they will not be answered)."""
+        self._in_flight.clear()
+
+    def accept(self, index: int, data: bytes) -> bool:
+        """Write chunk ``index``; return False for a duplicate. TransferError if it cannot fit."""
+        if self._fh is None:
+            raise TransferError("download is not open")
+        count = self.artifact.chunk_count
+        if not 0 <= index < count:
+            raise TransferError(
+                f"chunk {index} is out of range: artifact {self.artifact.sha256[:12]} has "
+                f"{count} chunks"
+            )
+        size = self.artifact.chunk_size
+        expected = size if index < count - 1 else self.artifact.size - size * (count - 1)
+        if len(data) != expected:
+            raise TransferError(
+                f"chunk {index} of {self.artifact.sha256[:12]} has {len(data)} bytes, "
+                f"expected {expected}"
+            )
+        self._in_flight.pop(index, None)
+        if index in self._received:
+            return False
+        os.pwrite(self._fh, data, index * size)
+        self._received.add(index)
+        self._unsynced += 1
+        if self._unsynced >= SIDECAR_EVERY:
+            self._save_sidecar()
+        return True
+
+    def finish(self, destination: Path) -> Path:
+        """Verify size and sha256 and move the file to ``destination`` atomically."""
+        if not self.complete:
+            raise TransferError("download is not complete")
+        self.close()
+        digest = hashlib.sha256()
+        total = 0
+        with self.part.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+                total += len(block)
+        if total != self.artifact.size or digest.hexdigest() != self.artifact.sha256:
+            self.discard()
+            raise IntegrityError(
+                f"downloaded artifact does not match: sha256 {digest.hexdigest()[:12]}..., "
+                f"{total} bytes; expected {self.artifact.sha256[:12]}..., "
+                f"{self.artifact.size} bytes. The file was discarded; check the model store."
+            )
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.part, destination)
+        fsync_dir(destination.parent)
+        self.sidecar.unlink(missing_ok=True)
+        return destination

@@ -1,0 +1,132 @@
+"""Brokers for demos and tests: a local Mosquitto, or the embedded pure-Python broker.
+
+Mosquitto is the broker for production and tests. The embedded broker (amqtt) exists so
+``make demo`` runs on a machine without Mosquitto; it is for demos only: on amqtt 0.12.1, QoS 1
+messages queued for an offline persistent session were never delivered after reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_WARNING = (
+    "embedded broker (amqtt) started on 127.0.0.1:%d: for demos only, it loses queued QoS 1 "
+    "messages across reconnects; use Mosquitto in production"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+def mosquitto_path() -> str | None:
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
+    )
+
+
+class Mosquitto:
+    """A Mosquitto process on a loopback port with a config suited to greenfleet.
+
+    ``max_queued_messages 0`` (no limit) and a large in-flight window: Mosquitto's default of
+    1000 queued messages silently drops QoS 1 traffic for a subscriber that falls behind.
+    """
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Mosquitto:
+        binary = mosquitto_path()
+        if binary is None:
+            raise FileNotFoundError(
+                "mosquitto is not installed (apt-get install -y mosquitto)"
+            )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            "max_queued_messages 0\n"
+            "max_inflight_messages 0\n"
+            "max_packet_size 0\n"
+            "message_size_limit 0\n"
+        )
+        log_file = (self.workdir / "mosquitto.log").open("ab")
+        self.process = subprocess.Popen(
+            [binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT
+        )
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+class EmbeddedBroker:
+    """amqtt running on its own event loop in a background thread."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="gf-broker", daemon=True)
+        self._broker: Any = None
+
+    def start(self) -> EmbeddedBroker:
+        from amqtt.broker import Broker
+
+        for name in ("amqtt", "transitions"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+        self._thread.start()
+
+        async def _start() -> None:
+            self._broker = Broker(config)
+            await self._broker.start()
+
+        asyncio.run_coroutine_threadsafe(_start(), self._loop).result(timeout=15)
+        log.warning(EMBEDDED_WARNING, self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._broker is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop).result(5)
+            except Exception:  # shutting down a demo broker; nothing left to protect
+                log.debug("embedded broker shutdown raised", exc_info=True)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)

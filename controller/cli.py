@@ -1,0 +1,312 @@
+"""``greenfleet``: the operator's command line, and the composition root of the controller.
+
+Commands write intent to the controller database and read state from it; the daemon
+(``greenfleet controller run``) acts on that intent. Lists print tables, or JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from agent.protocol import ModelRef, ProtocolError
+from controller import registry, views
+from controller.db import open_db
+from controller.errors import ControllerError, InvalidRequest
+from controller.home import Home
+from model_store.catalog import Catalog
+from model_store.errors import ModelStoreError
+
+console = Console()
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def energy_mj(joules: float | None) -> str:
+    return "-" if joules is None else f"{joules * 1000:.3f}"
+
+
+def fleet_table(rows: list[dict[str, Any]], title: str = "fleet") -> Table:
+    table = Table(title=title, title_justify="left")
+    for col, justify in (
+        ("device", "left"),
+        ("class", "left"),
+        ("labels", "left"),
+        ("state", "left"),
+        ("active", "left"),
+        ("desired", "left"),
+        ("inf/s", "right"),
+        ("p50 ms", "right"),
+        ("p95 ms", "right"),
+        ("errors", "right"),
+        ("power W", "right"),
+        ("mJ/inf", "right"),
+        ("method", "left"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        rate = r["inferences"] / r["window_s"] if r.get("window_s") else None
+        table.add_row(
+            r["id"],
+            r["device_class"],
+            ",".join(f"{k}={v}" for k, v in r["labels"].items()),
+            "[green]online[/]" if r["online"] else "[red]offline[/]",
+            r["active_model"] or "-",
+            r["desired_model"] or "-",
+            _fmt(rate, 1),
+            _fmt(r["latency_p50_ms"], 3),
+            _fmt(r["latency_p95_ms"], 3),
+            _fmt(r["errors"]),
+            _fmt(r["power_w"]),
+            energy_mj(r["energy_per_inference_j"]),
+            r["power_method"] or "-",
+        )
+    return table
+
+
+def _emit(args: argparse.Namespace, data: Any, render: Callable[[], None]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        render()
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+def cmd_devices_list(args: argparse.Namespace) -> int:
+    db = open_db(args.home.database)
+    rows = views.fleet(db)
+    _emit(args, rows, lambda: console.print(fleet_table(rows, f"{len(rows)} devices")))
+    return 0
+
+
+def cmd_devices_show(args: argparse.Namespace) -> int:
+    db = open_db(args.home.database)
+    detail = views.device_detail(db, args.id)
+
+    def render() -> None:
+        console.print(fleet_table([detail], f"device {args.id}"))
+        hw = detail["hardware"]
+        console.print(
+            f"hardware: {hw.get('arch')} {hw.get('cpu_model')} x{hw.get('cores')}, "
+            f"{hw.get('memory_mb')} MiB, {hw.get('os')}; flags {','.join(hw.get('cpu_flags', []))}"
+        )
+        console.print(f"agent {detail['agent_version']}, runtimes {','.join(detail['runtimes'])}")
+        table = Table("time", "event", "message", title="recent events", title_justify="left")
+        for e in detail["recent_events"]:
+            table.add_row(e["ts"], e["event"], e["message"])
+        console.print(table)
+
+    _emit(args, detail, render)
+    return 0
+
+
+def cmd_models_add(args: argparse.Namespace) -> int:
+    db = open_db(args.home.prepare().database)
+    model = Catalog(db, args.home.store).add(Path(args.path), args.name, args.version)
+    data = {"id": model.id, "format": model.format.value, "sha256": model.sha256, "size": model.size}
+    _emit(args, data, lambda: console.print(f"added {model.id} ({model.format.value}, {model.size} bytes, sha256 {model.sha256[:12]})"))
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    db = open_db(args.home.database)
+    models = Catalog(db, args.home.store).all()
+    data = [
+        {"id": m.id, "format": m.format.value, "size": m.size, "sha256": m.sha256, "created": m.created}
+        for m in models
+    ]
+
+    def render() -> None:
+        table = Table("model", "format", "size", "sha256", "created", title=f"{len(models)} models", title_justify="left")
+        for m in data:
+            table.add_row(m["id"], m["format"], f"{m['size']:,}", m["sha256"][:12], m["created"])
+        console.print(table)
+
+    _emit(args, data, render)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    db = open_db(args.home.database)
+    try:
+        ref = ModelRef.parse(args.model)
+    except ProtocolError as exc:
+        raise InvalidRequest(str(exc)) from exc
+    Catalog(db, args.home.store).get(ref)
+    if args.selector:
+        targets = registry.matching(db, registry.parse_selector(args.selector))
+        if not targets:
+            raise InvalidRequest(f"no device matches selector {args.selector!r}")
+    else:
+        targets = list(args.device)
+    registry.set_desired(db, targets, str(ref))
+    _emit(
+        args,
+        {"model": str(ref), "devices": targets},
+        lambda: console.print(
+            f"desired model of {len(targets)} device(s) set to {ref}: {', '.join(targets)}\n"
+            "the controller daemon delivers it (watch with `greenfleet status`)"
+        ),
+    )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    db = open_db(args.home.database)
+    rows = views.fleet(db)
+    events = views.recent_events(db, 10)
+    online = sum(r["online"] for r in rows)
+    converged = sum(1 for r in rows if r["desired_model"] and r["desired_model"] == r["active_model"])
+    pending = sum(1 for r in rows if r["desired_model"] and r["desired_model"] != r["active_model"])
+    summary = {"devices": len(rows), "online": online, "converged": converged, "pending": pending}
+
+    def render() -> None:
+        console.print(
+            f"{len(rows)} devices, {online} online; {converged} on their desired model, "
+            f"{pending} pending"
+        )
+        console.print(fleet_table(rows))
+        table = Table("time", "device", "event", "message", title="recent events", title_justify="left")
+        for e in events:
+            table.add_row(e["ts"], e["device"], e["event"], e["message"])
+        console.print(table)
+
+    _emit(args, {"summary": summary, "devices": rows, "events": events}, render)
+    return 0
+
+
+def parse_broker(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise InvalidRequest(f"bad broker address {text!r}: use HOST:PORT")
+    return host, int(port)
+
+
+def cmd_controller_run(args: argparse.Namespace) -> int:
+    from controller.daemon import Controller
+
+    host, port = parse_broker(args.broker)
+    controller = Controller(
+        args.home,
+        host,
+        port,
+        username=args.username or os.environ.get("GREENFLEET_BROKER_USERNAME"),
+        password=os.environ.get("GREENFLEET_BROKER_PASSWORD"),
+        reconcile_interval_s=args.reconcile_interval,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    controller.start()
+    while not stop.wait(0.5):
+        if controller.link.fatal is not None:
+            controller.stop()
+            return 3
+    controller.stop()
+    return 0
+
+
+def cmd_broker_run(args: argparse.Namespace) -> int:
+    from controller.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(args.port).start()
+    print(f"embedded broker listening on 127.0.0.1:{broker.port} (demo only; Ctrl-C stops it)", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    broker.stop()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from controller.demo import run_demo
+
+    return run_demo(args.home, keep_running=args.keep_running, embedded=args.embedded_broker)
+
+
+# ---------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="greenfleet", description="Operate a greenfleet fleet.")
+    parser.add_argument("--home", help="controller home (default $GREENFLEET_HOME or ./.greenfleet)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(parent: Any, name: str, func: Callable[[argparse.Namespace], int], help: str, json_flag: bool = False) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        return p
+
+    devices = sub.add_parser("devices", help="list and inspect devices").add_subparsers(dest="sub", required=True)
+    add(devices, "list", cmd_devices_list, "list devices with their latest telemetry", True)
+    show = add(devices, "show", cmd_devices_show, "show one device", True)
+    show.add_argument("id")
+
+    models = sub.add_parser("models", help="the model catalog").add_subparsers(dest="sub", required=True)
+    madd = add(models, "add", cmd_models_add, "add a model file (.onnx or .tflite) to the catalog", True)
+    madd.add_argument("path")
+    madd.add_argument("--name", required=True)
+    madd.add_argument("--version", required=True)
+    add(models, "list", cmd_models_list, "list model versions", True)
+
+    deploy = add(sub, "deploy", cmd_deploy, "set the desired model of devices", True)
+    deploy.add_argument("model", help="NAME:VERSION")
+    target = deploy.add_mutually_exclusive_group(required=True)
+    target.add_argument("--device", action="append", help="device id (repeatable)")
+    target.add_argument("--selector", help="label selector, e.g. site=plant-a,line=3")
+
+    add(sub, "status", cmd_status, "fleet summary, devices and recent events", True)
+
+    ctl = sub.add_parser("controller", help="the controller daemon").add_subparsers(dest="sub", required=True)
+    run = add(ctl, "run", cmd_controller_run, "run the controller daemon")
+    run.add_argument("--broker", default=os.environ.get("GREENFLEET_BROKER", "127.0.0.1:1883"), help="HOST:PORT (env GREENFLEET_BROKER)")
+    run.add_argument("--username", help="broker user (password from env GREENFLEET_BROKER_PASSWORD)")
+    run.add_argument("--reconcile-interval", type=float, default=2.0, help="seconds between reconcile passes")
+
+    broker = sub.add_parser("broker", help="MQTT broker helpers").add_subparsers(dest="sub", required=True)
+    brun = add(broker, "run", cmd_broker_run, "run the embedded demo broker (not for production)")
+    brun.add_argument("--port", type=int, default=1883)
+
+    demo = add(sub, "demo", cmd_demo, "run a broker, the controller and three agents, and deploy the sample model")
+    demo.add_argument("--keep-running", action="store_true", help="stay up after the summary")
+    demo.add_argument("--embedded-broker", action="store_true", help="use the embedded broker even if Mosquitto is installed")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.home = Home.from_env(args.home)
+    try:
+        code: int = args.func(args)
+    except (ControllerError, ModelStoreError) as exc:
+        print(f"greenfleet: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

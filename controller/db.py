@@ -1,0 +1,143 @@
+"""The controller database: SQLite in WAL mode, schema changed only by numbered migrations.
+
+Every thread opens its own connection (``open_db``); WAL lets the CLI read while the daemon
+writes. A migration is a function appended to ``MIGRATIONS``; never edit one that shipped.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlite_utils
+
+from controller.errors import DatabaseError
+
+
+def _m1_initial(db: sqlite_utils.Database) -> None:
+    db["devices"].create(
+        {
+            "id": str,
+            "device_class": str,
+            "labels": str,
+            "online": int,
+            "session": str,
+            "agent_version": str,
+            "runtimes": str,
+            "hardware": str,
+            "active_model": str,
+            "active_sha256": str,
+            "desired_model": str,
+            "first_seen": str,
+            "last_seen": str,
+            "state_changed": str,
+        },
+        pk="id",
+        not_null={"id"},
+    )
+    db["models"].create(
+        {
+            "id": str,
+            "name": str,
+            "version": str,
+            "format": str,
+            "sha256": str,
+            "size": int,
+            "path": str,
+            "created": str,
+        },
+        pk="id",
+    )
+    db["models"].create_index(["sha256"])
+    db["deployments"].create(
+        {
+            "id": str,
+            "device": str,
+            "model": str,
+            "sha256": str,
+            "sent_at": str,
+            "status": str,
+            "error": str,
+            "replied_at": str,
+        },
+        pk="id",
+    )
+    db["deployments"].create_index(["device", "sent_at"])
+    db["telemetry"].create(
+        {
+            "device": str,
+            "session": str,
+            "seq": int,
+            "start": str,
+            "window_s": float,
+            "model": str,
+            "tier": str,
+            "inferences": int,
+            "errors": int,
+            "latency_p50_ms": float,
+            "latency_p95_ms": float,
+            "latency_p99_ms": float,
+            "cpu_s": float,
+            "power_w": float,
+            "energy_per_inference_j": float,
+            "power_method": str,
+            "received_at": str,
+        },
+        pk=("device", "session", "seq"),
+    )
+    db["telemetry"].create_index(["device", "start"])
+    db["events"].create(
+        {
+            "id": str,
+            "device": str,
+            "ts": str,
+            "session": str,
+            "event": str,
+            "message": str,
+            "detail": str,
+        },
+        pk="id",
+    )
+    db["events"].create_index(["device", "ts"])
+    db["replies"].create(
+        {"id": str, "device": str, "ref": str, "ts": str, "ok": int, "error": str, "detail": str},
+        pk="id",
+    )
+    db["replies"].create_index(["ref"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial]
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Apply the migrations this database has not seen; return the schema version."""
+    db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied TEXT)")
+    current = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+    if current > len(MIGRATIONS):
+        raise DatabaseError(
+            f"database schema version {current} is newer than this greenfleet "
+            f"({len(MIGRATIONS)}); upgrade greenfleet"
+        )
+    for version, migration in enumerate(MIGRATIONS[current:], start=current + 1):
+        with db.conn:
+            migration(db)
+            db.execute(
+                "INSERT INTO schema_version VALUES (?, datetime('now'))", [version]
+            )
+    return len(MIGRATIONS)
+
+
+def open_db(path: Path) -> sqlite_utils.Database:
+    """Open (creating and migrating if needed) the database at ``path`` for this thread."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
+        db = sqlite_utils.Database(conn)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=30000")
+        migrate(db)
+    except (sqlite3.Error, OSError) as exc:
+        raise DatabaseError(f"cannot open the controller database {path}: {exc}") from exc
+    return db

@@ -1,0 +1,250 @@
+"""``greenfleet demo``: a broker, the controller and three agents on this machine, end to end.
+
+It deploys the sample vibration model (ONNX to two gateways, the TFLite build of the same
+model to the third), shows the fleet with live latency and energy, injects a bearing fault on
+one machine so that its anomaly score rises past the model's threshold, and prints a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from agent import protocol as p
+from controller import registry, views
+from controller.broker import EmbeddedBroker, Mosquitto, mosquitto_path
+from controller.cli import energy_mj, fleet_table
+from controller.daemon import Controller
+from controller.db import open_db
+from controller.home import Home
+from model_store.catalog import Catalog
+
+SAMPLES = Path(__file__).resolve().parent.parent / "model_store" / "samples"
+FAULTY = "gw-pump-02"
+console = Console()
+
+
+@dataclass(frozen=True)
+class DemoDevice:
+    id: str
+    device_class: str
+    labels: dict[str, str]
+    idle_w: float
+    active_w_per_core: float
+    rpm: float
+    model: str
+
+
+DEVICES = (
+    DemoDevice("gw-press-01", "rpi4", {"site": "plant-a", "line": "1"}, 2.7, 1.1, 1500, "vibration-ae:1.0.0+tflite"),
+    DemoDevice(FAULTY, "jetson-orin-nano", {"site": "plant-a", "line": "2"}, 5.0, 1.6, 1800, "vibration-ae:1.0.0"),
+    DemoDevice("ipc-line-03", "x86-ipc", {"site": "plant-b", "line": "1"}, 14.0, 6.5, 2400, "vibration-ae:1.0.0"),
+)
+
+
+class ScoreWatch:
+    """Subscribes to every device's results and keeps recent anomaly scores."""
+
+    def __init__(self, port: int) -> None:
+        self.scores: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=40))
+        self.marks: dict[str, list[float]] = defaultdict(list)
+        self._client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="gf-demo-watch")
+        self._client.on_connect = lambda c, *_: c.subscribe(p.subscription(p.Channel.RESULTS), 0)
+        self._client.on_message = self._on_message
+        self._client.connect("127.0.0.1", port)
+        self._client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        try:
+            result = p.decode(msg.payload)
+            device = p.parse_topic(msg.topic).device
+        except p.ProtocolError:
+            return
+        if isinstance(result, p.Result) and "score" in result.outputs:
+            score = result.outputs["score"][0]
+            self.scores[device].append(score)
+            self.marks[device].append(score)
+
+    def mean(self, device: str) -> float | None:
+        values = self.scores.get(device)
+        return sum(values) / len(values) if values else None
+
+    def take(self, device: str) -> list[float]:
+        values, self.marks[device] = self.marks[device], []
+        return values
+
+    def inject(self, device: str, fault: p.FaultKind, severity: float) -> None:
+        cmd = p.InjectFault(fault=fault, severity=severity)
+        self._client.publish(p.topic(device, p.Channel.CMD), p.encode(cmd), qos=1)
+
+    def stop(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+def _threshold() -> float:
+    meta = json.loads((SAMPLES / "vibration-ae.json").read_text())
+    return float(meta["threshold"])
+
+
+def _screen(db: Any, watch: ScoreWatch, threshold: float, phase: str) -> Group:
+    rows = views.fleet(db)
+    scores = Table("device", "anomaly score (mean of last 40)", "threshold", "verdict", title="anomaly scores", title_justify="left")
+    for r in rows:
+        mean = watch.mean(r["id"])
+        verdict = "-" if mean is None else ("[bold red]FAULT[/]" if mean > threshold else "[green]healthy[/]")
+        scores.add_row(r["id"], "-" if mean is None else f"{mean:.3f}", f"{threshold:.3f}", verdict)
+    return Group(f"[bold]{phase}[/]", fleet_table(rows), scores)
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"demo: timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _write_agent_config(workdir: Path, device: DemoDevice, port: int, seed: int) -> Path:
+    config = {
+        "device_id": device.id,
+        "device_class": device.device_class,
+        "labels": device.labels,
+        "state_dir": str(workdir / device.id),
+        "broker": {"host": "127.0.0.1", "port": port},
+        "input": {"type": "vibration", "rpm": device.rpm, "seed": seed},
+        "inference": {"rate_hz": 20},
+        "telemetry": {"interval_s": 2},
+        "power": {"idle_w": device.idle_w, "active_w_per_core": device.active_w_per_core},
+    }
+    path = workdir / f"{device.id}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) -> int:
+    started = time.monotonic()
+    logging.getLogger().setLevel(logging.WARNING)
+    home.prepare()
+    workdir = home.root / "demo"
+    workdir.mkdir(parents=True, exist_ok=True)
+    use_mosquitto = not embedded and mosquitto_path() is not None
+    broker: Mosquitto | EmbeddedBroker
+    if use_mosquitto:
+        broker = Mosquitto(workdir / "mosquitto").start()
+        console.print(f"[bold]1/6[/] Mosquitto on 127.0.0.1:{broker.port}")
+    else:
+        broker = EmbeddedBroker().start()
+        console.print(f"[bold]1/6[/] embedded broker on 127.0.0.1:{broker.port} (Mosquitto not found; demo only)")
+    controller = Controller(home, "127.0.0.1", broker.port, reconcile_interval_s=1.0, client_id="gf-controller-demo")
+    agents: list[subprocess.Popen[bytes]] = []
+    watch: ScoreWatch | None = None
+    try:
+        controller.start()
+        db = open_db(home.database)
+        catalog = Catalog(db, home.store)
+        catalog.add(SAMPLES / "vibration-ae.onnx", "vibration-ae", "1.0.0")
+        catalog.add(SAMPLES / "vibration-ae.tflite", "vibration-ae", "1.0.0+tflite")
+        console.print(f"[bold]2/6[/] controller up; catalog: {', '.join(m.id for m in catalog.all())}")
+        for seed, device in enumerate(DEVICES, start=1):
+            config = _write_agent_config(workdir, device, broker.port, seed)
+            log = (workdir / f"{device.id}.log").open("ab")
+            agents.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        ids = {d.id for d in DEVICES}
+        _wait(lambda: ids <= {r["id"] for r in views.fleet(db) if r["online"]}, 60, "three agents to come online")
+        console.print("[bold]3/6[/] three agents online: " + ", ".join(sorted(ids)))
+        for device in DEVICES:
+            registry.set_desired(db, [device.id], device.model)
+        _wait(
+            lambda: all(r["active_model"] == r["desired_model"] for r in views.fleet(db) if r["id"] in ids),
+            60,
+            "the sample model to be active everywhere",
+        )
+        console.print(f"[bold]4/6[/] model delivered and active on all devices ({time.monotonic() - started:.0f} s)")
+        watch = ScoreWatch(broker.port)
+        threshold = _threshold()
+        with Live(console=console, refresh_per_second=2) as live:
+            end = time.monotonic() + 20
+            while time.monotonic() < end:
+                live.update(_screen(db, watch, threshold, "5/6 healthy machines: live fleet"))
+                time.sleep(0.5)
+            before = {d.id: watch.take(d.id) for d in DEVICES}
+            watch.inject(FAULTY, p.FaultKind.OUTER_RACE, 1.0)
+            end = time.monotonic() + 20
+            while time.monotonic() < end:
+                live.update(_screen(db, watch, threshold, f"6/6 outer-race bearing fault injected on {FAULTY}"))
+                time.sleep(0.5)
+            after = {d.id: watch.take(d.id) for d in DEVICES}
+        _summary(db, before, after, threshold, time.monotonic() - started)
+        if keep_running:
+            console.print("running until Ctrl-C (--keep-running)")
+            stop = threading.Event()
+            try:
+                stop.wait()
+            except KeyboardInterrupt:
+                pass
+        return 0
+    finally:
+        if watch is not None:
+            watch.stop()
+        for proc in agents:
+            proc.terminate()
+        for proc in agents:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        controller.stop()
+        broker.stop()
+
+
+def _summary(db: Any, before: dict[str, list[float]], after: dict[str, list[float]], threshold: float, elapsed: float) -> None:
+    table = Table("device", "model", "inferences", "p50 ms", "p95 ms", "mJ/inf (estimate)", "score before", "score after", "alarm", title="summary", title_justify="left")
+    totals = {
+        r[0]: r[1:]
+        for r in db.execute(
+            "SELECT device, SUM(inferences), AVG(latency_p50_ms), MAX(latency_p95_ms), "
+            "SUM(energy_per_inference_j * inferences) / NULLIF(SUM(inferences), 0) "
+            "FROM telemetry GROUP BY device"
+        ).fetchall()
+    }
+    rows = {r["id"]: r for r in views.fleet(db)}
+    for device in DEVICES:
+        inferences, p50, p95, energy = totals.get(device.id, (0, None, None, None))
+        b, a = before.get(device.id) or [0.0], after.get(device.id) or [0.0]
+        mean_b, mean_a = sum(b) / len(b), sum(a) / len(a)
+        table.add_row(
+            device.id,
+            rows[device.id]["active_model"] or "-",
+            str(inferences or 0),
+            "-" if p50 is None else f"{p50:.3f}",
+            "-" if p95 is None else f"{p95:.3f}",
+            energy_mj(energy),
+            f"{mean_b:.3f}",
+            f"{mean_a:.3f}",
+            "[bold red]yes[/]" if mean_a > threshold else "no",
+        )
+    console.print(table)
+    console.print(f"demo finished in {elapsed:.0f} s; state in {db.conn.execute('PRAGMA database_list').fetchone()[2]}")

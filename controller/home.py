@@ -1,0 +1,34 @@
+"""The controller's home directory: database, model store and keys, in one place.
+
+``$GREENFLEET_HOME`` chooses it (default ``./.greenfleet``); every command honours it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HOME = Path(".greenfleet")
+
+
+@dataclass(frozen=True, slots=True)
+class Home:
+    root: Path
+
+    @classmethod
+    def from_env(cls, override: str | Path | None = None) -> Home:
+        root = Path(override or os.environ.get("GREENFLEET_HOME") or DEFAULT_HOME)
+        return cls(root.expanduser().resolve())
+
+    @property
+    def database(self) -> Path:
+        return self.root / "greenfleet.db"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    def prepare(self) -> Home:
+        self.store.mkdir(parents=True, exist_ok=True)
+        return self
