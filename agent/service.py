@@ -103,6 +103,7 @@ class Agent:
             subscriptions=[
                 (p.topic(self.device, p.Channel.CMD), 1),
                 (p.blob_subscription(self.device), 1),
+                (p.topic(self.device, p.Channel.STATE), 1),
             ],
             will=Will(
                 p.topic(self.device, p.Channel.STATE),
@@ -240,10 +241,22 @@ class Agent:
                 continue
             if parsed.channel is p.Channel.CMD:
                 self._handle_command(payload)
+            elif parsed.channel is p.Channel.STATE:
+                self._check_state(payload)
             elif parsed.channel is p.Channel.BLOB:
                 assert parsed.sha256 is not None and parsed.index is not None
                 self._handle_chunk(parsed.sha256, parsed.index, payload)
             self._pump_transfer()
+
+    def _check_state(self, payload: bytes) -> None:
+        """Re-assert our birth if a stale last will (an older connection's) replaced it."""
+        try:
+            message = p.decode(payload)
+        except p.ProtocolError:
+            return
+        if isinstance(message, p.Death) and self.link is not None and self.link.connected.is_set():
+            topic, birth = self._birth()
+            self.link.publish(topic, birth, qos=1, retain=True)
 
     def _handle_command(self, payload: bytes) -> None:
         try:

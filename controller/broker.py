@@ -14,6 +14,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +33,21 @@ def free_port() -> int:
         return port
 
 
-def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+def wait_for_port(
+    port: int,
+    timeout: float = 10.0,
+    host: str = "127.0.0.1",
+    alive: Callable[[], bool] = lambda: True,
+) -> None:
+    """Wait until something accepts connections on ``port``, or ``alive()`` turns false."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and alive():
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+    raise TimeoutError(f"nothing listens on {host}:{port}")
 
 
 def mosquitto_path() -> str | None:
@@ -75,14 +82,18 @@ class Mosquitto:
             "persistence false\n"
             "max_queued_messages 0\n"
             "max_inflight_messages 0\n"
-            "max_packet_size 0\n"
             "message_size_limit 0\n"
         )
         log_file = (self.workdir / "mosquitto.log").open("ab")
         self.process = subprocess.Popen(
             [binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT
         )
-        wait_for_port(self.port)
+        try:
+            wait_for_port(self.port, alive=lambda: self.process is not None and self.process.poll() is None)
+        except TimeoutError as exc:
+            self.stop()
+            log_text = (self.workdir / "mosquitto.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"mosquitto did not start: {exc}\n{log_text}") from exc
         return self
 
     def stop(self) -> None:

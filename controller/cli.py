@@ -28,7 +28,8 @@ from controller.home import Home
 from model_store.catalog import Catalog
 from model_store.errors import ModelStoreError
 
-console = Console()
+# Piped output (logs, CI) gets wide lines instead of truncated columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _fmt(value: Any, digits: int = 2) -> str:

@@ -21,14 +21,14 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
 from agent import protocol as p
 from controller import registry, views
 from controller.broker import EmbeddedBroker, Mosquitto, mosquitto_path
-from controller.cli import energy_mj, fleet_table
+from controller.cli import console, energy_mj, fleet_table
 from controller.daemon import Controller
 from controller.db import open_db
 from controller.home import Home
@@ -36,7 +36,6 @@ from model_store.catalog import Catalog
 
 SAMPLES = Path(__file__).resolve().parent.parent / "model_store" / "samples"
 FAULTY = "gw-pump-02"
-console = Console()
 
 
 @dataclass(frozen=True)
@@ -221,11 +220,11 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
 
 
 def _summary(db: Any, before: dict[str, list[float]], after: dict[str, list[float]], threshold: float, elapsed: float) -> None:
-    table = Table("device", "model", "inferences", "p50 ms", "p95 ms", "mJ/inf (estimate)", "score before", "score after", "alarm", title="summary", title_justify="left")
+    table = Table("device", "model", "inferences", "mean p50 ms", "mean p95 ms", "mJ/inf (estimate)", "score before", "score after", "alarm", title="summary", title_justify="left")
     totals = {
         r[0]: r[1:]
         for r in db.execute(
-            "SELECT device, SUM(inferences), AVG(latency_p50_ms), MAX(latency_p95_ms), "
+            "SELECT device, SUM(inferences), AVG(latency_p50_ms), AVG(latency_p95_ms), "
             "SUM(energy_per_inference_j * inferences) / NULLIF(SUM(inferences), 0) "
             "FROM telemetry GROUP BY device"
         ).fetchall()

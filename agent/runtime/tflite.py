@@ -2,10 +2,18 @@
 
 Inputs and outputs are named by the model's signature when it has exactly one (as converted
 Keras models do: ``window`` rather than ``serving_default_window:0``), else by tensor name.
+
+LiteRT verifies a file's flatbuffer before reading it; tflite-runtime does not, and a corrupt
+file can kill the whole process with SIGSEGV or SIGBUS inside ``Interpreter()``. With
+tflite-runtime a file is therefore opened once in a throwaway child process first.
 """
 
 from __future__ import annotations
 
+import logging
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +46,48 @@ except ImportError as litert_error:
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+
+logger = logging.getLogger(__name__)
+
+CHECK_IN_CHILD = PROVIDER == "tflite-runtime"
+CHILD_TIMEOUT_S = 60.0
+_CHILD_CHECK = f"""
+import sys
+from {Interpreter.__module__} import Interpreter
+Interpreter(model_path=sys.argv[1]).allocate_tensors()
+"""
+
+
+def _open_in_child(path: Path) -> None:
+    """Raise :class:`ModelLoadError` if opening ``path`` crashes or hangs a child process.
+
+    Errors the runtime raises as Python exceptions are left for the in-process load to report.
+    """
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _CHILD_CHECK, str(path)],
+            capture_output=True,
+            timeout=CHILD_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ModelLoadError(
+            f"{path} did not open within {CHILD_TIMEOUT_S:.0f} s in {PROVIDER}; it is probably "
+            "not a valid TFLite model: fetch it again and check its sha256"
+        ) from exc
+    except OSError as exc:  # no usable sys.executable (embedded or frozen interpreter)
+        logger.warning("cannot check %s in a child process (%s); loading it unchecked", path, exc)
+        return
+    if result.returncode < 0:
+        try:
+            died_of = signal.Signals(-result.returncode).name
+        except ValueError:
+            died_of = f"signal {-result.returncode}"
+        raise ModelLoadError(
+            f"{path} is not a valid TFLite model: opening it crashed {PROVIDER} ({died_of}) "
+            "in a check process; the file is corrupt or truncated: fetch it again and check "
+            "its sha256"
+        )
 
 
 def _spec(name: str, detail: dict[str, Any]) -> TensorSpec:
@@ -97,6 +147,8 @@ class TfliteModel:
         """Open ``path`` with ``threads`` interpreter threads."""
         check_threads(threads)
         check_model_file(path, "TFLite")
+        if CHECK_IN_CHILD:
+            _open_in_child(path)
         try:
             interpreter = Interpreter(model_path=str(path), num_threads=threads)
         except Exception as exc:  # LiteRT raises ValueError for bytes that do not verify
@@ -106,10 +158,11 @@ class TfliteModel:
             ) from exc
         try:
             return cls(path, interpreter)
-        except Exception as exc:  # RuntimeError from allocate_tensors: ops it cannot prepare
+        except Exception as exc:  # RuntimeError from allocate_tensors
             raise ModelLoadError(
-                f"{PROVIDER} cannot prepare {path} ({_gist(exc)}); the model uses operators "
-                "or shapes this runtime does not support: re-convert it or upgrade the runtime"
+                f"{path} is not a valid TFLite model for {PROVIDER} ({_gist(exc)}): the file "
+                "is corrupt or truncated (fetch it again and check its sha256), or it uses "
+                "operators this runtime lacks (re-convert it or upgrade the runtime)"
             ) from exc
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import agent.runtime
+import agent.runtime.tflite
 from agent.protocol import ModelFormat
 from agent.runtime import (
     InferenceError,
@@ -27,6 +28,10 @@ from agent.runtime import (
 DATA = Path(__file__).parents[1] / "data"
 TINY_ADD = DATA / "tiny_add.tflite"
 TINY_ADD_SIGNATURE = DATA / "tiny_add_signature.tflite"
+SAMPLE = Path(__file__).parents[2] / "model_store" / "samples" / "vibration-ae"
+needs_sample = pytest.mark.skipif(
+    not SAMPLE.with_suffix(".tflite").exists(), reason="sample model vibration-ae not built"
+)
 WEIGHTS = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)
 
 
@@ -218,6 +223,21 @@ def test_tflite_model_refuses_to_run_once_closed(tflite_model: LoadedModel) -> N
         tflite_model.run({"x": row(1, 2, 3, 4), "y": row(1, 2, 3, 4)})
 
 
+@needs_sample
+def test_sample_model_scores_the_same_on_both_runtimes() -> None:
+    # Both files come from the same weights; the TFLite one is named through its signature.
+    onnx_model = load_model(SAMPLE.with_suffix(".onnx"), ModelFormat.ONNX)
+    tflite_model = load_model(SAMPLE.with_suffix(".tflite"), ModelFormat.TFLITE)
+    assert tflite_model.inputs == onnx_model.inputs == (TensorSpec("window", (1, 512), "float32"),)
+    assert tflite_model.outputs == onnx_model.outputs == (TensorSpec("score", (1, 1), "float32"),)
+    windows = np.random.default_rng(11).normal(0, 0.2, (20, 1, 512)).astype(np.float32)
+
+    onnx_scores = [onnx_model.run({"window": w})["score"] for w in windows]
+    tflite_scores = [tflite_model.run({"window": w})["score"] for w in windows]
+
+    np.testing.assert_allclose(tflite_scores, onnx_scores, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------- loading errors
 
 
@@ -308,3 +328,30 @@ def test_format_for_reads_the_suffix(name: str, fmt: ModelFormat) -> None:
 def test_format_for_rejects_unknown_suffixes() -> None:
     with pytest.raises(ModelLoadError, match=r"model\.pt: expected a file ending in .onnx or"):
         format_for(Path("model.pt"))
+
+
+# tflite-runtime segfaults on some corrupt files, so with it a file is first opened in a child.
+# The real crash is exercised in tests/runtime_env; here the child is made to crash on purpose.
+
+
+def test_file_that_crashes_the_check_process_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent.runtime.tflite, "CHECK_IN_CHILD", True)
+    monkeypatch.setattr(
+        agent.runtime.tflite,
+        "_CHILD_CHECK",
+        "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)",
+    )
+
+    with pytest.raises(ModelLoadError) as info:
+        load_model(TINY_ADD, ModelFormat.TFLITE)
+
+    assert f"{TINY_ADD} is not a valid TFLite model" in str(info.value)
+    assert "SIGSEGV" in str(info.value)
+
+
+def test_file_that_opens_in_the_check_process_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent.runtime.tflite, "CHECK_IN_CHILD", True)
+
+    model = load_model(TINY_ADD, ModelFormat.TFLITE)
+
+    assert model.run({"x": row(1, 1, 1, 1), "y": row(1, 1, 1, 1)})["sum"].tolist() == [[2] * 4]

@@ -1,0 +1,196 @@
+"""Shared fixtures: a real Mosquitto on a free port, homes, agent configs, MQTT test clients."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+from controller.broker import Mosquitto, mosquitto_path
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "model_store" / "samples"
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """One real Mosquitto for the session; tests keep apart by unique device ids."""
+    if mosquitto_path() is None:
+        pytest.fail("mosquitto is not installed: apt-get install -y mosquitto (.ci/run does this)")
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto")).start()
+    yield broker
+    broker.stop()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+class Probe:
+    """A paho client that records everything on the topics it subscribes to."""
+
+    def __init__(self, port: int, *topics: str) -> None:
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id=unique("probe")
+        )
+        self._topics = topics
+        self._subscribed = 0
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        deadline = time.monotonic() + 10
+        while self._subscribed < len(topics) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def _on_connect(self, client: Any, *args: Any) -> None:
+        for t in self._topics:
+            client.subscribe(t, 1)
+
+    def _on_subscribe(self, *args: Any) -> None:
+        self._subscribed += 1
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        self.client.publish(topic, payload, qos=qos).wait_for_publish(5)
+
+    def wait_for(
+        self, predicate: Callable[[str, bytes], bool], timeout: float = 20.0, what: str = "message"
+    ) -> tuple[str, bytes]:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            try:
+                topic, payload = self.messages.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if predicate(topic, payload):
+                return topic, payload
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def probe_factory(mosquitto: Mosquitto) -> Iterator[Callable[..., Probe]]:
+    probes: list[Probe] = []
+
+    def make(*topics: str) -> Probe:
+        probe = Probe(mosquitto.port, *topics)
+        probes.append(probe)
+        return probe
+
+    yield make
+    for probe in probes:
+        probe.close()
+
+
+def agent_config(
+    path: Path,
+    device: str,
+    port: int,
+    *,
+    rate_hz: float = 20,
+    interval_s: float = 1,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    config: dict[str, Any] = {
+        "device_id": device,
+        "device_class": "x86-ipc",
+        "labels": {"site": "test", "line": device},
+        "state_dir": str(path.parent / f"{device}-state"),
+        "broker": {"host": "127.0.0.1", "port": port, "reconnect_max_s": 2},
+        "input": {"type": "vibration", "seed": 7},
+        "inference": {"rate_hz": rate_hz},
+        "telemetry": {"interval_s": interval_s},
+    }
+    config.update(extra or {})
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class Processes:
+    """Real greenfleet processes started by a test, stopped (and their logs kept) after it."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.env = env
+        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = self.workdir / f"{name}.log"
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.workdir,
+        )
+        self.procs.append((proc, log))
+        return proc
+
+    def agent(self, config: Path, name: str | None = None) -> subprocess.Popen[bytes]:
+        return self.start(name or config.stem, "-m", "agent.cli", "run", "--config", str(config))
+
+    def controller(self, port: int) -> subprocess.Popen[bytes]:
+        return self.start(
+            "controller",
+            "-m",
+            "controller.cli",
+            "controller",
+            "run",
+            "--broker",
+            f"127.0.0.1:{port}",
+            "--reconcile-interval",
+            "0.5",
+        )
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "controller.cli", *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=self.workdir,
+            timeout=60,
+        )
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop_all(self) -> None:
+        for proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc, _ in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    env = dict(os.environ)
+    env["GREENFLEET_HOME"] = str(tmp_path / "home")
+    env["PYTHONPATH"] = str(REPO)
+    env.pop("GREENFLEET_BROKER", None)
+    procs = Processes(tmp_path, env)
+    yield procs
+    procs.stop_all()

@@ -1,0 +1,97 @@
+"""Registry, migrations and ingest against a real SQLite file."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from agent import protocol as p
+from controller import registry, views
+from controller.db import MIGRATIONS, open_db
+from controller.errors import InvalidRequest, NotFound
+from controller.ingest import Ingest
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+HW = p.HardwareFacts(arch="x86_64", cores=2, memory_mb=1024, os="Linux", python="3.11")
+
+
+def birth(session: str = "s1", labels: dict[str, str] | None = None) -> p.Birth:
+    return p.Birth(
+        session=session, agent_version="0.1.0", device_class="x86-ipc",
+        labels=labels or {"site": "a", "line": "1"}, runtimes=[p.ModelFormat.ONNX], hardware=HW,
+    )
+
+
+def test_migrations_are_recorded_and_idempotent(tmp_path: Path) -> None:
+    db = open_db(tmp_path / "g.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db2 = open_db(tmp_path / "g.db")
+    versions = [r[0] for r in db2.execute("SELECT version FROM schema_version")]
+    assert versions == list(range(1, len(MIGRATIONS) + 1))
+    assert {"devices", "models", "telemetry", "events", "deployments"} <= set(db2.table_names())
+
+
+def test_birth_death_and_stale_will(tmp_path: Path) -> None:
+    db = open_db(tmp_path / "g.db")
+    registry.apply_birth(db, "d1", birth("s1"), NOW)
+    assert registry.get_device(db, "d1")["online"] == 1
+    registry.apply_birth(db, "d1", birth("s2"), NOW + timedelta(seconds=1))
+    # the will of the old session arrives late: the device stays online
+    assert not registry.apply_death(db, "d1", p.Death(session="s1"), NOW)
+    assert registry.get_device(db, "d1")["online"] == 1
+    assert registry.apply_death(db, "d1", p.Death(session="s2"), NOW)
+    assert registry.get_device(db, "d1")["online"] == 0
+
+
+def test_selectors_and_desired_state(tmp_path: Path) -> None:
+    db = open_db(tmp_path / "g.db")
+    registry.apply_birth(db, "d1", birth(labels={"site": "a", "line": "1"}), NOW)
+    registry.apply_birth(db, "d2", birth(labels={"site": "a", "line": "2"}), NOW)
+    registry.apply_birth(db, "d3", birth(labels={"site": "b", "line": "1"}), NOW)
+    assert registry.matching(db, registry.parse_selector("site=a")) == ["d1", "d2"]
+    assert registry.matching(db, registry.parse_selector("site=a, line=2")) == ["d2"]
+    assert registry.matching(db, registry.parse_selector("class=x86-ipc")) == ["d1", "d2", "d3"]
+    with pytest.raises(InvalidRequest, match="key=value"):
+        registry.parse_selector("site")
+    with pytest.raises(NotFound, match="devices list"):
+        registry.set_desired(db, ["d1", "ghost"], "m:1")
+    assert registry.get_device(db, "d1")["desired_model"] is None, "all or nothing"
+    registry.set_desired(db, ["d1", "d2"], "m:1")
+    assert [v.desired_model for v in registry.views(db)] == ["m:1", "m:1", None]
+
+
+def test_ingest_writes_batches_dedups_replays_and_survives_garbage(tmp_path: Path) -> None:
+    path = tmp_path / "g.db"
+    open_db(path)
+    blob_requests: list[tuple[str, p.BlobRequest]] = []
+    ingest = Ingest(path, lambda d, r: blob_requests.append((d, r)))
+    record = p.TelemetryRecord(
+        seq=0, start=NOW, window_s=1.0, model=p.ModelRef(name="m", version="1"), inferences=10,
+        errors=0, latency_p50_ms=0.2, cpu_s=0.01, power_w=3.0, energy_per_inference_j=0.001,
+    )
+    batch = p.TelemetryBatch(session="s1", records=[record])
+    sha = "a" * 64
+    ingest.start()
+    ingest.offer(p.topic("d1", p.Channel.STATE), p.encode(birth()))
+    ingest.offer(p.topic("d1", p.Channel.TELEMETRY), p.encode(batch))
+    ingest.offer(p.topic("d1", p.Channel.TELEMETRY), p.encode(batch))  # replayed after reconnect
+    ingest.offer(p.topic("d1", p.Channel.TELEMETRY), b"{garbage")
+    ingest.offer("gf/v1/d1/nonsense", b"{}")
+    ingest.offer(
+        p.topic("d1", p.Channel.BLOB_REQ),
+        p.encode(p.BlobRequest(sha256=sha, first=0, count=2, chunk_size=1024)),
+    )
+    ingest.offer(
+        p.topic("d1", p.Channel.EVENTS),
+        p.encode(p.Event(event=p.EventKind.ACTIVATED, session="s1", message="m:1 active")),
+    )
+    ingest.stop()
+    db = open_db(path)
+    assert db["telemetry"].count == 1
+    assert db["events"].count == 1
+    assert ingest.rejected == 2
+    assert [(d, r.first) for d, r in blob_requests] == [("d1", 0)]
+    row = views.fleet(db)[0]
+    assert (row["id"], row["online"], row["inferences"]) == ("d1", True, 10)

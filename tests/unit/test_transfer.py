@@ -1,0 +1,109 @@
+"""Chunked, resumable artifact download: ordering, windows, resume, and integrity."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.errors import IntegrityError, TransferError
+from agent.protocol import Artifact, ModelFormat
+from agent.transfer import Download
+
+DATA = os.urandom(10_000)
+CHUNK = 1024  # 10 chunks, the last one 784 bytes
+
+
+def artifact(data: bytes = DATA) -> Artifact:
+    return Artifact(
+        sha256=hashlib.sha256(data).hexdigest(), size=len(data), format=ModelFormat.ONNX,
+        chunk_size=CHUNK,
+    )
+
+
+def chunk(i: int, data: bytes = DATA) -> bytes:
+    return data[i * CHUNK : (i + 1) * CHUNK]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_chunks_in_any_order_assemble_the_verified_file(tmp_path: Path) -> None:
+    dl = Download(tmp_path, artifact())
+    assert dl.open() == 0
+    for i in [9, 3, 0, 1, 2, 8, 7, 6, 5, 4]:
+        assert dl.accept(i, chunk(i))
+    assert not dl.accept(4, chunk(4)), "a duplicate chunk is ignored"
+    out = dl.finish(tmp_path / "models" / "m.onnx")
+    assert out.read_bytes() == DATA
+    assert not dl.part.exists() and not dl.sidecar.exists()
+
+
+def test_requests_keep_a_window_in_flight_and_re_ask_after_timeout(tmp_path: Path) -> None:
+    clock = Clock()
+    dl = Download(tmp_path, artifact(), clock=clock)
+    dl.open()
+    assert dl.requests(window=4, timeout_s=5) == [(0, 4)]
+    assert dl.requests(window=4, timeout_s=5) == [], "window is full"
+    dl.accept(0, chunk(0))
+    dl.accept(2, chunk(2))
+    assert dl.requests(window=4, timeout_s=5) == [(4, 2)]
+    clock.now = 6.0  # nothing more arrived: every chunk in flight is asked for again
+    assert dl.requests(window=4, timeout_s=5) == [(1, 1), (3, 3)]
+    dl.accept(1, chunk(1))
+    assert dl.requests(window=4, timeout_s=5) == [(6, 1)]
+
+
+def test_wrong_sized_and_out_of_range_chunks_are_refused(tmp_path: Path) -> None:
+    dl = Download(tmp_path, artifact())
+    dl.open()
+    with pytest.raises(TransferError, match="chunk 2 .* has 10 bytes, expected 1024"):
+        dl.accept(2, b"x" * 10)
+    with pytest.raises(TransferError, match="chunk 10 is out of range.*10 chunks"):
+        dl.accept(10, chunk(0))
+    with pytest.raises(TransferError, match="expected 784"):
+        dl.accept(9, chunk(0))
+    assert dl.received == 0
+
+
+def test_resume_after_restart_asks_only_for_missing_chunks(tmp_path: Path) -> None:
+    dl = Download(tmp_path, artifact())
+    dl.open()
+    for i in range(6):
+        dl.accept(i, chunk(i))
+    dl.close()  # the agent stops mid-transfer
+    again = Download(tmp_path, artifact())
+    assert again.open() == 6
+    assert again.requests(window=8, timeout_s=5) == [(6, 4)]
+    for i in range(6, 10):
+        again.accept(i, chunk(i))
+    assert again.finish(tmp_path / "m.onnx").read_bytes() == DATA
+
+
+def test_sidecar_with_other_chunk_size_starts_over(tmp_path: Path) -> None:
+    dl = Download(tmp_path, artifact())
+    dl.open()
+    dl.accept(0, chunk(0))
+    dl.close()
+    other = Artifact(**{**artifact().model_dump(), "chunk_size": 2048})
+    assert Download(tmp_path, other).open() == 0
+
+
+def test_bytes_that_do_not_match_the_sha256_are_discarded(tmp_path: Path) -> None:
+    wrong = bytes(len(DATA))
+    announced = artifact()  # sha256 of DATA, but the sender serves zeros
+    dl = Download(tmp_path, announced)
+    dl.open()
+    for i in range(announced.chunk_count):
+        dl.accept(i, chunk(i, wrong))
+    with pytest.raises(IntegrityError, match="does not match"):
+        dl.finish(tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    assert not dl.part.exists(), "the bad bytes are not kept for a resume"
