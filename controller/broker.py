@@ -84,10 +84,10 @@ class Mosquitto:
             "max_inflight_messages 0\n"
             "message_size_limit 0\n"
         )
-        log_file = (self.workdir / "mosquitto.log").open("ab")
-        self.process = subprocess.Popen(
-            [binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT
-        )
+        with (self.workdir / "mosquitto.log").open("ab") as log_file:
+            self.process = subprocess.Popen(
+                [binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT
+            )
         try:
             wait_for_port(self.port, alive=lambda: self.process is not None and self.process.poll() is None)
         except TimeoutError as exc:
@@ -139,5 +139,16 @@ class EmbeddedBroker:
                 asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop).result(5)
             except Exception:  # shutting down a demo broker; nothing left to protect
                 log.debug("embedded broker shutdown raised", exc_info=True)
+
+        async def _cancel_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(_cancel_rest(), self._loop).result(5)
+        except Exception:
+            log.debug("embedded broker task cleanup raised", exc_info=True)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)

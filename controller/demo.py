@@ -163,14 +163,14 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
         console.print(f"[bold]2/6[/] controller up; catalog: {', '.join(m.id for m in catalog.all())}")
         for seed, device in enumerate(DEVICES, start=1):
             config = _write_agent_config(workdir, device, broker.port, seed)
-            log = (workdir / f"{device.id}.log").open("ab")
-            agents.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
+            with (workdir / f"{device.id}.log").open("ab") as log:
+                agents.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
                 )
-            )
         ids = {d.id for d in DEVICES}
         _wait(lambda: ids <= {r["id"] for r in views.fleet(db) if r["online"]}, 60, "three agents to come online")
         console.print("[bold]3/6[/] three agents online: " + ", ".join(sorted(ids)))

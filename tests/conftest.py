@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import queue
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,7 +41,8 @@ class Probe:
     """A paho client that records everything on the topics it subscribes to."""
 
     def __init__(self, port: int, *topics: str) -> None:
-        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.history: list[tuple[str, bytes]] = []
+        self._arrived = threading.Condition()
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=unique("probe")
         )
@@ -49,7 +50,7 @@ class Probe:
         self._subscribed = 0
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
+        self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         deadline = time.monotonic() + 10
@@ -63,23 +64,39 @@ class Probe:
     def _on_subscribe(self, *args: Any) -> None:
         self._subscribed += 1
 
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        with self._arrived:
+            self.history.append((msg.topic, msg.payload))
+            self._arrived.notify_all()
+
     def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
         self.client.publish(topic, payload, qos=qos).wait_for_publish(5)
 
     def wait_for(
-        self, predicate: Callable[[str, bytes], bool], timeout: float = 20.0, what: str = "message"
+        self,
+        predicate: Callable[[str, bytes], bool],
+        timeout: float = 20.0,
+        what: str = "message",
+        since: int = 0,
     ) -> tuple[str, bytes]:
+        """The first message (from index ``since`` of the history) that matches ``predicate``."""
         deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-            try:
-                topic, payload = self.messages.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if predicate(topic, payload):
-                return topic, payload
+        checked = since
+        with self._arrived:
+            while True:
+                for topic, payload in self.history[checked:]:
+                    if predicate(topic, payload):
+                        return topic, payload
+                checked = len(self.history)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+                self._arrived.wait(remaining)
+
+    def mark(self) -> int:
+        """An index to pass as ``since`` to look only at messages from now on."""
+        with self._arrived:
+            return len(self.history)
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -134,13 +151,14 @@ class Processes:
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = self.workdir / f"{name}.log"
-        proc = subprocess.Popen(
-            [sys.executable, *args],
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            cwd=self.workdir,
-        )
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.workdir,
+            )
         self.procs.append((proc, log))
         return proc
 
