@@ -58,13 +58,17 @@ class Activation:
         except FileNotFoundError:
             return Pointer()
         except (OSError, ValueError, ValidationError) as exc:
-            log.error("ignoring unreadable %s (%s); starting without a model", self.pointer_path, exc)
+            log.error(
+                "ignoring unreadable %s (%s); starting without a model", self.pointer_path, exc
+            )
             return Pointer()
 
     def activate(self, model: ActiveModel) -> Pointer:
         """Make ``model`` active; the previously active one becomes last-good."""
         current = self.read()
-        last_good = current.active if current.active and current.active != model else current.last_good
+        last_good = (
+            current.active if current.active and current.active != model else current.last_good
+        )
         pointer = Pointer(active=model, last_good=last_good)
         tmp = self.pointer_path.with_suffix(".json.tmp")
         with tmp.open("w") as fh:

@@ -1,11 +1,11 @@
 """The agent's error tree. Third-party errors are translated into these at the boundary.
 
-    AgentError
-    ├── ConfigError          bad or unreadable config file (fatal at start)
-    ├── BrokerAuthError      the broker refused our credentials (fatal, never retried)
-    ├── TransferError        a chunk or artifact that does not match what was announced
-    │   └── IntegrityError   the assembled file's sha256 or size is wrong
-    └── runtime errors       agent.runtime.base: ModelLoadError, InferenceError
+AgentError
+├── ConfigError          bad or unreadable config file (fatal at start)
+├── BrokerAuthError      the broker refused our credentials (fatal, never retried)
+├── TransferError        a chunk or artifact that does not match what was announced
+│   └── IntegrityError   the assembled file's sha256 or size is wrong
+└── runtime errors       agent.runtime.base: ModelLoadError, InferenceError
 """
 
 

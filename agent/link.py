@@ -12,6 +12,7 @@ The controller uses this class too: it is the one place that knows paho's API.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -103,10 +104,8 @@ class MqttLink:
         """Publish ``last`` (e.g. a clean Death), disconnect and stop the network thread."""
         if last is not None and self.connected.is_set():
             info = self._client.publish(last[0], last[1], qos=1, retain=True)
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=2.0)
-            except (RuntimeError, ValueError):
-                pass
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -120,7 +119,9 @@ class MqttLink:
         """Queue a message; paho keeps QoS 1 messages across a reconnect."""
         self._client.publish(topic, payload, qos=qos, retain=retain)
 
-    def publish_and_wait(self, topic: str, payload: bytes, qos: int = 1, timeout: float = 10.0) -> None:
+    def publish_and_wait(
+        self, topic: str, payload: bytes, qos: int = 1, timeout: float = 10.0
+    ) -> None:
         info = self._client.publish(topic, payload, qos=qos)
         info.wait_for_publish(timeout=timeout)
 
@@ -170,7 +171,9 @@ class MqttLink:
     ) -> None:
         self.connected.clear()
         if rc.is_failure:
-            log.warning("lost connection to broker %s:%s (%s); reconnecting", self.host, self.port, rc)
+            log.warning(
+                "lost connection to broker %s:%s (%s); reconnecting", self.host, self.port, rc
+            )
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         if not self._warned_unreachable:
@@ -184,6 +187,6 @@ class MqttLink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            self._handler(msg.topic, msg.payload)
+            self._handler(msg.topic, bytes(msg.payload))
         except Exception:
             log.exception("dropped message on %s: handler failed", msg.topic)

@@ -11,7 +11,7 @@ Topics (root ``gf/v1``, versioned like Sparkplug's ``spBv1.0``)::
     gf/v1/{device}/cmd                      ctl -> agent: Deploy, Ping, InjectFault
     gf/v1/{device}/reply                    agent -> ctl: Reply echoing the command id
     gf/v1/{device}/events                   agent -> ctl: Event (deploy progress, errors, ...)
-    gf/v1/{device}/telemetry                agent -> ctl: TelemetryBatch, records keyed (session, seq)
+    gf/v1/{device}/telemetry                agent -> ctl: TelemetryBatch, keyed (session, seq)
     gf/v1/{device}/results                  agent -> local consumers: Result
     gf/v1/{device}/blob/req                 agent -> ctl: BlobRequest for a window of chunks
     gf/v1/{device}/blob/{sha256}/{index}    ctl -> agent: raw chunk bytes (not JSON)

@@ -30,7 +30,7 @@ from agent.errors import IntegrityError, TransferError
 from agent.hardware import read_hardware
 from agent.link import MqttLink, Will
 from agent.power.estimate import EstimateMeter
-from agent.runtime import available_formats, load_model
+from agent.runtime import EXTRAS, available_formats, load_model
 from agent.runtime.base import InferenceError, LoadedModel, ModelLoadError
 from agent.sources import source_class
 from agent.sources.base import Source
@@ -115,7 +115,7 @@ class Agent:
         self.source = source_class(self.config.input.type)(self.config.input)
         topic = getattr(self.source, "topic", None)
         if topic is not None:
-            self._input_handlers.append((topic, self.source.offer))  # type: ignore[attr-defined]
+            self._input_handlers.append((topic, self.source.offer))  # type: ignore[union-attr]
             self.link.subscribe(topic, 0)
         self.link.start()
         self._threads = [
@@ -152,7 +152,7 @@ class Agent:
         return 0
 
     def _guard(self, target: Any) -> None:
-        """Keep a thread alive through unexpected errors (logged), so the agent never goes silent."""
+        """Keep a thread alive through unexpected errors (logged): the agent never goes silent."""
         while not self._stop.is_set():
             try:
                 target()
@@ -212,17 +212,25 @@ class Agent:
     def _reply(self, ref: str, ok: bool, error: str | None = None, **detail: Any) -> None:
         self._publish(p.Channel.REPLY, p.Reply(ref=ref, ok=ok, error=error, detail=detail))
 
-    def _event(self, kind: p.EventKind, message: str, *, throttle: str | None = None, **detail: Any) -> None:
+    def _event(
+        self, kind: p.EventKind, message: str, *, throttle: str | None = None, **detail: Any
+    ) -> None:
         """Publish an event and log it; ``throttle`` names a recurring error to rate-limit."""
         if throttle is not None:
             now = time.monotonic()
             if now - self._last_event.get(throttle, -EVENT_REPEAT_S) < EVENT_REPEAT_S:
                 return
             self._last_event[throttle] = now
-        level = logging.INFO if kind in (p.EventKind.ACTIVATED, p.EventKind.DEPLOY_STARTED, p.EventKind.DEPLOY_PROGRESS) else logging.WARNING
+        level = (
+            logging.INFO
+            if kind
+            in (p.EventKind.ACTIVATED, p.EventKind.DEPLOY_STARTED, p.EventKind.DEPLOY_PROGRESS)
+            else logging.WARNING
+        )
         log.log(level, "%s: %s", kind.value, message)
         self._publish(
-            p.Channel.EVENTS, p.Event(event=kind, session=self.session, message=message, detail=detail)
+            p.Channel.EVENTS,
+            p.Event(event=kind, session=self.session, message=message, detail=detail),
         )
 
     # -- worker: commands and transfers -----------------------------------------------------
@@ -284,7 +292,7 @@ class Agent:
         if artifact.format not in self.runtimes:
             reason = (
                 f"cannot run {artifact.format.value} models: no runtime installed "
-                f"(install greenfleet[{'tflite' if artifact.format is p.ModelFormat.TFLITE else 'agent'}])"
+                f"(install greenfleet[{EXTRAS[artifact.format]}])"
             )
             self._reply(command.id, False, reason)
             self._event(p.EventKind.DEPLOY_FAILED, reason, model=str(command.model))
@@ -335,14 +343,20 @@ class Agent:
         try:
             transfer.download.accept(index, data)
         except TransferError as exc:
-            self._event(p.EventKind.DEPLOY_FAILED, f"rejected chunk: {exc}", throttle="bad-chunk", model=str(transfer.command.model))
+            self._event(
+                p.EventKind.DEPLOY_FAILED,
+                f"rejected chunk: {exc}",
+                throttle="bad-chunk",
+                model=str(transfer.command.model),
+            )
             return
         done = transfer.download.received * PROGRESS_STEPS // transfer.download.artifact.chunk_count
         if done >= transfer.next_progress and not transfer.download.complete:
             transfer.next_progress = done + 1
             self._event(
                 p.EventKind.DEPLOY_PROGRESS,
-                f"{transfer.command.model}: {transfer.download.received}/{transfer.download.artifact.chunk_count} chunks",
+                f"{transfer.command.model}: {transfer.download.received}/"
+                f"{transfer.download.artifact.chunk_count} chunks",
                 model=str(transfer.command.model),
                 received=transfer.download.received,
                 total=transfer.download.artifact.chunk_count,
@@ -404,7 +418,9 @@ class Agent:
 
     def _fail_deploy(self, command: p.Deploy, reason: str) -> None:
         current = self._serving.active.model if self._serving else None
-        message = f"deploy of {command.model} failed: {reason}; still running {current or 'no model'}"
+        message = (
+            f"deploy of {command.model} failed: {reason}; still running {current or 'no model'}"
+        )
         self._reply(command.id, False, message)
         self._event(p.EventKind.DEPLOY_FAILED, message, model=str(command.model))
 
@@ -436,7 +452,9 @@ class Agent:
     def _infer_once(self, serving: Serving, reading: Any, window: TelemetryWindow) -> None:
         spec = serving.model.inputs[0]
         try:
-            feed = reading.values.reshape(tuple(d if isinstance(d, int) and d > 0 else -1 for d in spec.shape))
+            feed = reading.values.reshape(
+                tuple(d if isinstance(d, int) and d > 0 else -1 for d in spec.shape)
+            )
         except ValueError:
             window.error()
             self._event(
@@ -462,7 +480,9 @@ class Agent:
                 seq=seq,
                 model=serving.active.model,
                 latency_ms=latency_ms,
-                outputs={k: np.asarray(v, dtype=np.float64).ravel().tolist() for k, v in outputs.items()},
+                outputs={
+                    k: np.asarray(v, dtype=np.float64).ravel().tolist() for k, v in outputs.items()
+                },
                 input_ts=reading.ts,
             )
             self._publish(p.Channel.RESULTS, result, qos=0)
@@ -501,4 +521,3 @@ def run_agent(config: AgentConfig, stop: threading.Event | None = None) -> int:
             return 3
     agent.stop()
     return 0
-

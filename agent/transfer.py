@@ -79,9 +79,7 @@ class Download:
             os.fsync(self._fh)
         tmp = self.sidecar.with_suffix(".chunks.tmp")
         tmp.write_text(
-            json.dumps(
-                {"chunk_size": self.artifact.chunk_size, "received": sorted(self._received)}
-            )
+            json.dumps({"chunk_size": self.artifact.chunk_size, "received": sorted(self._received)})
         )
         os.replace(tmp, self.sidecar)
         self._unsynced = 0

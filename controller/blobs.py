@@ -61,8 +61,11 @@ class BlobServer:
         last = min(request.first + request.count, count)
         if request.first >= count:
             log.warning(
-                "%s asked for chunks %d.. of %s, which has %d", device, request.first,
-                request.sha256[:12], count,
+                "%s asked for chunks %d.. of %s, which has %d",
+                device,
+                request.first,
+                request.sha256[:12],
+                count,
             )
             return
         fd = os.open(path, os.O_RDONLY)

@@ -8,6 +8,7 @@ messages queued for an offline persistent session were never delivered after rec
 from __future__ import annotations
 
 import asyncio
+import getpass
 import logging
 import shutil
 import socket
@@ -63,22 +64,30 @@ class Mosquitto:
     1000 queued messages silently drops QoS 1 traffic for a subscriber that falls behind.
     """
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, password_file: Path | None = None
+    ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        self.password_file = password_file
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Mosquitto:
         binary = mosquitto_path()
         if binary is None:
-            raise FileNotFoundError(
-                "mosquitto is not installed (apt-get install -y mosquitto)"
-            )
+            raise FileNotFoundError("mosquitto is not installed (apt-get install -y mosquitto)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
+        auth = (
+            f"allow_anonymous false\npassword_file {self.password_file}\n"
+            if self.password_file
+            else "allow_anonymous true\n"
+        )
         conf.write_text(
+            # Started as root, Mosquitto drops to user "mosquitto" and could not read our files.
+            f"user {getpass.getuser()}\n"
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            f"{auth}"
             "persistence false\n"
             "max_queued_messages 0\n"
             "max_inflight_messages 0\n"
@@ -89,7 +98,9 @@ class Mosquitto:
                 [binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT
             )
         try:
-            wait_for_port(self.port, alive=lambda: self.process is not None and self.process.poll() is None)
+            wait_for_port(
+                self.port, alive=lambda: self.process is not None and self.process.poll() is None
+            )
         except TimeoutError as exc:
             self.stop()
             log_text = (self.workdir / "mosquitto.log").read_text(errors="replace")[-2000:]
@@ -111,7 +122,9 @@ class EmbeddedBroker:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="gf-broker", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="gf-broker", daemon=True
+        )
         self._broker: Any = None
 
     def start(self) -> EmbeddedBroker:
@@ -121,7 +134,9 @@ class EmbeddedBroker:
             logging.getLogger(name).setLevel(logging.WARNING)
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
         }
         self._thread.start()
 
@@ -152,3 +167,5 @@ class EmbeddedBroker:
             log.debug("embedded broker task cleanup raised", exc_info=True)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()

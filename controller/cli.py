@@ -123,21 +123,47 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
 def cmd_models_add(args: argparse.Namespace) -> int:
     db = open_db(args.home.prepare().database)
     model = Catalog(db, args.home.store).add(Path(args.path), args.name, args.version)
-    data = {"id": model.id, "format": model.format.value, "sha256": model.sha256, "size": model.size}
-    _emit(args, data, lambda: console.print(f"added {model.id} ({model.format.value}, {model.size} bytes, sha256 {model.sha256[:12]})"))
+    data = {
+        "id": model.id,
+        "format": model.format.value,
+        "sha256": model.sha256,
+        "size": model.size,
+    }
+    _emit(
+        args,
+        data,
+        lambda: console.print(
+            f"added {model.id} ({model.format.value}, {model.size} bytes, "
+            f"sha256 {model.sha256[:12]})"
+        ),
+    )
     return 0
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
     db = open_db(args.home.database)
     models = Catalog(db, args.home.store).all()
-    data = [
-        {"id": m.id, "format": m.format.value, "size": m.size, "sha256": m.sha256, "created": m.created}
+    data: list[dict[str, Any]] = [
+        {
+            "id": m.id,
+            "format": m.format.value,
+            "size": m.size,
+            "sha256": m.sha256,
+            "created": m.created,
+        }
         for m in models
     ]
 
     def render() -> None:
-        table = Table("model", "format", "size", "sha256", "created", title=f"{len(models)} models", title_justify="left")
+        table = Table(
+            "model",
+            "format",
+            "size",
+            "sha256",
+            "created",
+            title=f"{len(models)} models",
+            title_justify="left",
+        )
         for m in data:
             table.add_row(m["id"], m["format"], f"{m['size']:,}", m["sha256"][:12], m["created"])
         console.print(table)
@@ -176,7 +202,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = views.fleet(db)
     events = views.recent_events(db, 10)
     online = sum(r["online"] for r in rows)
-    converged = sum(1 for r in rows if r["desired_model"] and r["desired_model"] == r["active_model"])
+    converged = sum(
+        1 for r in rows if r["desired_model"] and r["desired_model"] == r["active_model"]
+    )
     pending = sum(1 for r in rows if r["desired_model"] and r["desired_model"] != r["active_model"])
     summary = {"devices": len(rows), "online": online, "converged": converged, "pending": pending}
 
@@ -186,7 +214,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{pending} pending"
         )
         console.print(fleet_table(rows))
-        table = Table("time", "device", "event", "message", title="recent events", title_justify="left")
+        table = Table(
+            "time", "device", "event", "message", title="recent events", title_justify="left"
+        )
         for e in events:
             table.add_row(e["ts"], e["device"], e["event"], e["message"])
         console.print(table)
@@ -230,7 +260,10 @@ def cmd_broker_run(args: argparse.Namespace) -> int:
     from controller.broker import EmbeddedBroker
 
     broker = EmbeddedBroker(args.port).start()
-    print(f"embedded broker listening on 127.0.0.1:{broker.port} (demo only; Ctrl-C stops it)", flush=True)
+    print(
+        f"embedded broker listening on 127.0.0.1:{broker.port} (demo only; Ctrl-C stops it)",
+        flush=True,
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -250,24 +283,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="greenfleet", description="Operate a greenfleet fleet.")
-    parser.add_argument("--home", help="controller home (default $GREENFLEET_HOME or ./.greenfleet)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--home", help="controller home (default $GREENFLEET_HOME or ./.greenfleet)"
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(parent: Any, name: str, func: Callable[[argparse.Namespace], int], help: str, json_flag: bool = False) -> argparse.ArgumentParser:
+    def add(
+        parent: Any,
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help: str,
+        json_flag: bool = False,
+    ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
         if json_flag:
             p.add_argument("--json", action="store_true", help="print JSON for scripts")
         return p
 
-    devices = sub.add_parser("devices", help="list and inspect devices").add_subparsers(dest="sub", required=True)
+    devices = sub.add_parser("devices", help="list and inspect devices").add_subparsers(
+        dest="sub", required=True
+    )
     add(devices, "list", cmd_devices_list, "list devices with their latest telemetry", True)
     show = add(devices, "show", cmd_devices_show, "show one device", True)
     show.add_argument("id")
 
-    models = sub.add_parser("models", help="the model catalog").add_subparsers(dest="sub", required=True)
-    madd = add(models, "add", cmd_models_add, "add a model file (.onnx or .tflite) to the catalog", True)
+    models = sub.add_parser("models", help="the model catalog").add_subparsers(
+        dest="sub", required=True
+    )
+    madd = add(
+        models, "add", cmd_models_add, "add a model file (.onnx or .tflite) to the catalog", True
+    )
     madd.add_argument("path")
     madd.add_argument("--name", required=True)
     madd.add_argument("--version", required=True)
@@ -281,25 +330,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     add(sub, "status", cmd_status, "fleet summary, devices and recent events", True)
 
-    ctl = sub.add_parser("controller", help="the controller daemon").add_subparsers(dest="sub", required=True)
+    ctl = sub.add_parser("controller", help="the controller daemon").add_subparsers(
+        dest="sub", required=True
+    )
     run = add(ctl, "run", cmd_controller_run, "run the controller daemon")
-    run.add_argument("--broker", default=os.environ.get("GREENFLEET_BROKER", "127.0.0.1:1883"), help="HOST:PORT (env GREENFLEET_BROKER)")
-    run.add_argument("--username", help="broker user (password from env GREENFLEET_BROKER_PASSWORD)")
-    run.add_argument("--reconcile-interval", type=float, default=2.0, help="seconds between reconcile passes")
+    run.add_argument(
+        "--broker",
+        default=os.environ.get("GREENFLEET_BROKER", "127.0.0.1:1883"),
+        help="HOST:PORT (env GREENFLEET_BROKER)",
+    )
+    run.add_argument(
+        "--username", help="broker user (password from env GREENFLEET_BROKER_PASSWORD)"
+    )
+    run.add_argument(
+        "--reconcile-interval", type=float, default=2.0, help="seconds between reconcile passes"
+    )
 
-    broker = sub.add_parser("broker", help="MQTT broker helpers").add_subparsers(dest="sub", required=True)
+    broker = sub.add_parser("broker", help="MQTT broker helpers").add_subparsers(
+        dest="sub", required=True
+    )
     brun = add(broker, "run", cmd_broker_run, "run the embedded demo broker (not for production)")
     brun.add_argument("--port", type=int, default=1883)
 
-    demo = add(sub, "demo", cmd_demo, "run a broker, the controller and three agents, and deploy the sample model")
+    demo = add(
+        sub,
+        "demo",
+        cmd_demo,
+        "run a broker, the controller and three agents, and deploy the sample model",
+    )
     demo.add_argument("--keep-running", action="store_true", help="stay up after the summary")
-    demo.add_argument("--embedded-broker", action="store_true", help="use the embedded broker even if Mosquitto is installed")
+    demo.add_argument(
+        "--embedded-broker",
+        action="store_true",
+        help="use the embedded broker even if Mosquitto is installed",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args.home = Home.from_env(args.home)
     try:
         code: int = args.func(args)

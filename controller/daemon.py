@@ -80,7 +80,12 @@ class Controller:
             coalesce=True,
         )
         self.scheduler.start()
-        log.info("controller started; home %s, broker %s:%s", self.home.root, self.link.host, self.link.port)
+        log.info(
+            "controller started; home %s, broker %s:%s",
+            self.home.root,
+            self.link.host,
+            self.link.port,
+        )
 
     def stop(self) -> None:
         self.scheduler.shutdown(wait=False)
@@ -123,7 +128,7 @@ class Controller:
                 model = self._catalog.get(decision.model)
                 command = p.Deploy(model=model.ref, artifact=model.artifact())
                 with db.conn:
-                    db["deployments"].insert(
+                    db.table("deployments").insert(
                         {
                             "id": command.id,
                             "device": decision.device,

@@ -16,7 +16,7 @@ from controller.errors import DatabaseError
 
 
 def _m1_initial(db: sqlite_utils.Database) -> None:
-    db["devices"].create(
+    db.table("devices").create(
         {
             "id": str,
             "device_class": str,
@@ -36,7 +36,7 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         pk="id",
         not_null={"id"},
     )
-    db["models"].create(
+    db.table("models").create(
         {
             "id": str,
             "name": str,
@@ -49,8 +49,8 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         },
         pk="id",
     )
-    db["models"].create_index(["sha256"])
-    db["deployments"].create(
+    db.table("models").create_index(["sha256"])
+    db.table("deployments").create(
         {
             "id": str,
             "device": str,
@@ -63,8 +63,8 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         },
         pk="id",
     )
-    db["deployments"].create_index(["device", "sent_at"])
-    db["telemetry"].create(
+    db.table("deployments").create_index(["device", "sent_at"])
+    db.table("telemetry").create(
         {
             "device": str,
             "session": str,
@@ -86,8 +86,8 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         },
         pk=("device", "session", "seq"),
     )
-    db["telemetry"].create_index(["device", "start"])
-    db["events"].create(
+    db.table("telemetry").create_index(["device", "start"])
+    db.table("events").create(
         {
             "id": str,
             "device": str,
@@ -99,12 +99,12 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         },
         pk="id",
     )
-    db["events"].create_index(["device", "ts"])
-    db["replies"].create(
+    db.table("events").create_index(["device", "ts"])
+    db.table("replies").create(
         {"id": str, "device": str, "ref": str, "ts": str, "ok": int, "error": str, "detail": str},
         pk="id",
     )
-    db["replies"].create_index(["ref"])
+    db.table("replies").create_index(["ref"])
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial]
@@ -112,7 +112,9 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial]
 
 def migrate(db: sqlite_utils.Database) -> int:
     """Apply the migrations this database has not seen; return the schema version."""
-    db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied TEXT)")
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied TEXT)"
+    )
     current = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
     if current > len(MIGRATIONS):
         raise DatabaseError(
@@ -122,9 +124,7 @@ def migrate(db: sqlite_utils.Database) -> int:
     for version, migration in enumerate(MIGRATIONS[current:], start=current + 1):
         with db.conn:
             migration(db)
-            db.execute(
-                "INSERT INTO schema_version VALUES (?, datetime('now'))", [version]
-            )
+            db.execute("INSERT INTO schema_version VALUES (?, datetime('now'))", [version])
     return len(MIGRATIONS)
 
 

@@ -7,6 +7,7 @@ one machine so that its anomaly score rises past the model's threshold, and prin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
@@ -50,9 +51,33 @@ class DemoDevice:
 
 
 DEVICES = (
-    DemoDevice("gw-press-01", "rpi4", {"site": "plant-a", "line": "1"}, 2.7, 1.1, 1500, "vibration-ae:1.0.0+tflite"),
-    DemoDevice(FAULTY, "jetson-orin-nano", {"site": "plant-a", "line": "2"}, 5.0, 1.6, 1800, "vibration-ae:1.0.0"),
-    DemoDevice("ipc-line-03", "x86-ipc", {"site": "plant-b", "line": "1"}, 14.0, 6.5, 2400, "vibration-ae:1.0.0"),
+    DemoDevice(
+        "gw-press-01",
+        "rpi4",
+        {"site": "plant-a", "line": "1"},
+        2.7,
+        1.1,
+        1500,
+        "vibration-ae:1.0.0+tflite",
+    ),
+    DemoDevice(
+        FAULTY,
+        "jetson-orin-nano",
+        {"site": "plant-a", "line": "2"},
+        5.0,
+        1.6,
+        1800,
+        "vibration-ae:1.0.0",
+    ),
+    DemoDevice(
+        "ipc-line-03",
+        "x86-ipc",
+        {"site": "plant-b", "line": "1"},
+        14.0,
+        6.5,
+        2400,
+        "vibration-ae:1.0.0",
+    ),
 )
 
 
@@ -62,7 +87,9 @@ class ScoreWatch:
     def __init__(self, port: int) -> None:
         self.scores: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=40))
         self.marks: dict[str, list[float]] = defaultdict(list)
-        self._client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="gf-demo-watch")
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id="gf-demo-watch"
+        )
         self._client.on_connect = lambda c, *_: c.subscribe(p.subscription(p.Channel.RESULTS), 0)
         self._client.on_message = self._on_message
         self._client.connect("127.0.0.1", port)
@@ -103,10 +130,21 @@ def _threshold() -> float:
 
 def _screen(db: Any, watch: ScoreWatch, threshold: float, phase: str) -> Group:
     rows = views.fleet(db)
-    scores = Table("device", "anomaly score (mean of last 40)", "threshold", "verdict", title="anomaly scores", title_justify="left")
+    scores = Table(
+        "device",
+        "anomaly score (mean of last 40)",
+        "threshold",
+        "verdict",
+        title="anomaly scores",
+        title_justify="left",
+    )
     for r in rows:
         mean = watch.mean(r["id"])
-        verdict = "-" if mean is None else ("[bold red]FAULT[/]" if mean > threshold else "[green]healthy[/]")
+        verdict = (
+            "-"
+            if mean is None
+            else ("[bold red]FAULT[/]" if mean > threshold else "[green]healthy[/]")
+        )
         scores.add_row(r["id"], "-" if mean is None else f"{mean:.3f}", f"{threshold:.3f}", verdict)
     return Group(f"[bold]{phase}[/]", fleet_table(rows), scores)
 
@@ -150,8 +188,13 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
         console.print(f"[bold]1/6[/] Mosquitto on 127.0.0.1:{broker.port}")
     else:
         broker = EmbeddedBroker().start()
-        console.print(f"[bold]1/6[/] embedded broker on 127.0.0.1:{broker.port} (Mosquitto not found; demo only)")
-    controller = Controller(home, "127.0.0.1", broker.port, reconcile_interval_s=1.0, client_id="gf-controller-demo")
+        console.print(
+            f"[bold]1/6[/] embedded broker on 127.0.0.1:{broker.port} "
+            "(Mosquitto not found; demo only)"
+        )
+    controller = Controller(
+        home, "127.0.0.1", broker.port, reconcile_interval_s=1.0, client_id="gf-controller-demo"
+    )
     agents: list[subprocess.Popen[bytes]] = []
     watch: ScoreWatch | None = None
     try:
@@ -160,7 +203,9 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
         catalog = Catalog(db, home.store)
         catalog.add(SAMPLES / "vibration-ae.onnx", "vibration-ae", "1.0.0")
         catalog.add(SAMPLES / "vibration-ae.tflite", "vibration-ae", "1.0.0+tflite")
-        console.print(f"[bold]2/6[/] controller up; catalog: {', '.join(m.id for m in catalog.all())}")
+        console.print(
+            f"[bold]2/6[/] controller up; catalog: {', '.join(m.id for m in catalog.all())}"
+        )
         for seed, device in enumerate(DEVICES, start=1):
             config = _write_agent_config(workdir, device, broker.port, seed)
             with (workdir / f"{device.id}.log").open("ab") as log:
@@ -172,16 +217,25 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
                     )
                 )
         ids = {d.id for d in DEVICES}
-        _wait(lambda: ids <= {r["id"] for r in views.fleet(db) if r["online"]}, 60, "three agents to come online")
+        _wait(
+            lambda: ids <= {r["id"] for r in views.fleet(db) if r["online"]},
+            60,
+            "three agents to come online",
+        )
         console.print("[bold]3/6[/] three agents online: " + ", ".join(sorted(ids)))
         for device in DEVICES:
             registry.set_desired(db, [device.id], device.model)
         _wait(
-            lambda: all(r["active_model"] == r["desired_model"] for r in views.fleet(db) if r["id"] in ids),
+            lambda: all(
+                r["active_model"] == r["desired_model"] for r in views.fleet(db) if r["id"] in ids
+            ),
             60,
             "the sample model to be active everywhere",
         )
-        console.print(f"[bold]4/6[/] model delivered and active on all devices ({time.monotonic() - started:.0f} s)")
+        console.print(
+            "[bold]4/6[/] model delivered and active on all devices "
+            f"({time.monotonic() - started:.0f} s)"
+        )
         watch = ScoreWatch(broker.port)
         threshold = _threshold()
         with Live(console=console, refresh_per_second=2) as live:
@@ -193,17 +247,18 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
             watch.inject(FAULTY, p.FaultKind.OUTER_RACE, 1.0)
             end = time.monotonic() + 20
             while time.monotonic() < end:
-                live.update(_screen(db, watch, threshold, f"6/6 outer-race bearing fault injected on {FAULTY}"))
+                live.update(
+                    _screen(
+                        db, watch, threshold, f"6/6 outer-race bearing fault injected on {FAULTY}"
+                    )
+                )
                 time.sleep(0.5)
             after = {d.id: watch.take(d.id) for d in DEVICES}
         _summary(db, before, after, threshold, time.monotonic() - started)
         if keep_running:
             console.print("running until Ctrl-C (--keep-running)")
-            stop = threading.Event()
-            try:
-                stop.wait()
-            except KeyboardInterrupt:
-                pass
+            with contextlib.suppress(KeyboardInterrupt):
+                threading.Event().wait()
         return 0
     finally:
         if watch is not None:
@@ -219,8 +274,26 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
         broker.stop()
 
 
-def _summary(db: Any, before: dict[str, list[float]], after: dict[str, list[float]], threshold: float, elapsed: float) -> None:
-    table = Table("device", "model", "inferences", "mean p50 ms", "mean p95 ms", "mJ/inf (estimate)", "score before", "score after", "alarm", title="summary", title_justify="left")
+def _summary(
+    db: Any,
+    before: dict[str, list[float]],
+    after: dict[str, list[float]],
+    threshold: float,
+    elapsed: float,
+) -> None:
+    table = Table(
+        "device",
+        "model",
+        "inferences",
+        "mean p50 ms",
+        "mean p95 ms",
+        "mJ/inf (estimate)",
+        "score before",
+        "score after",
+        "alarm",
+        title="summary",
+        title_justify="left",
+    )
     totals = {
         r[0]: r[1:]
         for r in db.execute(
@@ -246,4 +319,7 @@ def _summary(db: Any, before: dict[str, list[float]], after: dict[str, list[floa
             "[bold red]yes[/]" if mean_a > threshold else "no",
         )
     console.print(table)
-    console.print(f"demo finished in {elapsed:.0f} s; state in {db.conn.execute('PRAGMA database_list').fetchone()[2]}")
+    console.print(
+        f"demo finished in {elapsed:.0f} s; state in "
+        f"{db.conn.execute('PRAGMA database_list').fetchone()[2]}"
+    )

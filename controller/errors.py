@@ -1,9 +1,9 @@
 """The controller's error tree; the CLI turns any of these into a one-line message and exit 1.
 
-    ControllerError
-    ├── NotFound          a device or model that the command names does not exist
-    ├── InvalidRequest    the operator asked for something malformed or impossible
-    └── DatabaseError     the database cannot be opened or migrated (sqlite3 errors, translated)
+ControllerError
+├── NotFound          a device or model that the command names does not exist
+├── InvalidRequest    the operator asked for something malformed or impossible
+└── DatabaseError     the database cannot be opened or migrated (sqlite3 errors, translated)
 """
 
 

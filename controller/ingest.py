@@ -144,11 +144,11 @@ class Ingest:
                     else:
                         log.warning("ignored %s message on %s", message.kind, topic)
                 if telemetry:
-                    db["telemetry"].insert_all(telemetry, ignore=True)
+                    db.table("telemetry").insert_all(telemetry, ignore=True)
                 if events:
-                    db["events"].insert_all(events, ignore=True)
+                    db.table("events").insert_all(events, ignore=True)
                 if replies:
-                    db["replies"].insert_all(replies, ignore=True)
+                    db.table("replies").insert_all(replies, ignore=True)
                     for r in replies:
                         db.execute(
                             "UPDATE deployments SET status = ?, error = ?, replied_at = ? "

@@ -19,7 +19,7 @@ def iso(ts: datetime) -> str:
 
 def apply_birth(db: sqlite_utils.Database, device: str, birth: Birth, now: datetime) -> None:
     """A device came online: record its facts and what it runs."""
-    existing = list(db["devices"].rows_where("id = ?", [device]))
+    existing = list(db.table("devices").rows_where("id = ?", [device]))
     row: dict[str, Any] = {
         "id": device,
         "device_class": birth.device_class,
@@ -37,15 +37,15 @@ def apply_birth(db: sqlite_utils.Database, device: str, birth: Birth, now: datet
         row.update(first_seen=iso(now), state_changed=iso(now), desired_model=None)
     elif not existing[0]["online"] or existing[0]["session"] != birth.session:
         row["state_changed"] = iso(now)
-    db["devices"].upsert(row, pk="id")
+    db.table("devices").upsert(row, pk="id")
 
 
 def apply_death(db: sqlite_utils.Database, device: str, death: Death, now: datetime) -> bool:
     """The device's last will (or clean stop) arrived; ignore it if a newer session is online."""
-    rows = list(db["devices"].rows_where("id = ?", [device]))
+    rows = list(db.table("devices").rows_where("id = ?", [device]))
     if not rows or rows[0]["session"] not in (None, death.session):
         return False
-    db["devices"].update(device, {"online": 0, "state_changed": iso(now), "last_seen": iso(now)})
+    db.table("devices").update(device, {"online": 0, "state_changed": iso(now), "last_seen": iso(now)})
     return True
 
 
@@ -67,11 +67,11 @@ def parse_selector(selector: str) -> dict[str, str]:
 
 
 def devices(db: sqlite_utils.Database) -> list[dict[str, Any]]:
-    return list(db["devices"].rows_where(order_by="id"))
+    return list(db.table("devices").rows_where(order_by="id"))
 
 
 def get_device(db: sqlite_utils.Database, device: str) -> dict[str, Any]:
-    rows = list(db["devices"].rows_where("id = ?", [device]))
+    rows = list(db.table("devices").rows_where("id = ?", [device]))
     if not rows:
         raise NotFound(f"no device {device!r}; see `greenfleet devices list`")
     return rows[0]
@@ -95,14 +95,14 @@ def set_desired(db: sqlite_utils.Database, device_ids: list[str], model: str) ->
             check_device_id(device)
         except ProtocolError as exc:
             raise InvalidRequest(str(exc)) from exc
-        if not list(db["devices"].rows_where("id = ?", [device])):
+        if not list(db.table("devices").rows_where("id = ?", [device])):
             raise NotFound(
                 f"no device {device!r}; a device appears once its agent has connected "
                 "(see `greenfleet devices list`)"
             )
     with db.conn:
         for device in device_ids:
-            db["devices"].update(device, {"desired_model": model})
+            db.table("devices").update(device, {"desired_model": model})
 
 
 def views(db: sqlite_utils.Database) -> list[DeviceView]:

@@ -60,13 +60,11 @@ def device_detail(db: sqlite_utils.Database, device: str, events: int = 10) -> d
     detail["first_seen"] = row["first_seen"]
     detail["recent_events"] = [
         {"ts": e["ts"], "event": e["event"], "message": e["message"]}
-        for e in db["events"].rows_where(
-            "device = ?", [device], order_by="ts DESC", limit=events
-        )
+        for e in db.table("events").rows_where("device = ?", [device], order_by="ts DESC", limit=events)
     ]
     detail["recent_deployments"] = [
         {k: d[k] for k in ("model", "sent_at", "status", "error")}
-        for d in db["deployments"].rows_where(
+        for d in db.table("deployments").rows_where(
             "device = ?", [device], order_by="sent_at DESC", limit=5
         )
     ]
@@ -76,5 +74,5 @@ def device_detail(db: sqlite_utils.Database, device: str, events: int = 10) -> d
 def recent_events(db: sqlite_utils.Database, limit: int = 10) -> list[dict[str, Any]]:
     return [
         {"ts": e["ts"], "device": e["device"], "event": e["event"], "message": e["message"]}
-        for e in db["events"].rows_where(order_by="ts DESC", limit=limit)
+        for e in db.table("events").rows_where(order_by="ts DESC", limit=limit)
     ]

@@ -123,11 +123,11 @@ class Catalog:
             "path": sha256,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        self.db["models"].insert(row, pk="id")
+        self.db.table("models").insert(row, pk="id")
         return ModelVersion.from_row(row, self.store)
 
     def get_or_none(self, ref: ModelRef) -> ModelVersion | None:
-        rows = list(self.db["models"].rows_where("id = ?", [str(ref)]))
+        rows = list(self.db.table("models").rows_where("id = ?", [str(ref)]))
         return ModelVersion.from_row(rows[0], self.store) if rows else None
 
     def get(self, ref: ModelRef | str) -> ModelVersion:
@@ -142,11 +142,11 @@ class Catalog:
         return found
 
     def by_sha256(self, sha256: str) -> ModelVersion | None:
-        rows = list(self.db["models"].rows_where("sha256 = ?", [sha256], limit=1))
+        rows = list(self.db.table("models").rows_where("sha256 = ?", [sha256], limit=1))
         return ModelVersion.from_row(rows[0], self.store) if rows else None
 
     def all(self) -> list[ModelVersion]:
         return [
             ModelVersion.from_row(r, self.store)
-            for r in self.db["models"].rows_where(order_by="name, created")
+            for r in self.db.table("models").rows_where(order_by="name, created")
         ]

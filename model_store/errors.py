@@ -1,8 +1,8 @@
 """The model store's error tree.
 
-    ModelStoreError
-    ├── InvalidModel       a file that is not a loadable ONNX/TFLite model, or a bad name
-    └── VersionConflict    NAME:VERSION already exists with different bytes
+ModelStoreError
+├── InvalidModel       a file that is not a loadable ONNX/TFLite model, or a bad name
+└── VersionConflict    NAME:VERSION already exists with different bytes
 """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sqlite3
 import time
@@ -13,12 +14,14 @@ import pytest
 
 from agent import protocol as p
 from controller.broker import EmbeddedBroker
-from tests.conftest import SAMPLES, Processes, Probe, agent_config, unique
+from tests.conftest import SAMPLES, Probe, Processes, agent_config, unique
 
 pytestmark = pytest.mark.e2e
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, logs: Callable[[], str] = lambda: "") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, logs: Callable[[], str] = lambda: ""
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -38,7 +41,9 @@ def telemetry_rows(procs: Processes, device: str) -> list[sqlite3.Row]:
     db = sqlite3.connect(Path(procs.env["GREENFLEET_HOME"]) / "greenfleet.db")
     db.row_factory = sqlite3.Row
     try:
-        return db.execute("SELECT * FROM telemetry WHERE device = ? ORDER BY seq", [device]).fetchall()
+        return db.execute(
+            "SELECT * FROM telemetry WHERE device = ? ORDER BY seq", [device]
+        ).fetchall()
     finally:
         db.close()
 
@@ -49,6 +54,7 @@ def is_result(device: str, model: str) -> Callable[[str, bytes], bool]:
             return False
         message = p.decode(payload)
         return isinstance(message, p.Result) and str(message.model) == model
+
     return check
 
 
@@ -57,26 +63,66 @@ def test_deploy_delivers_results_and_telemetry_and_a_second_deploy_replaces_it(
 ) -> None:
     line = unique("line")
     devices = [unique("gw"), unique("gw")]
-    add = processes.cli("models", "add", str(SAMPLES / "vibration-ae.onnx"), "--name", "vibration-ae", "--version", "1.0.0")
+    add = processes.cli(
+        "models",
+        "add",
+        str(SAMPLES / "vibration-ae.onnx"),
+        "--name",
+        "vibration-ae",
+        "--version",
+        "1.0.0",
+    )
     assert add.returncode == 0, add.stderr
-    add = processes.cli("models", "add", str(SAMPLES / "vibration-ae.tflite"), "--name", "vibration-ae", "--version", "1.1.0")
+    add = processes.cli(
+        "models",
+        "add",
+        str(SAMPLES / "vibration-ae.tflite"),
+        "--name",
+        "vibration-ae",
+        "--version",
+        "1.1.0",
+    )
     assert add.returncode == 0, add.stderr
     processes.controller(mosquitto.port)
     for device in devices:
-        processes.agent(agent_config(tmp_path / f"{device}.yaml", device, mosquitto.port, extra={"labels": {"line": line}}))
+        processes.agent(
+            agent_config(
+                tmp_path / f"{device}.yaml",
+                device,
+                mosquitto.port,
+                extra={"labels": {"line": line}},
+            )
+        )
     logs = lambda: "\n".join(processes.log(n)[-3000:] for n in ["controller", *devices])  # noqa: E731
-    wait_until(lambda: all(fleet(processes).get(d, {}).get("online") for d in devices), 30, "agents online", logs)
+    wait_until(
+        lambda: all(fleet(processes).get(d, {}).get("online") for d in devices),
+        30,
+        "agents online",
+        logs,
+    )
     probe = probe_factory(p.subscription(p.Channel.RESULTS), p.subscription(p.Channel.EVENTS))
 
     deploy = processes.cli("deploy", "vibration-ae:1.0.0", "--selector", f"line={line}")
     assert deploy.returncode == 0, deploy.stderr
-    wait_until(lambda: all(fleet(processes)[d]["active_model"] == "vibration-ae:1.0.0" for d in devices), 30, "first model active", logs)
+    wait_until(
+        lambda: all(fleet(processes)[d]["active_model"] == "vibration-ae:1.0.0" for d in devices),
+        30,
+        "first model active",
+        logs,
+    )
     for device in devices:
-        _, payload = probe.wait_for(is_result(device, "vibration-ae:1.0.0"), what=f"a result from {device}")
+        _, payload = probe.wait_for(
+            is_result(device, "vibration-ae:1.0.0"), what=f"a result from {device}"
+        )
         result = p.decode(payload)
         assert isinstance(result, p.Result) and result.tier == "active"
         assert 0 < result.outputs["score"][0] < 5, "a healthy machine scores low"
-    rows = wait_until(lambda: [r for r in telemetry_rows(processes, devices[0]) if r["inferences"]], 20, "telemetry rows", logs)
+    rows = wait_until(
+        lambda: [r for r in telemetry_rows(processes, devices[0]) if r["inferences"]],
+        20,
+        "telemetry rows",
+        logs,
+    )
     row = rows[-1]
     assert row["model"] == "vibration-ae:1.0.0"
     assert row["latency_p50_ms"] > 0 and row["latency_p95_ms"] >= row["latency_p50_ms"]
@@ -84,11 +130,20 @@ def test_deploy_delivers_results_and_telemetry_and_a_second_deploy_replaces_it(
     assert row["cpu_s"] > 0
 
     # the second deploy (the TFLite build) replaces the first, and results say so
-    deploy = processes.cli("deploy", "vibration-ae:1.1.0", "--device", devices[0], "--device", devices[1])
+    deploy = processes.cli(
+        "deploy", "vibration-ae:1.1.0", "--device", devices[0], "--device", devices[1]
+    )
     assert deploy.returncode == 0, deploy.stderr
-    wait_until(lambda: all(fleet(processes)[d]["active_model"] == "vibration-ae:1.1.0" for d in devices), 30, "second model active", logs)
+    wait_until(
+        lambda: all(fleet(processes)[d]["active_model"] == "vibration-ae:1.1.0" for d in devices),
+        30,
+        "second model active",
+        logs,
+    )
     for device in devices:
-        probe.wait_for(is_result(device, "vibration-ae:1.1.0"), what=f"a TFLite result from {device}")
+        probe.wait_for(
+            is_result(device, "vibration-ae:1.1.0"), what=f"a TFLite result from {device}"
+        )
 
     def activated_from_previous(topic: str, payload: bytes) -> bool:
         event = p.decode(payload)
@@ -101,24 +156,53 @@ def test_deploy_delivers_results_and_telemetry_and_a_second_deploy_replaces_it(
 
     # an agent that stops says so, and the registry shows it offline
     processes.procs[1][0].terminate()
-    wait_until(lambda: not fleet(processes)[devices[0]]["online"], 15, "the stopped agent to show offline", logs)
+    wait_until(
+        lambda: not fleet(processes)[devices[0]]["online"],
+        15,
+        "the stopped agent to show offline",
+        logs,
+    )
 
 
 # amqtt leaves stream writers of closed client connections to the garbage collector.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_smoke_on_the_embedded_broker(processes: Processes, probe_factory: Any, tmp_path: Path) -> None:
+def test_smoke_on_the_embedded_broker(
+    processes: Processes, probe_factory: Any, tmp_path: Path
+) -> None:
     """The demo's fallback broker carries the same flow (it is not used for any guarantee)."""
     broker = EmbeddedBroker().start()
     try:
         device = unique("emb")
-        assert processes.cli("models", "add", str(SAMPLES / "vibration-ae.onnx"), "--name", "vibration-ae", "--version", "1.0.0").returncode == 0
+        assert (
+            processes.cli(
+                "models",
+                "add",
+                str(SAMPLES / "vibration-ae.onnx"),
+                "--name",
+                "vibration-ae",
+                "--version",
+                "1.0.0",
+            ).returncode
+            == 0
+        )
         processes.controller(broker.port)
         processes.agent(agent_config(tmp_path / f"{device}.yaml", device, broker.port))
         logs = lambda: processes.log("controller")[-2000:] + processes.log(device)[-2000:]  # noqa: E731
         wait_until(lambda: fleet(processes).get(device, {}).get("online"), 30, "agent online", logs)
         assert processes.cli("deploy", "vibration-ae:1.0.0", "--device", device).returncode == 0
-        wait_until(lambda: fleet(processes)[device]["active_model"] == "vibration-ae:1.0.0", 30, "model active", logs)
-        wait_until(lambda: [r for r in telemetry_rows(processes, device) if r["inferences"]], 20, "telemetry", logs)
+        wait_until(
+            lambda: fleet(processes)[device]["active_model"] == "vibration-ae:1.0.0",
+            30,
+            "model active",
+            logs,
+        )
+        wait_until(
+            lambda: [r for r in telemetry_rows(processes, device) if r["inferences"]],
+            20,
+            "telemetry",
+            logs,
+        )
     finally:
         processes.stop_all()
         broker.stop()
+        gc.collect()  # collect amqtt's leftovers here, where their warnings are filtered

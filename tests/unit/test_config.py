@@ -34,7 +34,9 @@ def test_env_overrides_nested_fields(tmp_path: Path) -> None:
     }
     config = load_config(path, environ=env)
     assert (config.broker.host, config.broker.port, config.broker.password) == (
-        "broker.local", 8883, "s3cret",
+        "broker.local",
+        8883,
+        "s3cret",
     )
     assert isinstance(config.input, MqttInput) and config.input.topic == "plc/line3/vib"
 
@@ -61,3 +63,9 @@ def test_bad_config_names_the_problem(tmp_path: Path, text: str, needle: str) ->
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "nope.yaml", environ={})
+
+
+def test_the_documented_example_config_is_valid() -> None:
+    example = Path(__file__).parents[2] / "docs" / "agent.example.yaml"
+    config = load_config(example, environ={"GREENFLEET_AGENT__BROKER__PASSWORD": "x"})
+    assert config.device_id == "gw-press-01" and config.broker.password == "x"

@@ -12,8 +12,12 @@ NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 FORMATS = {"m:1": "onnx", "m:2": "onnx", "t:1": "tflite"}
 
 
-def dev(active: str | None = "m:1", desired: str | None = "m:2", online: bool = True,
-        runtimes: frozenset[str] = frozenset({"onnx"})) -> DeviceView:
+def dev(
+    active: str | None = "m:1",
+    desired: str | None = "m:2",
+    online: bool = True,
+    runtimes: frozenset[str] = frozenset({"onnx"}),
+) -> DeviceView:
     return DeviceView("d", online, active, desired, runtimes)
 
 
@@ -33,8 +37,9 @@ def dev(active: str | None = "m:1", desired: str | None = "m:2", online: bool = 
         (dev(), LastDeploy("m:1", NOW - timedelta(seconds=1), "ok"), True, None),
     ],
 )
-def test_plan_deploys(device: DeviceView, last: LastDeploy | None, expect_deploy: bool,
-                      skip_reason: str | None) -> None:
+def test_plan_deploys(
+    device: DeviceView, last: LastDeploy | None, expect_deploy: bool, skip_reason: str | None
+) -> None:
     deploys, skips = plan_deploys([device], FORMATS, {"d": last} if last else {}, NOW)
     assert deploys == ([DeployDecision("d", device.desired_model or "")] if expect_deploy else [])
     if skip_reason:

@@ -19,8 +19,12 @@ HW = p.HardwareFacts(arch="x86_64", cores=2, memory_mb=1024, os="Linux", python=
 
 def birth(session: str = "s1", labels: dict[str, str] | None = None) -> p.Birth:
     return p.Birth(
-        session=session, agent_version="0.1.0", device_class="x86-ipc",
-        labels=labels or {"site": "a", "line": "1"}, runtimes=[p.ModelFormat.ONNX], hardware=HW,
+        session=session,
+        agent_version="0.1.0",
+        device_class="x86-ipc",
+        labels=labels or {"site": "a", "line": "1"},
+        runtimes=[p.ModelFormat.ONNX],
+        hardware=HW,
     )
 
 
@@ -68,8 +72,16 @@ def test_ingest_writes_batches_dedups_replays_and_survives_garbage(tmp_path: Pat
     blob_requests: list[tuple[str, p.BlobRequest]] = []
     ingest = Ingest(path, lambda d, r: blob_requests.append((d, r)))
     record = p.TelemetryRecord(
-        seq=0, start=NOW, window_s=1.0, model=p.ModelRef(name="m", version="1"), inferences=10,
-        errors=0, latency_p50_ms=0.2, cpu_s=0.01, power_w=3.0, energy_per_inference_j=0.001,
+        seq=0,
+        start=NOW,
+        window_s=1.0,
+        model=p.ModelRef(name="m", version="1"),
+        inferences=10,
+        errors=0,
+        latency_p50_ms=0.2,
+        cpu_s=0.01,
+        power_w=3.0,
+        energy_per_inference_j=0.001,
     )
     batch = p.TelemetryBatch(session="s1", records=[record])
     sha = "a" * 64

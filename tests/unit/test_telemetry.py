@@ -26,11 +26,15 @@ def test_windows_are_numbered_without_gaps_and_reset() -> None:
     for ms in range(1, 101):
         window.observe(float(ms), 0.001)
     window.error()
-    first = window.cut(T0 + timedelta(seconds=5), 10.5, None, "active", 3.0, 0.01, PowerMethod.ESTIMATE)
+    first = window.cut(
+        T0 + timedelta(seconds=5), 10.5, None, "active", 3.0, 0.01, PowerMethod.ESTIMATE
+    )
     assert (first.seq, first.inferences, first.errors) == (0, 100, 1)
     assert (first.latency_p50_ms, first.latency_p95_ms) == (50.0, 95.0)
     assert first.window_s == 5.0 and first.cpu_s == pytest.approx(0.5)
-    second = window.cut(T0 + timedelta(seconds=10), 10.6, None, "active", None, None, PowerMethod.ESTIMATE)
+    second = window.cut(
+        T0 + timedelta(seconds=10), 10.6, None, "active", None, None, PowerMethod.ESTIMATE
+    )
     assert (second.seq, second.inferences, second.latency_p50_ms) == (1, 0, None)
 
 

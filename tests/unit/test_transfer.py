@@ -18,7 +18,9 @@ CHUNK = 1024  # 10 chunks, the last one 784 bytes
 
 def artifact(data: bytes = DATA) -> Artifact:
     return Artifact(
-        sha256=hashlib.sha256(data).hexdigest(), size=len(data), format=ModelFormat.ONNX,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        format=ModelFormat.ONNX,
         chunk_size=CHUNK,
     )
 
@@ -64,9 +66,9 @@ def test_requests_keep_a_window_in_flight_and_re_ask_after_timeout(tmp_path: Pat
 def test_wrong_sized_and_out_of_range_chunks_are_refused(tmp_path: Path) -> None:
     dl = Download(tmp_path, artifact())
     dl.open()
-    with pytest.raises(TransferError, match="chunk 2 .* has 10 bytes, expected 1024"):
+    with pytest.raises(TransferError, match=r"chunk 2 .* has 10 bytes, expected 1024"):
         dl.accept(2, b"x" * 10)
-    with pytest.raises(TransferError, match="chunk 10 is out of range.*10 chunks"):
+    with pytest.raises(TransferError, match=r"chunk 10 is out of range.*10 chunks"):
         dl.accept(10, chunk(0))
     with pytest.raises(TransferError, match="expected 784"):
         dl.accept(9, chunk(0))

@@ -1,0 +1,167 @@
+"""Agent memory: peak RSS of a running agent against bare Python processes, same run.
+
+The agent is the real ``python -m agent.cli run`` with the sample model vibration-ae already
+active (its state dir is pre-seeded the way a finished deploy leaves it) and the simulated
+vibration input at 20 Hz, connected to a real Mosquitto. It is measured once it has published
+results for a few seconds. Baselines: Python that only imports onnxruntime, and Python that
+also opens an InferenceSession on the same model and runs it once. A third reference process,
+not part of the target, imports onnxruntime and LiteRT (the agent probes every backend at start)
+to show where the agent's memory goes. Peak is the kernel's VmHWM from /proc/PID/status.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from agent import protocol as p
+from agent.activation import Pointer
+from benchmarks.rig import (
+    AGENT_START_TIMEOUT_S,
+    Outcome,
+    Watcher,
+    agent_process,
+    check_alive,
+    mosquitto,
+    outcome,
+    peak_rss_kib,
+    write_agent_config,
+)
+from model_store.catalog import file_sha256
+
+NAME = "agent_memory"
+TITLE = "Agent peak RSS vs bare onnxruntime import"
+DEVICE = "bench-mem-1"
+SAMPLE = Path(__file__).resolve().parents[1] / "model_store" / "samples" / "vibration-ae.onnx"
+TARGET_RATIO = 1.5
+RATE_HZ = 20.0
+
+_HOLD = "import sys\nprint('ready', flush=True)\nsys.stdin.read()\n"
+BARE_IMPORT = "import onnxruntime\n" + _HOLD
+BARE_SESSION = (
+    "import sys\n"
+    "import numpy as np\n"
+    "import onnxruntime as ort\n"
+    "o = ort.SessionOptions()\n"
+    "o.intra_op_num_threads = 1\n"
+    "s = ort.InferenceSession(sys.argv[1], sess_options=o, providers=['CPUExecutionProvider'])\n"
+    "s.run(None, {'window': np.zeros((1, 512), np.float32)})\n" + _HOLD
+)
+IMPORT_BOTH_RUNTIMES = "import onnxruntime\nimport ai_edge_litert.interpreter\n" + _HOLD
+
+
+def measure_script(code: str, *args: str) -> dict[str, int]:
+    """Peak and current RSS (KiB) of ``python -c code`` once it says ready."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        line = child.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"baseline process said {line!r}")
+        time.sleep(0.3)
+        rss = psutil.Process(child.pid).memory_info().rss // 1024
+        return {"peak_kib": peak_rss_kib(child.pid), "rss_kib": rss}
+    finally:
+        if child.stdin is not None:
+            child.stdin.close()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def seed_state(state_dir: Path) -> None:
+    """Leave the sample model active in ``state_dir`` as a finished deploy would."""
+    sha256, _size = file_sha256(SAMPLE)
+    active = p.ActiveModel(
+        model=p.ModelRef(name="vibration-ae", version="1.0.0"),
+        sha256=sha256,
+        format=p.ModelFormat.ONNX,
+    )
+    models = state_dir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(SAMPLE, models / f"{sha256}.onnx")
+    (state_dir / "active.json").write_text(Pointer(active=active).model_dump_json(indent=1))
+
+
+def measure_agent(workdir: Path, run_s: float) -> dict[str, int]:
+    """Peak and current RSS (KiB) of a real agent after ``run_s`` seconds of inference."""
+    with mosquitto(workdir) as broker:
+        config = write_agent_config(
+            workdir / "agent",
+            DEVICE,
+            broker.port,
+            input_config={"type": "vibration", "seed": 1},
+            rate_hz=RATE_HZ,
+            telemetry_interval_s=1.0,
+        )
+        seed_state(workdir / "agent" / "state")
+        results = p.topic(DEVICE, p.Channel.RESULTS)
+        log_path = workdir / "agent.log"
+        with (
+            Watcher(broker.port, [results], "bench-mem-watch") as watcher,
+            agent_process(config, log_path) as process,
+        ):
+            deadline = time.monotonic() + AGENT_START_TIMEOUT_S
+            while watcher.messages.empty():  # the first result: model loaded, inferring
+                check_alive(process, log_path)
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the agent published no results")
+                time.sleep(0.05)
+            first = time.monotonic()
+            time.sleep(run_s)
+            check_alive(process, log_path)
+            count = watcher.messages.qsize()
+            models = set()
+            for _ in range(count):
+                _at, _topic, payload = watcher.messages.get_nowait()
+                models.add(json.loads(payload)["model"]["name"])
+            if models != {"vibration-ae"}:
+                raise RuntimeError(f"agent results named models {models}")
+            rss = psutil.Process(process.pid).memory_info().rss // 1024
+            return {
+                "peak_kib": peak_rss_kib(process.pid),
+                "rss_kib": rss,
+                "results": count,
+                "seconds": round(time.monotonic() - first, 2),
+            }
+
+
+def run(quick: bool) -> Outcome:
+    run_s = 2.0 if quick else 4.0
+    bare = measure_script(BARE_IMPORT)
+    session = measure_script(BARE_SESSION, str(SAMPLE))
+    both = measure_script(IMPORT_BOTH_RUNTIMES)
+    with tempfile.TemporaryDirectory(prefix="gf-bench-mem-") as tmp:
+        agent = measure_agent(Path(tmp), run_s)
+    ratio = agent["peak_kib"] / bare["peak_kib"]
+    return outcome(
+        NAME,
+        TITLE,
+        measured=f"{agent['peak_kib'] / 1024:.1f} MiB (agent)",
+        baseline=f"{bare['peak_kib'] / 1024:.1f} MiB (import onnxruntime)",
+        ratio=ratio,
+        target=f"<= {TARGET_RATIO}x bare import",
+        passed=ratio <= TARGET_RATIO,
+        numbers={
+            "agent": agent,
+            "bare_import": bare,
+            "bare_session": session,
+            "import_onnxruntime_and_litert": both,
+            "ratio_vs_bare_import": round(ratio, 3),
+            "ratio_vs_bare_session": round(agent["peak_kib"] / session["peak_kib"], 3),
+        },
+    )

@@ -1,0 +1,313 @@
+"""Bad input against a running agent: each gets a clear error and the agent keeps serving.
+
+The test plays the controller's side of the wire contract itself (commands and chunk
+answers), so that it can send what a correct controller never would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+
+from agent import protocol as p
+from controller.broker import Mosquitto, free_port
+from tests.conftest import REPO, SAMPLES, Probe, Processes, agent_config, unique
+
+pytestmark = pytest.mark.e2e
+
+MODEL = (SAMPLES / "vibration-ae.onnx").read_bytes()
+CHUNK = 64 * 1024
+
+
+class FakeController:
+    """Publishes commands to one device and answers its chunk requests from ``blobs``."""
+
+    def __init__(self, probe: Probe, device: str) -> None:
+        self.probe = probe
+        self.device = device
+        self.blobs: dict[str, bytes] = {}
+        self.tamper: Callable[[int, bytes], list[tuple[int, bytes]]] = lambda i, d: [(i, d)]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        seen = 0
+        while not self._stop.is_set():
+            history = self.probe.history[seen:]
+            seen += len(history)
+            for topic, payload in history:
+                parsed = p.parse_topic(topic)
+                if parsed.device != self.device or parsed.channel is not p.Channel.BLOB_REQ:
+                    continue
+                request = p.decode(payload)
+                assert isinstance(request, p.BlobRequest)
+                data = self.blobs[request.sha256]
+                for index in range(request.first, request.first + request.count):
+                    chunk = data[index * request.chunk_size : (index + 1) * request.chunk_size]
+                    for i, d in self.tamper(index, chunk):
+                        self.probe.client.publish(
+                            p.blob_topic(self.device, request.sha256, i), d, qos=1
+                        )
+            time.sleep(0.02)
+
+    def command(self, command: Any) -> str:
+        self.probe.publish(p.topic(self.device, p.Channel.CMD), p.encode(command))
+        return str(command.id)
+
+    def raw(self, payload: bytes) -> None:
+        self.probe.publish(p.topic(self.device, p.Channel.CMD), payload)
+
+    def deploy(self, data: bytes, version: str, *, announced_sha: str | None = None) -> str:
+        sha = announced_sha or hashlib.sha256(data).hexdigest()
+        self.blobs[sha] = data
+        return self.command(
+            p.Deploy(
+                model=p.ModelRef(name="vibration-ae", version=version),
+                artifact=p.Artifact(
+                    sha256=sha, size=len(data), format=p.ModelFormat.ONNX, chunk_size=CHUNK
+                ),
+            )
+        )
+
+    def reply_to(self, ref: str, timeout: float = 20) -> p.Reply:
+        def match(topic: str, payload: bytes) -> bool:
+            if not topic.endswith("/reply") or p.parse_topic(topic).device != self.device:
+                return False
+            reply = p.decode(payload)
+            return isinstance(reply, p.Reply) and reply.ref == ref
+
+        _, payload = self.probe.wait_for(match, timeout, f"reply to {ref}")
+        reply = p.decode(payload)
+        assert isinstance(reply, p.Reply)
+        return reply
+
+    def event(self, kind: p.EventKind, since: int, needle: str = "") -> p.Event:
+        def match(topic: str, payload: bytes) -> bool:
+            if not topic.endswith("/events") or p.parse_topic(topic).device != self.device:
+                return False
+            event = p.decode(payload)
+            return isinstance(event, p.Event) and event.event is kind and needle in event.message
+
+        _, payload = self.probe.wait_for(
+            match, 20, f"{kind.value} event with {needle!r}", since=since
+        )
+        event = p.decode(payload)
+        assert isinstance(event, p.Event)
+        return event
+
+    def serving(self, model: str, since: int | None = None) -> None:
+        """Assert the agent is still producing results with ``model``."""
+        start = self.probe.mark() if since is None else since
+
+        def match(topic: str, payload: bytes) -> bool:
+            if not topic.endswith("/results") or p.parse_topic(topic).device != self.device:
+                return False
+            result = p.decode(payload)
+            return isinstance(result, p.Result) and str(result.model) == model
+
+        self.probe.wait_for(match, 10, f"results from {model}", since=start)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
+@pytest.fixture
+def running_agent(
+    mosquitto: Mosquitto, processes: Processes, probe_factory: Callable[..., Probe], tmp_path: Path
+) -> Iterator[FakeController]:
+    """An agent that has activated vibration-ae:1.0.0 from the fake controller."""
+    device = unique("bad")
+    probe = probe_factory(f"gf/v1/{device}/#")
+    processes.agent(agent_config(tmp_path / f"{device}.yaml", device, mosquitto.port))
+    probe.wait_for(lambda t, m: t.endswith("/state") and b'"birth"' in m, 20, "birth")
+    ctl = FakeController(probe, device)
+    reply = ctl.reply_to(ctl.deploy(MODEL, "1.0.0"))
+    assert reply.ok, reply.error
+    ctl.serving("vibration-ae:1.0.0")
+    yield ctl
+    ctl.close()
+
+
+def test_malformed_and_unknown_commands_get_error_replies(running_agent: FakeController) -> None:
+    ctl = running_agent
+    ctl.raw(b"{this is not json")
+    ctl.raw(b'{"v": 1, "kind": "reboot", "id": "cmd-reboot"}')
+    ctl.raw(b'{"v": 1, "kind": "deploy", "id": "cmd-half"}')
+    assert "not valid JSON" in (ctl.reply_to("").error or "")
+    reboot = ctl.reply_to("cmd-reboot")
+    assert not reboot.ok and "unknown kind 'reboot'" in (reboot.error or "")
+    assert "known commands: deploy, ping" in (reboot.error or "")
+    half = ctl.reply_to("cmd-half")
+    assert not half.ok and "malformed deploy: model: Field required" in (half.error or "")
+    ping = ctl.command(p.Ping())
+    assert ctl.reply_to(ping).ok
+    ctl.serving("vibration-ae:1.0.0")
+
+
+def test_wrong_sized_and_out_of_range_chunks_are_rejected_and_the_transfer_recovers(
+    running_agent: FakeController,
+) -> None:
+    ctl = running_agent
+    since = ctl.probe.mark()
+    sent_bad: set[int] = set()
+
+    def tamper(index: int, chunk: bytes) -> list[tuple[int, bytes]]:
+        if index == 2 and index not in sent_bad:
+            sent_bad.add(index)
+            return [(index, chunk[:100]), (999, chunk)]  # short chunk, then one out of range
+        return [(index, chunk)]
+
+    ctl.tamper = tamper
+    # a different artifact, so that a real transfer happens: the same graph with a doc string
+    graph = onnx.load_from_string(MODEL)
+    graph.doc_string = "variant for the chunk test"
+    data = graph.SerializeToString()
+    ref = ctl.deploy(data, "1.0.1")
+    rejected = ctl.event(p.EventKind.DEPLOY_FAILED, since, "rejected chunk")
+    assert "has 100 bytes, expected 65536" in rejected.message or "out of range" in rejected.message
+    reply = ctl.reply_to(ref, timeout=30)
+    assert reply.ok, reply.error
+    ctl.serving("vibration-ae:1.0.1")
+
+
+def test_sha256_mismatch_is_refused_and_the_old_model_keeps_serving(
+    running_agent: FakeController,
+) -> None:
+    ctl = running_agent
+    since = ctl.probe.mark()
+    ref = ctl.deploy(MODEL[::-1], "2.0.0", announced_sha=hashlib.sha256(b"other").hexdigest())
+    reply = ctl.reply_to(ref)
+    assert not reply.ok
+    assert "does not match" in (reply.error or "") and "still running vibration-ae:1.0.0" in (
+        reply.error or ""
+    )
+    ctl.event(p.EventKind.DEPLOY_FAILED, since, "does not match")
+    ctl.serving("vibration-ae:1.0.0")
+
+
+def test_a_model_that_fails_to_load_is_refused_and_the_old_model_keeps_serving(
+    running_agent: FakeController,
+) -> None:
+    ctl = running_agent
+    since = ctl.probe.mark()
+    truncated = MODEL[: len(MODEL) // 3]  # correct sha256 of these bytes, but not a valid model
+    ref = ctl.deploy(truncated, "3.0.0")
+    reply = ctl.reply_to(ref)
+    assert not reply.ok and "still running vibration-ae:1.0.0" in (reply.error or "")
+    ctl.event(p.EventKind.MODEL_LOAD_FAILED, since)
+    ctl.serving("vibration-ae:1.0.0")
+
+
+def test_fault_injection_raises_the_anomaly_score(running_agent: FakeController) -> None:
+    ctl = running_agent
+    ref = ctl.command(p.InjectFault(fault=p.FaultKind.OUTER_RACE, severity=1.0))
+    assert ctl.reply_to(ref).ok
+    since = ctl.probe.mark()
+
+    def high(topic: str, payload: bytes) -> bool:
+        result = p.decode(payload) if topic.endswith("/results") else None
+        return isinstance(result, p.Result) and result.outputs["score"][0] > 2.0
+
+    ctl.probe.wait_for(high, 10, "a high anomaly score", since=since)
+
+
+def test_config_with_a_typo_exits_with_a_message_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text("device_id: gw-1\nbrokr:\n  host: localhost\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
+    assert result.returncode == 2
+    assert "brokr" in result.stderr and "Extra inputs are not permitted" in result.stderr
+
+
+def test_unreachable_broker_the_agent_keeps_inferring_and_reports_after_connecting(
+    processes: Processes, tmp_path: Path, probe_factory: Callable[..., Probe]
+) -> None:
+    """No broker at start: the agent runs its model offline, then connects and reports."""
+    device = unique("offline")
+    port = free_port()
+    config = agent_config(tmp_path / f"{device}.yaml", device, port)
+    state = tmp_path / f"{device}-state"
+    sha = hashlib.sha256(MODEL).hexdigest()
+    (state / "models").mkdir(parents=True)
+    shutil.copy(SAMPLES / "vibration-ae.onnx", state / "models" / f"{sha}.onnx")
+    active = p.ActiveModel(
+        model=p.ModelRef(name="vibration-ae", version="1.0.0"),
+        sha256=sha,
+        format=p.ModelFormat.ONNX,
+    )
+    (state / "active.json").write_text(
+        f'{{"active": {active.model_dump_json()}, "last_good": null}}'
+    )
+    proc = processes.agent(config)
+    time.sleep(4)
+    assert proc.poll() is None, processes.log(device)
+    assert "unreachable" in processes.log(device)
+    broker = Mosquitto(tmp_path / "late-broker", port).start()
+    try:
+        probe = Probe(port, f"gf/v1/{device}/#")
+        try:
+            _, payload = probe.wait_for(
+                lambda t, m: t.endswith("/telemetry"), 20, "telemetry after connecting"
+            )
+            batch = p.decode(payload)
+            assert isinstance(batch, p.TelemetryBatch)
+            first = batch.records[0]
+            assert first.seq == 0 and first.inferences > 0, (
+                "inference ran while the broker was away"
+            )
+            assert str(first.model) == "vibration-ae:1.0.0"
+        finally:
+            probe.close()
+    finally:
+        processes.stop_all()
+        broker.stop()
+
+
+def test_refused_credentials_are_fatal_with_a_clear_message(
+    processes: Processes, tmp_path: Path
+) -> None:
+    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    workdir = tmp_path / "auth-broker"
+    workdir.mkdir()
+    subprocess.run([passwd, "-b", "-c", str(workdir / "passwd"), "agent", "right"], check=True)
+    broker = Mosquitto(workdir, password_file=workdir / "passwd").start()
+    port = broker.port
+    try:
+        device = unique("auth")
+        config = agent_config(
+            tmp_path / f"{device}.yaml",
+            device,
+            port,
+            extra={
+                "broker": {
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "username": "agent",
+                    "password": "wrong",
+                }
+            },
+        )
+        proc = processes.agent(config)
+        assert proc.wait(timeout=20) == 3
+        log = processes.log(device)
+        assert "refused the connection" in log and "not retrying" in log
+    finally:
+        broker.stop()
