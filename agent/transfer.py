@@ -19,7 +19,8 @@ from pathlib import Path
 from agent.errors import IntegrityError, TransferError
 from agent.protocol import Artifact
 
-SIDECAR_EVERY = 16  # chunks between sidecar writes; a crash re-fetches at most this many
+SIDECAR_EVERY = 16  # chunks between sidecar writes; a crash re-fetches at most this many...
+SIDECAR_PERIOD_S = 1.0  # ...or at most this many seconds' worth, for slow links
 
 
 def fsync_dir(path: Path) -> None:
@@ -52,6 +53,7 @@ class Download:
         self._received: set[int] = set()
         self._in_flight: dict[int, float] = {}
         self._unsynced = 0
+        self._saved_at = clock()
         self._fh: int | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -83,6 +85,7 @@ class Download:
         )
         os.replace(tmp, self.sidecar)
         self._unsynced = 0
+        self._saved_at = self._clock()
 
     def close(self) -> None:
         """Flush progress so a later ``open`` resumes from here."""
@@ -166,7 +169,7 @@ class Download:
         os.pwrite(self._fh, data, index * size)
         self._received.add(index)
         self._unsynced += 1
-        if self._unsynced >= SIDECAR_EVERY:
+        if self._unsynced >= SIDECAR_EVERY or self._clock() - self._saved_at >= SIDECAR_PERIOD_S:
             self._save_sidecar()
         return True
 

@@ -45,7 +45,8 @@ def apply_death(db: sqlite_utils.Database, device: str, death: Death, now: datet
     rows = list(db.table("devices").rows_where("id = ?", [device]))
     if not rows or rows[0]["session"] not in (None, death.session):
         return False
-    db.table("devices").update(device, {"online": 0, "state_changed": iso(now), "last_seen": iso(now)})
+    stamp = iso(now)
+    db.table("devices").update(device, {"online": 0, "state_changed": stamp, "last_seen": stamp})
     return True
 
 

@@ -60,7 +60,9 @@ def device_detail(db: sqlite_utils.Database, device: str, events: int = 10) -> d
     detail["first_seen"] = row["first_seen"]
     detail["recent_events"] = [
         {"ts": e["ts"], "event": e["event"], "message": e["message"]}
-        for e in db.table("events").rows_where("device = ?", [device], order_by="ts DESC", limit=events)
+        for e in db.table("events").rows_where(
+            "device = ?", [device], order_by="ts DESC", limit=events
+        )
     ]
     detail["recent_deployments"] = [
         {k: d[k] for k in ("model", "sent_at", "status", "error")}

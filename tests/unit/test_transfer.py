@@ -109,3 +109,15 @@ def test_bytes_that_do_not_match_the_sha256_are_discarded(tmp_path: Path) -> Non
         dl.finish(tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
     assert not dl.part.exists(), "the bad bytes are not kept for a resume"
+
+
+def test_progress_reaches_disk_within_a_second_on_a_slow_link(tmp_path: Path) -> None:
+    clock = Clock()
+    dl = Download(tmp_path, artifact(), clock=clock)
+    dl.open()
+    dl.accept(0, chunk(0))
+    assert not dl.sidecar.exists()
+    clock.now = 1.5
+    dl.accept(1, chunk(1))
+    assert dl.sidecar.exists(), "a crash now loses nothing already received"
+    assert Download(tmp_path, artifact()).open() == 2
