@@ -3,6 +3,7 @@
 - subscriptions are made in ``on_connect``, so a reconnect resubscribes;
 - an optional retained birth is published on every connect, with a last will set before it;
 - reconnects back off exponentially up to a cap (paho's own reconnect loop);
+- TCP_NODELAY on the socket, so small request/response exchanges are not held back;
 - refused credentials are fatal and stop the loop instead of hammering the broker;
 - the message callback only hands ``(topic, payload)`` to a handler that must enqueue; any
   exception it raises is logged with the topic and never reaches paho's network thread.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,13 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
+
+
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Disable Nagle's algorithm: chunk requests are small, and waiting for the delayed ACK
+    (40 ms on Linux) cut model transfer to a tenth of the broker's throughput."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class MqttLink:
@@ -92,6 +101,7 @@ class MqttLink:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_message = self._on_message
+        self._client.on_socket_open = _no_delay
 
     # -- lifecycle ----------------------------------------------------------------------------
 

@@ -260,7 +260,7 @@ class Deploy(Envelope):
     kind: Literal["deploy"] = "deploy"
     model: ModelRef
     artifact: Artifact
-    window: int = Field(default=8, ge=1, le=MAX_WINDOW, description="Chunks in flight at once.")
+    window: int = Field(default=16, ge=1, le=MAX_WINDOW, description="Chunks in flight at once.")
 
 
 class Ping(Envelope):

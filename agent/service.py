@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import psutil
 from paho.mqtt.client import topic_matches_sub
 
 from agent import protocol as p
@@ -77,7 +76,6 @@ class Agent:
         self._transfer: Transfer | None = None
         self._input_handlers: list[tuple[str, Any]] = []
         self._last_event: dict[str, float] = {}
-        self._process = psutil.Process()
         self.source: Source | None = None
         self.link: MqttLink | None = None
         self.inference_seq = 0
@@ -488,8 +486,7 @@ class Agent:
             self._publish(p.Channel.RESULTS, result, qos=0)
 
     def _cpu_s(self) -> float:
-        times = self._process.cpu_times()
-        return float(times.user + times.system)
+        return time.process_time()  # user + system time of all the agent's threads
 
     def _report(self, window: TelemetryWindow, serving: Serving | None) -> None:
         now, cpu = p.utcnow(), self._cpu_s()

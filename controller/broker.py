@@ -89,6 +89,7 @@ class Mosquitto:
             f"listener {self.port} 127.0.0.1\n"
             f"{auth}"
             "persistence false\n"
+            "set_tcp_nodelay true\n"
             "max_queued_messages 0\n"
             "max_inflight_messages 0\n"
             "message_size_limit 0\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,36 +52,69 @@ EXTRAS: dict[ModelFormat, str] = {
 _SUFFIXES = {".onnx": ModelFormat.ONNX, ".tflite": ModelFormat.TFLITE}
 
 
+# The runtime packages each backend can use; their presence is checked without importing them,
+# because importing LiteRT costs an ONNX-only agent about 8 MiB of memory.
+REQUIRES: dict[ModelFormat, tuple[str, ...]] = {
+    ModelFormat.ONNX: ("onnxruntime",),
+    ModelFormat.TFLITE: ("ai_edge_litert", "tflite_runtime"),
+}
+
+
 @dataclass(frozen=True)
 class _Probe:
-    loaders: dict[ModelFormat, Any]
+    available: tuple[ModelFormat, ...]
     failures: dict[ModelFormat, str]
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 @functools.cache
 def _probe() -> _Probe:
-    """Import every backend once; remember the classes that import and why the others don't."""
-    loaders: dict[ModelFormat, Any] = {}
+    """Find the backends whose module and runtime are installed, without importing them."""
+    available: list[ModelFormat] = []
     failures: dict[ModelFormat, str] = {}
     for fmt, target in BACKENDS.items():
-        module_name, _, class_name = target.partition(":")
-        try:
-            loaders[fmt] = getattr(importlib.import_module(module_name), class_name)
-        except Exception as exc:  # an ImportError, or a runtime that fails while importing
-            failures[fmt] = f"{type(exc).__name__}: {exc}"
-            logger.warning(
-                "%s models are disabled: cannot import %s (%s); install with pip install '%s'",
-                fmt.value,
-                target,
-                failures[fmt],
-                EXTRAS.get(fmt, "greenfleet[agent]"),
-            )
-    return _Probe(loaders, failures)
+        module_name = target.partition(":")[0]
+        runtimes = REQUIRES.get(fmt, ())
+        if not _installed(module_name):
+            failures[fmt] = f"backend module {module_name} not found"
+        elif runtimes and not any(_installed(r) for r in runtimes):
+            failures[fmt] = f"none of {', '.join(runtimes)} is installed"
+        else:
+            available.append(fmt)
+            continue
+        logger.warning(
+            "%s models are disabled: %s; install with pip install '%s'",
+            fmt.value,
+            failures[fmt],
+            EXTRAS.get(fmt, "greenfleet[agent]"),
+        )
+    return _Probe(tuple(available), failures)
+
+
+@functools.cache
+def _loader(fmt: ModelFormat) -> Any:
+    """Import the backend class for ``fmt`` on first use; ModelLoadError if that fails."""
+    target = BACKENDS[fmt]
+    module_name, _, class_name = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except Exception as exc:  # an ImportError, or a runtime that fails while importing
+        logger.warning("%s models are disabled: cannot import %s (%s)", fmt.value, target, exc)
+        raise ModelLoadError(
+            f"the {fmt.value} runtime failed to import ({type(exc).__name__}: {exc}); "
+            f"reinstall it with pip install '{EXTRAS.get(fmt, 'greenfleet[agent]')}'"
+        ) from exc
 
 
 def available_formats() -> list[ModelFormat]:
-    """The formats whose backend imports on this host, in :data:`BACKENDS` order."""
-    return list(_probe().loaders)
+    """The formats whose backend and runtime are installed here, in :data:`BACKENDS` order."""
+    return list(_probe().available)
 
 
 def format_for(path: Path) -> ModelFormat:
@@ -97,12 +131,15 @@ def format_for(path: Path) -> ModelFormat:
 def load_model(path: Path, fmt: ModelFormat, *, threads: int = 1) -> LoadedModel:
     """Load ``path`` with the backend for ``fmt`` on ``threads`` CPU threads."""
     probe = _probe()
-    loader = probe.loaders.get(fmt)
-    if loader is None:
+    if fmt not in probe.available:
         reason = probe.failures.get(fmt, "no backend is registered for it")
         raise ModelLoadError(
             f"cannot load {path}: the {fmt.value} runtime is not available on this device "
             f"({reason}); install it with pip install '{EXTRAS.get(fmt, 'greenfleet[agent]')}'"
         )
+    try:
+        loader = _loader(fmt)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"cannot load {path}: {exc}") from exc
     model: LoadedModel = loader.load(Path(path), threads=threads)
     return model
