@@ -66,6 +66,9 @@ class MqttInput(Section):
 
     type: Literal["mqtt"] = "mqtt"
     topic: str = Field(description="Topic carrying SensorReading JSON or a bare JSON array.")
+    broker: BrokerConfig | None = Field(
+        default=None, description="A local broker for sensor data; default: the fleet broker."
+    )
     queue: int = Field(default=64, ge=1, description="Readings buffered; the oldest is dropped.")
 
 

@@ -24,7 +24,7 @@ from paho.mqtt.client import topic_matches_sub
 
 from agent import protocol as p
 from agent.activation import Activation
-from agent.config import AgentConfig
+from agent.config import AgentConfig, MqttInput
 from agent.errors import IntegrityError, TransferError
 from agent.hardware import read_hardware
 from agent.link import MqttLink, Will
@@ -78,6 +78,7 @@ class Agent:
         self._last_event: dict[str, float] = {}
         self.source: Source | None = None
         self.link: MqttLink | None = None
+        self.input_link: MqttLink | None = None
         self.inference_seq = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -111,10 +112,7 @@ class Agent:
             on_connected=self._on_connected,
         )
         self.source = source_class(self.config.input.type)(self.config.input)
-        topic = getattr(self.source, "topic", None)
-        if topic is not None:
-            self._input_handlers.append((topic, self.source.offer))  # type: ignore[union-attr]
-            self.link.subscribe(topic, 0)
+        self._connect_input()
         self.link.start()
         self._threads = [
             threading.Thread(target=self._guard, args=(self._work,), name="gf-worker", daemon=True),
@@ -130,9 +128,37 @@ class Agent:
             self._serving.active.model if self._serving else "none",
         )
 
+    def _connect_input(self) -> None:
+        """Subscribe an MQTT input source: on the fleet link, or on its own local broker."""
+        config = self.config.input
+        if not isinstance(config, MqttInput):
+            return
+        offer = self.source.offer  # type: ignore[union-attr]
+        if config.broker is None:
+            assert self.link is not None
+            self._input_handlers.append((config.topic, offer))
+            self.link.subscribe(config.topic, 0)
+            return
+        self.input_link = MqttLink(
+            client_id=f"gf-agent-{self.device}-input",
+            host=config.broker.host,
+            port=config.broker.port,
+            username=config.broker.username,
+            password=config.broker.password,
+            keepalive_s=config.broker.keepalive_s,
+            reconnect_min_s=config.broker.reconnect_min_s,
+            reconnect_max_s=config.broker.reconnect_max_s,
+            on_message=lambda topic, payload: offer(payload),
+            subscriptions=[(config.topic, 0)],
+            clean_session=True,
+        )
+        self.input_link.start()
+
     def stop(self) -> None:
         """Stop threads, keep transfer progress, and tell the controller we left on purpose."""
         self._stop.set()
+        if self.input_link is not None:
+            self.input_link.stop()
         for thread in getattr(self, "_threads", []):
             thread.join(timeout=5)
         if self._transfer is not None:
