@@ -167,14 +167,6 @@ class Agent:
             death = p.Death(session=self.session, reason="agent stopped")
             self.link.stop(last=(p.topic(self.device, p.Channel.STATE), p.encode(death)))
 
-    def wait(self) -> int:
-        """Block until stopped; return the process exit code."""
-        while not self._stop.wait(0.5):
-            if self.link is not None and self.link.fatal is not None:
-                self.stop()
-                return 3
-        return 0
-
     def _guard(self, target: Any) -> None:
         """Keep a thread alive through unexpected errors (logged): the agent never goes silent."""
         while not self._stop.is_set():
@@ -192,13 +184,17 @@ class Agent:
             if candidate is None:
                 continue
             try:
-                model = load_model(self.activation.artifact_path(candidate), candidate.format)
+                model = load_model(
+                    self.activation.artifact_path(candidate),
+                    candidate.format,
+                    threads=self.config.inference.threads,
+                )
             except ModelLoadError as exc:
                 log.error("cannot load %s from disk: %s", candidate.model, exc)
                 continue
-            self._serving = Serving(model, candidate)
             if candidate is not pointer.active:
-                self.activation.activate(candidate)
+                log.warning("serving the last-good model %s instead", candidate.model)
+            self._serving = Serving(model, candidate)
             return
 
     # -- MQTT ---------------------------------------------------------------------------------
@@ -532,12 +528,10 @@ class Agent:
         self._publish(p.Channel.TELEMETRY, p.TelemetryBatch(session=self.session, records=[record]))
 
 
-def run_agent(config: AgentConfig, stop: threading.Event | None = None) -> int:
-    """Run until ``stop`` is set or the broker refuses our credentials; return an exit code."""
+def run_agent(config: AgentConfig, stop: threading.Event) -> int:
+    """Run until ``stop`` is set (0) or the broker refuses our credentials (3)."""
     agent = Agent(config)
     agent.start()
-    if stop is None:
-        return agent.wait()
     while not stop.wait(0.5):
         if agent.link is not None and agent.link.fatal is not None:
             agent.stop()

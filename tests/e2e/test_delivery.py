@@ -102,14 +102,17 @@ def test_deploy_delivers_results_and_telemetry_and_a_second_deploy_replaces_it(
     )
     probe = probe_factory(p.subscription(p.Channel.RESULTS), p.subscription(p.Channel.EVENTS))
 
-    deploy = processes.cli("deploy", "vibration-ae:1.0.0", "--selector", f"line={line}")
-    assert deploy.returncode == 0, deploy.stderr
-    wait_until(
-        lambda: all(fleet(processes)[d]["active_model"] == "vibration-ae:1.0.0" for d in devices),
-        30,
-        "first model active",
-        logs,
-    )
+    def deploy_and_wait(model: str, *target: str) -> None:
+        deploy = processes.cli("deploy", model, *target)
+        assert deploy.returncode == 0, deploy.stderr
+        wait_until(
+            lambda: all(fleet(processes)[d]["active_model"] == model for d in devices),
+            30,
+            f"{model} active on {devices}",
+            logs,
+        )
+
+    deploy_and_wait("vibration-ae:1.0.0", "--selector", f"line={line}")
     for device in devices:
         _, payload = probe.wait_for(
             is_result(device, "vibration-ae:1.0.0"), what=f"a result from {device}"
@@ -130,16 +133,7 @@ def test_deploy_delivers_results_and_telemetry_and_a_second_deploy_replaces_it(
     assert row["cpu_s"] > 0
 
     # the second deploy (the TFLite build) replaces the first, and results say so
-    deploy = processes.cli(
-        "deploy", "vibration-ae:1.1.0", "--device", devices[0], "--device", devices[1]
-    )
-    assert deploy.returncode == 0, deploy.stderr
-    wait_until(
-        lambda: all(fleet(processes)[d]["active_model"] == "vibration-ae:1.1.0" for d in devices),
-        30,
-        "second model active",
-        logs,
-    )
+    deploy_and_wait("vibration-ae:1.1.0", "--device", devices[0], "--device", devices[1])
     for device in devices:
         probe.wait_for(
             is_result(device, "vibration-ae:1.1.0"), what=f"a TFLite result from {device}"
