@@ -190,7 +190,7 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
         broker = EmbeddedBroker().start()
         console.print(
             f"[bold]1/6[/] embedded broker on 127.0.0.1:{broker.port} "
-            "(Mosquitto not found; demo only)"
+            "(demo only: it loses queued QoS 1 messages across reconnects; use Mosquitto)"
         )
     controller = Controller(
         home, "127.0.0.1", broker.port, reconcile_interval_s=1.0, client_id="gf-controller-demo"
@@ -254,6 +254,7 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
                 )
                 time.sleep(0.5)
             after = {d.id: watch.take(d.id) for d in DEVICES}
+        console.print()
         _summary(db, before, after, threshold, time.monotonic() - started)
         if keep_running:
             console.print("running until Ctrl-C (--keep-running)")
