@@ -1,0 +1,81 @@
+"""The operator CLI: tables for people, JSON for scripts, one-line errors with exit code 1."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from agent import protocol as p
+from controller import registry
+from controller.cli import main
+from controller.db import open_db
+
+SAMPLES = Path(__file__).parents[2] / "model_store" / "samples"
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("GREENFLEET_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_home_is_honoured_and_lists_take_json(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(
+            [
+                "models",
+                "add",
+                str(SAMPLES / "vibration-ae.onnx"),
+                "--name",
+                "vib",
+                "--version",
+                "1.0.0",
+            ]
+        )
+        == 0
+    )
+    assert (home / "greenfleet.db").exists()
+    db = open_db(home / "greenfleet.db")
+    hw = p.HardwareFacts(arch="aarch64", cores=4, memory_mb=4096, os="Linux", python="3.11")
+    birth = p.Birth(
+        session="s",
+        agent_version="0.1.0",
+        device_class="rpi4",
+        labels={"site": "a"},
+        runtimes=[p.ModelFormat.ONNX],
+        hardware=hw,
+    )
+    registry.apply_birth(db, "gw-1", birth, datetime.now(UTC))
+    capsys.readouterr()
+    assert main(["devices", "list"]) == 0
+    table = capsys.readouterr().out
+    assert "gw-1" in table and "rpi4" in table and "online" in table
+    assert main(["deploy", "vib:1.0.0", "--selector", "site=a", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"model": "vib:1.0.0", "devices": ["gw-1"]}
+    assert main(["devices", "show", "gw-1", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["desired_model"] == "vib:1.0.0" and shown["hardware"]["arch"] == "aarch64"
+    assert main(["models", "list", "--json"]) == 0
+    assert [m["id"] for m in json.loads(capsys.readouterr().out)] == ["vib:1.0.0"]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["devices", "show", "ghost"], "no device 'ghost'"),
+        (["deploy", "nope:1.0", "--device", "x"], "no model nope:1.0"),
+        (["deploy", "nope", "--device", "x"], "must look like NAME:VERSION"),
+        (["models", "add", "/nonexistent.onnx", "--name", "a", "--version", "1"], "no such file"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_1(
+    home: Path, capsys: pytest.CaptureFixture[str], argv: list[str], needle: str
+) -> None:
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("greenfleet: ") and needle in err and "Traceback" not in err
