@@ -393,6 +393,101 @@ class SensorReading(Envelope):
     sample_rate_hz: float | None = Field(default=None, gt=0)
 
 
+# ------------------------------------------------------------------------------------ manifests
+
+
+class Task(StrEnum):
+    """What a model computes; decides which fidelity metric applies."""
+
+    ANOMALY = "anomaly"  # a score, higher is more anomalous; metric ROC AUC
+    CLASSIFICATION = "classification"  # logits or probabilities per class; metric accuracy
+    REGRESSION = "regression"  # values; metric R^2
+
+
+class TensorSignature(Strict):
+    """One input or output tensor of a model."""
+
+    name: str
+    dtype: str = Field(description="numpy dtype name, e.g. float32.")
+    shape: list[int | None] = Field(description="None for a dynamic dimension.")
+
+
+class LatencyStats(Strict):
+    p50_ms: float = Field(ge=0)
+    p95_ms: float = Field(ge=0)
+    runs: int = Field(ge=1)
+
+
+class Fidelity(Strict):
+    """How closely a variant reproduces the fp32 reference on held-out inputs."""
+
+    samples: int = Field(ge=0)
+    agreement: float | None = Field(
+        default=None, description="Share of samples with the same decision (class / alarm)."
+    )
+    correlation: float | None = Field(default=None, description="Pearson r of raw outputs.")
+    max_abs_error: float | None = None
+    metric: str | None = Field(default=None, description="Task metric: roc_auc, accuracy, r2.")
+    metric_value: float | None = Field(default=None, description="The variant's task metric.")
+    reference_metric_value: float | None = Field(
+        default=None, description="The fp32 reference's task metric on the same data."
+    )
+
+
+class Profile(Strict):
+    """What was measured of one variant on the controller's host."""
+
+    size_bytes: int = Field(ge=0)
+    parameters: int = Field(ge=0, description="Elements in weight tensors.")
+    nonzero_parameters: int | None = Field(default=None, ge=0)
+    macs: int = Field(ge=0, description="Estimated multiply-accumulates per inference.")
+    peak_memory_mb: float | None = Field(default=None, description="Peak RSS above baseline.")
+    latency: dict[str, LatencyStats] = Field(
+        default_factory=dict, description="Runtime name (onnxruntime, litert) -> latency."
+    )
+    fidelity: Fidelity | None = None
+    host: str = Field(default="", description="Where it was measured (arch, cores).")
+
+
+class GoldenCase(Strict):
+    """An input with the output the variant produced for it when it was built."""
+
+    inputs: dict[str, list[float]]
+    outputs: dict[str, list[float]]
+
+
+class Manifest(Strict):
+    """What the controller says about one deployable artifact; signed, verified by agents."""
+
+    model: ModelRef = Field(description="name:version, the variant in the version's build part.")
+    artifact: Artifact
+    task: Task
+    precision: str = Field(description="fp32, fp16, int8 or mixed.")
+    technique: str = Field(description="How it was made: reference, fp16, quantize-static, ...")
+    inputs: list[TensorSignature]
+    outputs: list[TensorSignature]
+    golden: list[GoldenCase] = Field(default_factory=list, description="For the smoke test.")
+    rtol: float = Field(default=1e-3, ge=0)
+    atol: float = Field(default=1e-4, ge=0)
+    profile: Profile | None = None
+    rules: dict[str, Any] | None = Field(
+        default=None, description="The rule baseline for the last fallback tier."
+    )
+    device_classes: list[str] = Field(
+        default_factory=list, description="Hardware classes it is meant for; empty means any."
+    )
+    created: datetime
+    expires: datetime | None = None
+
+
+class SignedManifest(Strict):
+    """A manifest as JSON text and an Ed25519 signature over exactly those bytes."""
+
+    payload: str = Field(description="The Manifest, serialized once; verify these bytes.")
+    signature: str = Field(description="Base64 Ed25519 signature of payload's UTF-8 bytes.")
+    key_id: str = Field(description="First 16 hex digits of sha256(public key bytes).")
+
+
 Command = Annotated[Deploy | Ping | InjectFault, Field(discriminator="kind")]
 Message = Annotated[
     Birth
