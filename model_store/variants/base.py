@@ -60,10 +60,10 @@ class Calibration:
         return cls(inputs, labels)
 
     def save(self, path: Path) -> None:
-        arrays = {"inputs": self.inputs}
-        if self.labels is not None:
-            arrays["labels"] = self.labels
-        np.savez_compressed(path, **arrays)
+        if self.labels is None:
+            np.savez_compressed(path, inputs=self.inputs)
+        else:
+            np.savez_compressed(path, inputs=self.inputs, labels=self.labels)
 
     @property
     def split(self) -> int:
