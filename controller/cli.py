@@ -7,87 +7,24 @@ Commands write intent to the controller database and read state from it; the dae
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from agent.protocol import ModelRef, ProtocolError
-from controller import registry, views
+from controller import model_commands, registry, views
 from controller.db import open_db
 from controller.errors import ControllerError, InvalidRequest
 from controller.home import Home
+from controller.output import console, emit, fleet_table
 from model_store.catalog import Catalog
 from model_store.errors import ModelStoreError
-
-# Piped output (logs, CI) gets wide lines instead of truncated columns.
-console = Console(width=None if sys.stdout.isatty() else 160)
-
-
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def energy_mj(joules: float | None) -> str:
-    return "-" if joules is None else f"{joules * 1000:.3f}"
-
-
-def fleet_table(rows: list[dict[str, Any]], title: str = "fleet") -> Table:
-    table = Table(title=title, title_justify="left")
-    for col, justify in (
-        ("device", "left"),
-        ("class", "left"),
-        ("labels", "left"),
-        ("state", "left"),
-        ("active", "left"),
-        ("desired", "left"),
-        ("inf/s", "right"),
-        ("p50 ms", "right"),
-        ("p95 ms", "right"),
-        ("errors", "right"),
-        ("power W", "right"),
-        ("mJ/inf", "right"),
-        ("method", "left"),
-    ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for r in rows:
-        rate = r["inferences"] / r["window_s"] if r.get("window_s") else None
-        table.add_row(
-            r["id"],
-            r["device_class"],
-            ",".join(f"{k}={v}" for k, v in r["labels"].items()),
-            "[green]online[/]" if r["online"] else "[red]offline[/]",
-            r["active_model"] or "-",
-            r["desired_model"] or "-",
-            _fmt(rate, 1),
-            _fmt(r["latency_p50_ms"], 3),
-            _fmt(r["latency_p95_ms"], 3),
-            _fmt(r["errors"]),
-            _fmt(r["power_w"]),
-            energy_mj(r["energy_per_inference_j"]),
-            r["power_method"] or "-",
-        )
-    return table
-
-
-def _emit(args: argparse.Namespace, data: Any, render: Callable[[], None]) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, default=str))
-    else:
-        render()
-
 
 # ---------------------------------------------------------------------------------- commands
 
@@ -95,7 +32,7 @@ def _emit(args: argparse.Namespace, data: Any, render: Callable[[], None]) -> No
 def cmd_devices_list(args: argparse.Namespace) -> int:
     db = open_db(args.home.database)
     rows = views.fleet(db)
-    _emit(args, rows, lambda: console.print(fleet_table(rows, f"{len(rows)} devices")))
+    emit(args, rows, lambda: console.print(fleet_table(rows, f"{len(rows)} devices")))
     return 0
 
 
@@ -116,59 +53,7 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
             table.add_row(e["ts"], e["event"], e["message"])
         console.print(table)
 
-    _emit(args, detail, render)
-    return 0
-
-
-def cmd_models_add(args: argparse.Namespace) -> int:
-    db = open_db(args.home.prepare().database)
-    model = Catalog(db, args.home.store).add(Path(args.path), args.name, args.version)
-    data = {
-        "id": model.id,
-        "format": model.format.value,
-        "sha256": model.sha256,
-        "size": model.size,
-    }
-    _emit(
-        args,
-        data,
-        lambda: console.print(
-            f"added {model.id} ({model.format.value}, {model.size} bytes, "
-            f"sha256 {model.sha256[:12]})"
-        ),
-    )
-    return 0
-
-
-def cmd_models_list(args: argparse.Namespace) -> int:
-    db = open_db(args.home.database)
-    models = Catalog(db, args.home.store).all()
-    data: list[dict[str, Any]] = [
-        {
-            "id": m.id,
-            "format": m.format.value,
-            "size": m.size,
-            "sha256": m.sha256,
-            "created": m.created,
-        }
-        for m in models
-    ]
-
-    def render() -> None:
-        table = Table(
-            "model",
-            "format",
-            "size",
-            "sha256",
-            "created",
-            title=f"{len(models)} models",
-            title_justify="left",
-        )
-        for m in data:
-            table.add_row(m["id"], m["format"], f"{m['size']:,}", m["sha256"][:12], m["created"])
-        console.print(table)
-
-    _emit(args, data, render)
+    emit(args, detail, render)
     return 0
 
 
@@ -186,7 +71,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     else:
         targets = list(args.device)
     registry.set_desired(db, targets, str(ref))
-    _emit(
+    emit(
         args,
         {"model": str(ref), "devices": targets},
         lambda: console.print(
@@ -221,7 +106,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             table.add_row(e["ts"], e["device"], e["event"], e["message"])
         console.print(table)
 
-    _emit(args, {"summary": summary, "devices": rows, "events": events}, render)
+    emit(args, {"summary": summary, "devices": rows, "events": events}, render)
     return 0
 
 
@@ -314,13 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="the model catalog").add_subparsers(
         dest="sub", required=True
     )
-    madd = add(
-        models, "add", cmd_models_add, "add a model file (.onnx or .tflite) to the catalog", True
-    )
-    madd.add_argument("path")
-    madd.add_argument("--name", required=True)
-    madd.add_argument("--version", required=True)
-    add(models, "list", cmd_models_list, "list model versions", True)
+    model_commands.register(models, add)
 
     deploy = add(sub, "deploy", cmd_deploy, "set the desired model of devices", True)
     deploy.add_argument("model", help="NAME:VERSION")

@@ -107,7 +107,52 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
     db.table("replies").create_index(["ref"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial]
+def _m2_variants(db: sqlite_utils.Database) -> None:
+    """Model versions (task, signature, accuracy floor); variants with profile and manifest."""
+    db.table("model_versions").create(
+        {
+            "id": str,  # name:version, without the variant's "+build" part
+            "name": str,
+            "version": str,
+            "task": str,
+            "inputs": str,  # JSON list of TensorSignature
+            "outputs": str,
+            "accuracy_floor": float,
+            "threshold": float,  # decision threshold for anomaly scores, if the model has one
+            "rules": str,  # JSON rule baseline for the agent's last fallback tier
+            "created": str,
+            "compressed": str,
+        },
+        pk="id",
+    )
+    models = db.table("models")
+    for column, kind in (
+        ("base", str),
+        ("variant", str),
+        ("precision", str),
+        ("technique", str),
+        ("eligible", int),
+        ("reason", str),
+        ("notes", str),
+        ("details", str),
+        ("profile", str),
+        ("manifest", str),
+    ):
+        models.add_column(column, kind)
+    for model_id, name, version, created in db.execute(
+        "SELECT id, name, version, created FROM models"
+    ).fetchall():
+        base_version, _, variant = version.partition("+")
+        base = f"{name}:{base_version}"
+        models.update(model_id, {"base": base, "variant": variant, "eligible": 1})
+        db.table("model_versions").insert(
+            {"id": base, "name": name, "version": base_version, "created": created},
+            pk="id",
+            ignore=True,
+        )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_variants]
 
 
 def migrate(db: sqlite_utils.Database) -> int:

@@ -29,10 +29,10 @@ from rich.table import Table
 from agent import protocol as p
 from controller import registry, views
 from controller.broker import EmbeddedBroker, Mosquitto, mosquitto_path
-from controller.cli import console, energy_mj, fleet_table
 from controller.daemon import Controller
 from controller.db import open_db
 from controller.home import Home
+from controller.output import console, energy_mj, fleet_table
 from model_store.catalog import Catalog
 
 SAMPLES = Path(__file__).resolve().parent.parent / "model_store" / "samples"

@@ -29,6 +29,15 @@ class Home:
     def store(self) -> Path:
         return self.root / "store"
 
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def scratch(self) -> Path:
+        """Work space for long jobs (variant builds); on the same disk as the store."""
+        return self.root / "tmp"
+
     def prepare(self) -> Home:
         self.store.mkdir(parents=True, exist_ok=True)
         return self

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.protocol import Task, TensorSignature
 from controller.db import open_db
-from model_store.catalog import Catalog
+from model_store.catalog import Catalog, Declared
 from model_store.errors import InvalidModel, VersionConflict
 
 SAMPLES = Path(__file__).parents[2] / "model_store" / "samples"
@@ -60,3 +61,69 @@ def test_truncated_model_is_refused(catalog: Catalog, tmp_path: Path) -> None:
     path.write_bytes((SAMPLES / "vibration-ae.onnx").read_bytes()[:5000])
     with pytest.raises(InvalidModel):
         catalog.add(path, "cut", "1.0.0")
+
+
+def test_metadata_gives_task_floor_and_signature(catalog: Catalog) -> None:
+    declared = Declared.from_json(SAMPLES / "vibration-ae.json")
+    catalog.add(SAMPLES / "vibration-ae.onnx", "vib", "1.0.0", declared=declared)
+    version = catalog.version("vib:1.0.0")
+    assert version.task is Task.ANOMALY
+    assert version.threshold == pytest.approx(0.877, abs=0.01)
+    assert [(s.name, s.shape) for s in version.inputs] == [("window", [1, 512])]
+    assert [(s.name, s.shape) for s in version.outputs] == [("score", [1, 1])]
+
+
+def test_declared_signature_must_match_the_file(catalog: Catalog) -> None:
+    wrong = Declared(inputs=(TensorSignature(name="image", dtype="float32", shape=[1, 1, 32, 32]),))
+    with pytest.raises(InvalidModel, match=r"do not match the declared signature.*window"):
+        catalog.add(SAMPLES / "vibration-ae.onnx", "vib", "1.0.0", declared=wrong)
+    assert catalog.versions() == [] and catalog.all() == []
+
+
+def test_imported_variant_needs_its_base_version(catalog: Catalog) -> None:
+    with pytest.raises(InvalidModel, match=r"add vib:1\.0\.0 first"):
+        catalog.add(SAMPLES / "vibration-ae.tflite", "vib", "1.0.0+tflite")
+    catalog.add(SAMPLES / "vibration-ae.onnx", "vib", "1.0.0")
+    imported = catalog.add(SAMPLES / "vibration-ae.tflite", "vib", "1.0.0+tflite")
+    assert (imported.base, imported.variant, imported.technique) == (
+        "vib:1.0.0",
+        "tflite",
+        "imported",
+    )
+    assert [v.id for v in catalog.variants("vib:1.0.0")] == ["vib:1.0.0", "vib:1.0.0+tflite"]
+
+
+def test_versions_are_semantic(catalog: Catalog) -> None:
+    with pytest.raises(InvalidModel, match="semantic version"):
+        catalog.add(SAMPLES / "vibration-ae.onnx", "vib", "1.0")
+
+
+def test_migration_two_keeps_models_added_before_it(tmp_path: Path) -> None:
+    import sqlite_utils
+
+    from controller.db import MIGRATIONS, migrate
+
+    db = sqlite_utils.Database(tmp_path / "old.db")
+    db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied TEXT)")
+    MIGRATIONS[0](db)
+    db.execute("INSERT INTO schema_version VALUES (1, 'then')")
+    for version in ("1.0.0", "1.0.0+tflite"):
+        db.table("models").insert(
+            {
+                "id": f"vib:{version}",
+                "name": "vib",
+                "version": version,
+                "format": "onnx",
+                "sha256": "a" * 64,
+                "size": 1,
+                "path": "a" * 64,
+                "created": "then",
+            }
+        )
+    assert migrate(db) == len(MIGRATIONS)
+    catalog = Catalog(db, tmp_path / "store")
+    assert [v.id for v in catalog.versions()] == ["vib:1.0.0"]
+    assert [(v.variant, v.eligible) for v in catalog.variants("vib:1.0.0")] == [
+        ("", True),
+        ("tflite", True),
+    ]

@@ -1,0 +1,280 @@
+"""``greenfleet models ...``: add, compress, list and show model versions and their variants."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from controller.db import open_db
+from controller.output import console, emit, fmt
+from model_store.catalog import Catalog, Declared, ModelVersion, Variant, _task
+from model_store.pipeline import compress
+from model_store.signing import Signer
+from model_store.variants.base import Calibration
+
+
+def variant_row(v: Variant, reference_size: int | None) -> dict[str, Any]:
+    """One variant as the CLI shows it; ``--json`` prints these dicts."""
+    profile = v.profile
+    fidelity = profile.fidelity if profile else None
+    latency = profile.latency if profile else {}
+    return {
+        "id": v.id,
+        "variant": v.variant or "(source)",
+        "format": v.format.value,
+        "precision": v.precision,
+        "technique": v.technique,
+        "size": v.size,
+        "size_ratio": round(v.size / reference_size, 3) if reference_size else None,
+        "parameters": profile.parameters if profile else None,
+        "nonzero_parameters": profile.nonzero_parameters if profile else None,
+        "macs": profile.macs if profile else None,
+        "peak_memory_mb": profile.peak_memory_mb if profile else None,
+        "latency_p50_ms": {k: s.p50_ms for k, s in latency.items()},
+        "latency_p95_ms": {k: s.p95_ms for k, s in latency.items()},
+        "metric": fidelity.metric if fidelity else None,
+        "metric_value": fidelity.metric_value if fidelity else None,
+        "agreement": fidelity.agreement if fidelity else None,
+        "correlation": fidelity.correlation if fidelity else None,
+        "eligible": v.eligible,
+        "reason": v.reason,
+        "notes": list(v.notes),
+        "signed": v.manifest is not None,
+    }
+
+
+def version_row(version: ModelVersion, variants: list[Variant]) -> dict[str, Any]:
+    return {
+        "id": version.id,
+        "task": version.task.value if version.task else None,
+        "inputs": [s.model_dump() for s in version.inputs],
+        "outputs": [s.model_dump() for s in version.outputs],
+        "accuracy_floor": version.accuracy_floor,
+        "threshold": version.threshold,
+        "variants": len(variants),
+        "eligible": sum(v.eligible for v in variants),
+        "has_rules": version.rules is not None,
+        "created": version.created,
+        "compressed": version.compressed,
+    }
+
+
+def variants_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in (
+        "variant",
+        "format",
+        "precision",
+        "size KB",
+        "size x",
+        "MMACs",
+        "ort p50 ms",
+        "litert p50 ms",
+        "metric",
+        "agree",
+        "eligible",
+        "why / notes",
+    ):
+        table.add_column(
+            col, justify="left" if col in ("variant", "why / notes", "format") else "right"
+        )
+    for r in rows:
+        why = r["reason"] or "; ".join(r["notes"])
+        table.add_row(
+            r["variant"],
+            r["format"],
+            r["precision"] or "-",
+            f"{r['size'] / 1024:.0f}",
+            fmt(r["size_ratio"]),
+            fmt(r["macs"] / 1e6 if r["macs"] is not None else None, 2),
+            fmt(r["latency_p50_ms"].get("onnxruntime"), 3),
+            fmt(r["latency_p50_ms"].get("litert"), 3),
+            "-" if r["metric_value"] is None else f"{r['metric']} {r['metric_value']:.3f}",
+            fmt(r["agreement"], 3),
+            "[green]yes[/]" if r["eligible"] else "[red]no[/]",
+            why[:90],
+        )
+    return table
+
+
+def _catalog(args: argparse.Namespace) -> Catalog:
+    return Catalog(open_db(args.home.prepare().database), args.home.store)
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    declared = Declared.from_json(Path(args.meta)) if args.meta else Declared()
+    if args.task:
+        declared = Declared(
+            _task(args.task),
+            declared.accuracy_floor,
+            declared.threshold,
+            declared.inputs,
+            declared.outputs,
+        )
+    if args.accuracy_floor is not None:
+        declared = Declared(
+            declared.task,
+            args.accuracy_floor,
+            declared.threshold,
+            declared.inputs,
+            declared.outputs,
+        )
+    model = _catalog(args).add(Path(args.path), args.name, args.version, declared=declared)
+    data = {
+        "id": model.id,
+        "format": model.format.value,
+        "sha256": model.sha256,
+        "size": model.size,
+    }
+    emit(
+        args,
+        data,
+        lambda: console.print(
+            f"added {model.id} ({model.format.value}, {model.size:,} bytes, "
+            f"sha256 {model.sha256[:12]})"
+        ),
+    )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    catalog = _catalog(args)
+    data = [version_row(v, catalog.variants(v.id)) for v in catalog.versions()]
+
+    def render() -> None:
+        table = Table(
+            "model",
+            "task",
+            "accuracy floor",
+            "variants",
+            "eligible",
+            "rules",
+            "compressed",
+            title=f"{len(data)} model versions",
+            title_justify="left",
+        )
+        for r in data:
+            table.add_row(
+                r["id"],
+                r["task"] or "-",
+                fmt(r["accuracy_floor"]),
+                str(r["variants"]),
+                str(r["eligible"]),
+                "yes" if r["has_rules"] else "-",
+                r["compressed"] or "-",
+            )
+        console.print(table)
+
+    emit(args, data, render)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    catalog = _catalog(args)
+    version = catalog.version(args.model)
+    variants = catalog.variants(version.id)
+    reference = next((v for v in variants if v.variant == "fp32"), None) or next(
+        (v for v in variants if v.variant == ""), None
+    )
+    rows = [variant_row(v, reference.size if reference else None) for v in variants]
+    data = {**version_row(version, variants), "variant_list": rows, "rules": version.rules}
+
+    def render() -> None:
+        sig = ", ".join(f"{s.name}{s.shape}" for s in version.inputs)
+        out = ", ".join(f"{s.name}{s.shape}" for s in version.outputs)
+        console.print(
+            f"[bold]{version.id}[/] task {data['task'] or '?'}, inputs {sig} -> {out}, "
+            f"accuracy floor {fmt(version.accuracy_floor)}"
+        )
+        console.print(variants_table(f"{len(rows)} variants (size x against fp32)", rows))
+        if version.rules:
+            console.print(
+                f"rule baseline: {version.rules.get('kind', '?')} on "
+                f"{', '.join(f.get('name', '?') for f in version.rules.get('features', []))}"
+            )
+
+    emit(args, data, render)
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    catalog = _catalog(args)
+    calibration = Calibration.load(Path(args.calibration)) if args.calibration else None
+    signer = Signer.load_or_create(args.home.keys)
+    only = [b.strip() for b in args.only.split(",")] if args.only else None
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[label]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, disable=args.json) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int, label: str) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(f"{stage:8}", total=total, label=label)
+            bar.update(tasks[stage], completed=done, total=total, label=label)
+
+        report = compress(
+            catalog,
+            signer,
+            args.model,
+            calibration,
+            args.home.scratch,
+            only=only,
+            progress=progress,
+            latency_runs=args.runs,
+        )
+    variants = catalog.variants(report.version.id)
+    reference = next((v for v in variants if v.variant == "fp32"), None)
+    rows = [variant_row(v, reference.size if reference else None) for v in variants]
+    failures = [{"variant": n, "reason": r} for n, r in report.failures]
+    data = {
+        "model": report.version.id,
+        "variants": rows,
+        "failures": failures,
+        "rules": report.rules,
+    }
+
+    def render() -> None:
+        console.print(variants_table(f"{report.version.id}: {len(rows)} variants", rows))
+        for f in failures:
+            console.print(f"[yellow]not built[/] {f['variant']}: {f['reason']}")
+        console.print(f"manifests signed with key {signer.key_id} ({args.home.keys})")
+
+    emit(args, data, render)
+    return 0
+
+
+def register(models: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add the ``models`` subcommands to the CLI parser."""
+    madd = add(models, "add", cmd_add, "add a model file (.onnx or .tflite) to the catalog", True)
+    madd.add_argument("path")
+    madd.add_argument("--name", required=True)
+    madd.add_argument(
+        "--version", required=True, help="semantic version; 1.0.0+NAME imports a variant"
+    )
+    madd.add_argument("--task", choices=["anomaly", "classification", "regression"])
+    madd.add_argument("--accuracy-floor", type=float, help="minimum task metric of a variant")
+    madd.add_argument("--meta", help="metadata JSON (task, inputs, outputs, accuracy_floor)")
+    add(models, "list", cmd_list, "list model versions", True)
+    show = add(models, "show", cmd_show, "show a model version and its variants", True)
+    show.add_argument("model", help="NAME:VERSION")
+    comp = add(
+        models,
+        "compress",
+        cmd_compress,
+        "build, profile and sign the variants of a model version",
+        True,
+    )
+    comp.add_argument("model", help="NAME:VERSION")
+    comp.add_argument("--calibration", help=".npz with 'inputs' [N, ...] and optional 'labels'")
+    comp.add_argument("--only", help="comma-separated builders (default: all)")
+    comp.add_argument("--runs", type=int, default=200, help="latency runs per variant")

@@ -1,0 +1,72 @@
+"""How the CLI prints: rich tables for people, JSON for scripts, shared by every command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+# Piped output (logs, CI) gets wide lines instead of truncated columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def energy_mj(joules: float | None) -> str:
+    return "-" if joules is None else f"{joules * 1000:.3f}"
+
+
+def fleet_table(rows: list[dict[str, Any]], title: str = "fleet") -> Table:
+    table = Table(title=title, title_justify="left")
+    for col, justify in (
+        ("device", "left"),
+        ("class", "left"),
+        ("labels", "left"),
+        ("state", "left"),
+        ("active", "left"),
+        ("desired", "left"),
+        ("inf/s", "right"),
+        ("p50 ms", "right"),
+        ("p95 ms", "right"),
+        ("errors", "right"),
+        ("power W", "right"),
+        ("mJ/inf", "right"),
+        ("method", "left"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        rate = r["inferences"] / r["window_s"] if r.get("window_s") else None
+        table.add_row(
+            r["id"],
+            r["device_class"],
+            ",".join(f"{k}={v}" for k, v in r["labels"].items()),
+            "[green]online[/]" if r["online"] else "[red]offline[/]",
+            r["active_model"] or "-",
+            r["desired_model"] or "-",
+            fmt(rate, 1),
+            fmt(r["latency_p50_ms"], 3),
+            fmt(r["latency_p95_ms"], 3),
+            fmt(r["errors"]),
+            fmt(r["power_w"]),
+            energy_mj(r["energy_per_inference_j"]),
+            r["power_method"] or "-",
+        )
+    return table
+
+
+def emit(args: argparse.Namespace, data: Any, render: Callable[[], None]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        render()

@@ -1,0 +1,334 @@
+"""``models compress``: build every variant of a model version, profile it, judge it, sign it.
+
+Order of work: an fp32 reference (graph-optimized with onnxruntime) is made from the source
+ONNX; every builder in :data:`model_store.variants.BUILDERS` runs on it in its own scratch
+directory; every resulting file, the source and any imported variants are profiled against the
+reference on the held-out part of the calibration data; a variant whose task metric falls below
+the version's accuracy floor is kept but marked ineligible with the reason; each variant gets a
+manifest with golden cases, signed with the controller's key. A builder that fails is reported
+by name with its reason and the others still run. Files reach the store only when finished.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.protocol import (
+    GoldenCase,
+    Manifest,
+    ModelFormat,
+    Profile,
+    Task,
+    utcnow,
+)
+from model_store.catalog import Catalog, ModelVersion, Variant, now_iso, read_signature
+from model_store.errors import ModelStoreError
+from model_store.signing import Signer
+from model_store.variants import BUILDERS
+from model_store.variants.base import (
+    BuildContext,
+    BuiltVariant,
+    Calibration,
+    ModelInfo,
+    VariantError,
+)
+
+log = logging.getLogger(__name__)
+
+GOLDEN_CASES = 3
+MANIFEST_VALIDITY = timedelta(days=365)
+# Golden outputs are the variant's own outputs on this host; other CPUs round differently.
+TOLERANCES = {"fp32": (1e-3, 1e-4), "fp16": (1e-2, 1e-3), "int8": (5e-2, 1e-2)}
+
+Progress = Callable[[str, int, int, str], None]  # (stage, done, total, label)
+
+
+@dataclass
+class CompressReport:
+    """What one ``compress`` produced, and what it could not."""
+
+    version: ModelVersion
+    variants: list[Variant] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (variant or builder, reason)
+    rules: dict[str, Any] | None = None
+
+
+def model_info(version: ModelVersion) -> ModelInfo:
+    """Builder-facing facts; ModelStoreError if the version cannot be compressed."""
+    if version.task is None:
+        raise ModelStoreError(
+            f"{version.id} has no task; add it again with --task or --meta, "
+            "so fidelity can be judged"
+        )
+    if len(version.inputs) != 1:
+        raise ModelStoreError(f"{version.id}: compress supports models with one input")
+    shape = version.inputs[0].shape
+    if not shape or shape[0] not in (1, None) or any(d is None for d in shape[1:]):
+        raise ModelStoreError(
+            f"{version.id}: input shape {shape} must be [1, fixed dims...] to be compressed"
+        )
+    return ModelInfo(
+        name=version.name,
+        version=version.version,
+        task=version.task,
+        input_name=version.inputs[0].name,
+        sample_shape=tuple(int(d) for d in shape[1:] if d is not None),
+        output_names=tuple(o.name for o in version.outputs),
+    )
+
+
+def optimize_reference(source: Path, target: Path) -> Path:
+    """The fp32 reference: the source with onnxruntime's portable graph optimizations applied."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(target)
+    try:
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise VariantError("fp32", f"onnxruntime cannot optimize the source: {exc}") from exc
+    return target
+
+
+def _builder(name: str) -> Any:
+    module, _, cls = BUILDERS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def _eligibility(
+    version: ModelVersion, profile: Profile | None, technique: str
+) -> tuple[bool, str | None]:
+    """Whether a variant may be deployed, and if not, why."""
+    if technique in ("reference", "source"):
+        return True, None
+    fidelity = profile.fidelity if profile else None
+    if fidelity is None:
+        return False, "fidelity not measured: compress again with --calibration FILE"
+    floor = version.accuracy_floor
+    if floor is None:
+        return True, None
+    value, metric = fidelity.metric_value, fidelity.metric
+    if value is None:
+        value, metric = fidelity.agreement, "agreement with fp32"
+    if value is None:
+        return False, "no fidelity figure to compare with the accuracy floor"
+    if value < floor:
+        return False, f"{metric} {value:.3f} is below the accuracy floor {floor:g}"
+    return True, None
+
+
+def golden_cases(
+    path: Path, fmt: ModelFormat, info: ModelInfo, inputs: np.ndarray
+) -> list[GoldenCase]:
+    """Inputs with this variant's own outputs, for the agent's smoke test before activation."""
+    from agent.runtime import load_model
+
+    model = load_model(path, fmt)
+    try:
+        cases = []
+        for sample in inputs[:GOLDEN_CASES]:
+            feed = sample[np.newaxis].astype(np.float32)
+            outputs = model.run({model.inputs[0].name: feed})
+            cases.append(
+                GoldenCase(
+                    inputs={info.input_name: feed.ravel().tolist()},
+                    outputs={
+                        k: np.asarray(v, np.float64).ravel().tolist() for k, v in outputs.items()
+                    },
+                )
+            )
+        return cases
+    finally:
+        model.close()
+
+
+def compress(
+    catalog: Catalog,
+    signer: Signer,
+    version_id: str,
+    calibration: Calibration | None,
+    workroot: Path,
+    *,
+    only: Sequence[str] | None = None,
+    progress: Progress = lambda stage, done, total, label: None,
+    latency_runs: int = 200,
+) -> CompressReport:
+    """Build, profile, judge and sign every variant of ``version_id``."""
+    from model_store import profile as profiling
+
+    version = catalog.version(version_id)
+    info = model_info(version)
+    source = catalog.get(version.id)
+    if source.format is not ModelFormat.ONNX:
+        raise ModelStoreError(
+            f"{version.id} was added as {source.format.value}; compress needs an ONNX source"
+        )
+    if calibration is not None:
+        calibration.check_shape(info.sample_shape)
+    building = calibration.building() if calibration is not None else None
+    heldout = calibration.heldout() if calibration is not None else None
+    unknown = sorted(set(only or ()) - set(BUILDERS))
+    if unknown:
+        raise ModelStoreError(f"unknown builders {unknown}; choose from {', '.join(BUILDERS)}")
+    names = [n for n in BUILDERS if not only or n in only]
+    report = CompressReport(version)
+    workdir = workroot / f"compress-{uuid.uuid4().hex[:8]}"
+    workdir.mkdir(parents=True)
+    try:
+        total = len(names) + 1
+        progress("build", 0, total, "fp32 reference")
+        reference = optimize_reference(source.path, workdir / "fp32.onnx")
+        built: list[BuiltVariant] = [
+            BuiltVariant(
+                "fp32",
+                reference,
+                ModelFormat.ONNX,
+                "fp32",
+                "reference",
+                notes=("onnxruntime basic graph optimizations",),
+            )
+        ]
+        for done, name in enumerate(names, start=1):
+            progress("build", done, total, name)
+            scratch = workdir / name
+            scratch.mkdir()
+            ctx = BuildContext(
+                reference=reference, info=info, calibration=building, workdir=scratch
+            )
+            try:
+                built.extend(_builder(name).build(ctx))
+            except VariantError as exc:
+                report.failures.append((exc.variant, exc.reason))
+                log.warning("%s", exc)
+            except Exception as exc:  # a bug or a third-party failure in one builder
+                log.exception("builder %s failed", name)
+                report.failures.append((name, f"unexpected error: {type(exc).__name__}: {exc}"))
+        progress("build", total, total, "done")
+
+        reference_outputs = (
+            profiling.run_outputs(reference, ModelFormat.ONNX, heldout.inputs, info.input_name)
+            if heldout is not None
+            else None
+        )
+        for variant in built:
+            if variant.path is None and variant.rules is not None:
+                report.rules = variant.rules
+        catalog.update_version(
+            version.id,
+            rules=None if report.rules is None else json.dumps(report.rules),
+            compressed=now_iso(),
+        )
+        version = catalog.version(version.id)
+
+        files = [v for v in built if v.path is not None and v.format is not None]
+        existing = [
+            v for v in catalog.variants(version.id) if v.technique in ("source", "imported")
+        ]
+        steps = len(files) + len(existing)
+        for done, variant in enumerate(files):
+            progress("profile", done, steps, variant.variant)
+            assert variant.path is not None and variant.format is not None
+            try:
+                profile = profiling.profile_variant(
+                    variant.path,
+                    variant.format,
+                    info,
+                    heldout,
+                    reference_outputs,
+                    runs=latency_runs,
+                )
+            except ModelStoreError as exc:
+                report.failures.append((variant.variant, f"profiling failed: {exc}"))
+                continue
+            eligible, reason = _eligibility(version, profile, variant.technique)
+            stored = catalog.put_variant(
+                version,
+                variant.variant,
+                variant.path,
+                variant.format,
+                precision=variant.precision,
+                technique=variant.technique,
+                eligible=eligible,
+                reason=reason,
+                notes=variant.notes,
+                details=variant.details,
+                profile=profile,
+            )
+            report.variants.append(_sign(catalog, signer, version, info, stored, heldout, building))
+        for done, stored in enumerate(existing, start=len(files)):
+            progress("profile", done, steps, stored.variant or "source")
+            try:
+                profile = profiling.profile_variant(
+                    stored.path,
+                    stored.format,
+                    info,
+                    heldout,
+                    reference_outputs,
+                    runs=latency_runs,
+                )
+            except ModelStoreError as exc:
+                report.failures.append((stored.variant or "source", f"profiling failed: {exc}"))
+                continue
+            eligible, reason = _eligibility(version, profile, stored.technique or "")
+            catalog.update_variant(
+                stored.id, profile=profile.model_dump_json(), eligible=int(eligible), reason=reason
+            )
+            report.variants.append(
+                _sign(catalog, signer, version, info, catalog.get(stored.id), heldout, building)
+            )
+        progress("profile", steps, steps, "done")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report.variants.sort(key=lambda v: v.variant)
+    return report
+
+
+def _sign(
+    catalog: Catalog,
+    signer: Signer,
+    version: ModelVersion,
+    info: ModelInfo,
+    variant: Variant,
+    heldout: Calibration | None,
+    building: Calibration | None,
+) -> Variant:
+    """Attach a signed manifest (golden cases, profile, rules) to a stored variant."""
+    samples = heldout or building
+    inputs = (
+        samples.inputs
+        if samples is not None
+        else np.random.default_rng(0).standard_normal((GOLDEN_CASES, *info.sample_shape))
+    )
+    in_sigs, out_sigs = read_signature(variant.path, variant.format)
+    rtol, atol = TOLERANCES.get(variant.precision or "fp32", TOLERANCES["int8"])
+    manifest = Manifest(
+        model=variant.ref,
+        artifact=variant.artifact(),
+        task=version.task or Task.REGRESSION,
+        precision=variant.precision or "fp32",
+        technique=variant.technique or "source",
+        inputs=list(in_sigs),
+        outputs=list(out_sigs),
+        golden=golden_cases(variant.path, variant.format, info, inputs),
+        rtol=rtol,
+        atol=atol,
+        profile=variant.profile,
+        rules=version.rules,
+        created=utcnow(),
+        expires=utcnow() + MANIFEST_VALIDITY,
+    )
+    signed = signer.sign(manifest)
+    catalog.update_variant(variant.id, manifest=signed.model_dump_json())
+    return catalog.get(variant.id)
