@@ -70,7 +70,10 @@ def test_home_is_honoured_and_lists_take_json(
         (["devices", "show", "ghost"], "no device 'ghost'"),
         (["deploy", "nope:1.0", "--device", "x"], "no model nope:1.0"),
         (["deploy", "nope", "--device", "x"], "must look like NAME:VERSION"),
-        (["models", "add", "/nonexistent.onnx", "--name", "a", "--version", "1.0.0"], "no such file"),
+        (
+            ["models", "add", "/nonexistent.onnx", "--name", "a", "--version", "1.0.0"],
+            "no such file",
+        ),
     ],
 )
 def test_errors_are_one_line_with_exit_code_1(
