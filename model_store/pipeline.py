@@ -218,7 +218,13 @@ def compress(
         progress("build", total, total, "done")
 
         reference_outputs = (
-            profiling.run_outputs(reference, ModelFormat.ONNX, heldout.inputs, info.input_name)
+            profiling.run_outputs(
+                reference,
+                ModelFormat.ONNX,
+                heldout.inputs,
+                info.input_name,
+                output_name=info.output_names[0],
+            )
             if heldout is not None
             else None
         )
@@ -248,6 +254,7 @@ def compress(
                     heldout,
                     reference_outputs,
                     runs=latency_runs,
+                    threshold=version.threshold,
                 )
             except ModelStoreError as exc:
                 report.failures.append((variant.variant, f"profiling failed: {exc}"))
@@ -277,6 +284,7 @@ def compress(
                     heldout,
                     reference_outputs,
                     runs=latency_runs,
+                    threshold=version.threshold,
                 )
             except ModelStoreError as exc:
                 report.failures.append((stored.variant or "source", f"profiling failed: {exc}"))

@@ -1,0 +1,555 @@
+"""The distilled student: a much smaller model trained to reproduce the reference's outputs.
+
+The teacher (the fp32 reference) labels the calibration inputs and augmented copies of them
+(mixtures of two inputs, gain changes, a little noise), so the student learns from many more
+examples than the calibration file holds and never needs ground-truth labels. The student is a
+fixed front end that turns the raw input into a few cheap features, then a small ReLU MLP
+(scikit-learn, seeded) regressing the teacher's output, exported to ONNX with the reference's
+input and output names, shapes and float32 types. Which front end depends on the input:
+
+* a signal ``[1, N]``: the Hann-windowed power spectrum of the whole window in B bands (log
+  energy per band) plus the window mean. The spectrum is exact and full-resolution but cheap:
+  one Cooley-Tukey split (N = P x M) computes it from P short M-point DFTs and a twiddle table,
+  so the weights grow like N^(4/3) instead of N^2. A coarser spectrum (Welch averaging of short
+  segments) was tried first and tracked the teacher worse (r 0.95 vs 0.995 on vibration-ae):
+  bearing faults live in fine spectral detail. For vibration-ae, whose size is almost all its
+  two 512x160 DFT matrices, this is what makes the student several times smaller.
+* an image ``[1, C, H, W]``: average, max and min pooling to a coarse grid (bright and dark
+  specks survive max/min pooling where averaging would blur them away), then the MLP.
+
+Targets: an anomaly score that is always positive is learned as its logarithm (scores span
+decades; the exported graph ends with Exp); classifier logits are learned centred per sample
+(softmax does not see a per-sample offset), the high-temperature limit of soft-target
+distillation; probabilities are learned as centred log-probabilities and the student ends with
+Softmax. The calibration inputs are split once more: the last HOLDOUT_SHARE never trains the
+student and the reported fidelity (Pearson r of outputs, argmax agreement for classifiers, alarm
+agreement for anomaly scores, at the reference's cut-off from :func:`rules.reference_cutoff`)
+comes from running the exported ONNX file on that part.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from agent.protocol import ModelFormat, Task
+from model_store.errors import ModelStoreError
+from model_store.variants.base import BuildContext, BuiltVariant, VariantError
+from model_store.variants.fp16 import file_size, load_reference, run_outputs
+from model_store.variants.rules import reference_cutoff
+
+VARIANT = "student"
+OPSET = 17
+IR_VERSION = 8  # what opset 17 came with; older runtimes load the student too
+SEED = 20240611
+MIN_SAMPLES = 20  # fewer calibration inputs than this cannot both train and judge a student
+HOLDOUT_SHARE = 0.25  # of the building calibration part, kept for the fidelity report
+AUGMENT_FACTOR = 20  # teacher-labelled augmented inputs per calibration input used for training
+MAX_TRAINING = 12000  # cap on training samples, which bounds the build time
+HIDDEN = (32, 16)
+SIGNAL_BANDS = 32
+IMAGE_GRID = 8  # pooled images are IMAGE_GRID x IMAGE_GRID per channel and per pooling
+
+
+@dataclass
+class _Graph:
+    """A growing ONNX graph: nodes and initializers with unique names."""
+
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+    count: int = 0
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.count += 1
+        unique = f"{name}_{self.count}"
+        self.initializers.append(numpy_helper.from_array(value, unique))
+        return unique
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs: Any) -> str:
+        self.count += 1
+        output = out or f"{op_type.lower()}_{self.count}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [output], **attrs))
+        return output
+
+    def shape(self, dims: list[int]) -> str:
+        return self.const("shape", np.array(dims, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class _SignalFrontEnd:
+    """Log band energies of the Hann-windowed DFT of a length-N window, plus its mean."""
+
+    n: int
+    p: int  # decimation of the Cooley-Tukey split; 1 means a direct DFT
+    m: int  # length of the short DFTs
+    bands: int
+    eps: float
+
+    @staticmethod
+    def plan(n: int) -> tuple[int, int]:
+        """The split N = P x M with the fewest weights (2 M^2 + P N); (1, N) if there is none."""
+        best = (1, n)
+        best_cost = float(n * (n // 2) * 2)
+        for m in range(2, n):
+            p = n // m
+            if n % m or (n // 2) % m or p < 2:
+                continue
+            cost = 2.0 * m * m + p * n
+            if cost < best_cost:
+                best, best_cost = (p, m), cost
+        return best
+
+    @classmethod
+    def fit(cls, inputs: np.ndarray) -> _SignalFrontEnd:
+        n = inputs.shape[1]
+        if n < 8:
+            raise VariantError(VARIANT, f"signal of {n} samples is too short for a spectrum")
+        p, m = cls.plan(n)
+        bins = n // 2
+        bands = max(b for b in range(1, min(SIGNAL_BANDS, bins) + 1) if bins % b == 0)
+        front = cls(n, p, m, bands, 0.0)
+        power = front._band_power(inputs)
+        # The log floor scales with the data, so a signal in volts and one in millivolts behave
+        # alike: a millionth of the typical band energy.
+        eps = max(float(np.mean(power)) * 1e-6, 1e-20)
+        return cls(n, p, m, bands, eps)
+
+    def _tables(self) -> dict[str, np.ndarray]:
+        n, p, m = self.n, self.p, self.m
+        hann = np.hanning(n + 1)[:n]  # periodic Hann, as spectral analysis uses
+        kc = m if p > 1 else n // 2
+        angle = 2 * np.pi * np.outer(np.arange(m), np.arange(kc)) / m
+        tables = {
+            "hann": hann.reshape(1, n),
+            "cos": np.cos(angle),
+            "sin": np.sin(angle),
+            "mask": np.r_[0.0, np.ones(n // 2 - 1)].reshape(1, n // 2),  # drop DC
+        }
+        if p > 1:
+            q = (n // 2) // m
+            k = np.arange(q)[:, None] * m + np.arange(m)[None, :]  # output bin of (q, k')
+            twiddle = 2 * np.pi * np.arange(p)[:, None, None] * k[None] / n
+            tables["tw_cos"] = np.cos(twiddle)
+            tables["tw_sin"] = np.sin(twiddle)
+        return {name: value.astype(np.float32) for name, value in tables.items()}
+
+    def _band_power(self, inputs: np.ndarray) -> np.ndarray:
+        t = self._tables()
+        count, n, p, m = len(inputs), self.n, self.p, self.m
+        x = inputs.astype(np.float32) * t["hann"]
+        if p > 1:
+            # Row r holds the decimated sequence x[r], x[r + P], ...: its M-point DFT.
+            rows = x.reshape(count, m, p).transpose(0, 2, 1)
+            c = (rows @ t["cos"])[:, :, None, :]
+            s = (rows @ t["sin"])[:, :, None, :]
+            re = (c * t["tw_cos"] - s * t["tw_sin"]).sum(axis=1).reshape(count, n // 2)
+            im = (c * t["tw_sin"] + s * t["tw_cos"]).sum(axis=1).reshape(count, n // 2)
+        else:
+            re, im = x @ t["cos"], x @ t["sin"]
+        power = (re * re + im * im) * t["mask"]
+        banded: np.ndarray = power.reshape(count, self.bands, -1).sum(axis=2)
+        return banded
+
+    def features(self, inputs: np.ndarray) -> np.ndarray:
+        flat = inputs.reshape(len(inputs), self.n)
+        logs = np.log(self._band_power(flat) + np.float32(self.eps))
+        return np.concatenate([logs, flat.mean(axis=1, keepdims=True)], axis=1)
+
+    def onnx(self, g: _Graph, source: str) -> str:
+        t = self._tables()
+        n, p, m = self.n, self.p, self.m
+        flat = g.op("Reshape", source, g.shape([1, n]))
+        x = g.op("Mul", flat, g.const("hann", t["hann"]))
+        if p > 1:
+            rows = g.op("Transpose", g.op("Reshape", x, g.shape([m, p])), perm=[1, 0])
+            c = g.op("MatMul", rows, g.const("dft_cos", t["cos"]))
+            s = g.op("MatMul", rows, g.const("dft_sin", t["sin"]))
+            c, s = g.op("Reshape", c, g.shape([p, 1, m])), g.op("Reshape", s, g.shape([p, 1, m]))
+            tc, ts = g.const("twiddle_cos", t["tw_cos"]), g.const("twiddle_sin", t["tw_sin"])
+            axis0 = g.const("axes", np.array([0], dtype=np.int64))
+            re = g.op("ReduceSum", g.op("Sub", g.op("Mul", c, tc), g.op("Mul", s, ts)), axis0)
+            im = g.op("ReduceSum", g.op("Add", g.op("Mul", c, ts), g.op("Mul", s, tc)), axis0)
+            re = g.op("Reshape", re, g.shape([1, n // 2]))
+            im = g.op("Reshape", im, g.shape([1, n // 2]))
+        else:
+            re = g.op("MatMul", x, g.const("dft_cos", t["cos"]))
+            im = g.op("MatMul", x, g.const("dft_sin", t["sin"]))
+        power = g.op("Add", g.op("Mul", re, re), g.op("Mul", im, im))
+        power = g.op("Mul", power, g.const("no_dc", t["mask"]))
+        grouped = g.op("Reshape", power, g.shape([1, self.bands, (n // 2) // self.bands]))
+        axis2 = g.const("axes", np.array([2], dtype=np.int64))
+        band = g.op("ReduceSum", grouped, axis2, keepdims=0)
+        eps = g.const("log_eps", np.array([self.eps], dtype=np.float32))
+        logs = g.op("Log", g.op("Add", band, eps))
+        mean = g.op("ReduceMean", flat, axes=[1], keepdims=1)
+        return g.op("Concat", logs, mean, axis=1)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "front_end": "signal-spectrum",
+            "window": self.n,
+            "split": [self.p, self.m],
+            "bands": self.bands,
+            "bins_per_band": (self.n // 2) // self.bands,
+            "extra_features": ["mean"],
+        }
+
+
+@dataclass(frozen=True)
+class _ImageFrontEnd:
+    """Average, max and min pooling of a ``[C, H, W]`` image to a coarse grid, flattened."""
+
+    channels: int
+    height: int
+    width: int
+    kernel: tuple[int, int]
+
+    @classmethod
+    def fit(cls, inputs: np.ndarray) -> _ImageFrontEnd:
+        c, h, w = inputs.shape[1:]
+        kernel = (max(1, h // IMAGE_GRID), max(1, w // IMAGE_GRID))
+        return cls(c, h, w, kernel)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.height // self.kernel[0], self.width // self.kernel[1]
+
+    def features(self, inputs: np.ndarray) -> np.ndarray:
+        (kh, kw), (gh, gw) = self.kernel, self.grid
+        cells = inputs[:, :, : gh * kh, : gw * kw].reshape(
+            len(inputs), self.channels, gh, kh, gw, kw
+        )
+        pooled = [cells.mean(axis=(3, 5)), cells.max(axis=(3, 5)), cells.min(axis=(3, 5))]
+        return np.concatenate([p.reshape(len(inputs), -1) for p in pooled], axis=1)
+
+    def onnx(self, g: _Graph, source: str) -> str:
+        window = {"kernel_shape": list(self.kernel), "strides": list(self.kernel)}
+        average = g.op("AveragePool", source, **window)
+        maximum = g.op("MaxPool", source, **window)
+        minimum = g.op("Neg", g.op("MaxPool", g.op("Neg", source), **window))
+        flat = [g.op("Flatten", pooled, axis=1) for pooled in (average, maximum, minimum)]
+        return g.op("Concat", *flat, axis=1)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "front_end": "image-pooling",
+            "grid": list(self.grid),
+            "kernel": list(self.kernel),
+            "poolings": ["average", "max", "min"],
+        }
+
+
+_FrontEnd = _SignalFrontEnd | _ImageFrontEnd
+
+
+def _front_end(sample_shape: tuple[int, ...], inputs: np.ndarray) -> _FrontEnd:
+    if len(sample_shape) == 1:
+        return _SignalFrontEnd.fit(inputs)
+    if len(sample_shape) == 3:
+        return _ImageFrontEnd.fit(inputs)
+    raise VariantError(
+        VARIANT,
+        f"no student design for inputs shaped [1, {', '.join(map(str, sample_shape))}]: "
+        "distillation handles signals [1, N] and images [1, C, H, W]",
+    )
+
+
+@dataclass(frozen=True)
+class _Target:
+    """How teacher outputs become regression targets, and how the student undoes it."""
+
+    kind: str  # "log", "centred-logits", "centred-log-probs" or "identity"
+
+    @classmethod
+    def choose(cls, task: Task, teacher: np.ndarray) -> _Target:
+        if task is Task.ANOMALY and np.all(teacher > 0):
+            return cls("log")
+        if task is Task.CLASSIFICATION and teacher.shape[1] > 1:
+            sums = teacher.sum(axis=1)
+            if np.all((teacher >= 0) & (teacher <= 1)) and np.allclose(sums, 1.0, atol=1e-3):
+                return cls("centred-log-probs")
+            return cls("centred-logits")
+        return cls("identity")
+
+    def encode(self, teacher: np.ndarray) -> np.ndarray:
+        if self.kind == "log":
+            return np.log(teacher)
+        if self.kind == "centred-log-probs":
+            teacher = np.log(np.clip(teacher, 1e-7, None))
+        if self.kind in ("centred-logits", "centred-log-probs"):
+            return teacher - teacher.mean(axis=1, keepdims=True)
+        return teacher
+
+    def onnx(self, g: _Graph, value: str) -> str:
+        if self.kind == "log":
+            return g.op("Exp", value)
+        if self.kind == "centred-log-probs":
+            return g.op("Softmax", value, axis=-1)
+        return value
+
+
+def _fit_mlp(features: np.ndarray, targets: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A ReLU MLP regressing standardized targets on standardized features; weights folded.
+
+    The standardization of features and targets is folded into the first and last layers, so
+    the exported graph is plain MatMul/Add/Relu.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPRegressor
+
+    mu, sd = features.mean(axis=0), np.maximum(features.std(axis=0), 1e-6)
+    y_mu, y_sd = targets.mean(axis=0), np.maximum(targets.std(axis=0), 1e-6)
+    net = MLPRegressor(
+        hidden_layer_sizes=HIDDEN,
+        activation="relu",
+        solver="adam",
+        alpha=1e-4,
+        batch_size=128,
+        learning_rate_init=2e-3,
+        max_iter=400,
+        tol=1e-6,
+        n_iter_no_change=20,
+        random_state=SEED,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        scaled = (targets - y_mu) / y_sd
+        # A single target goes in as a vector: scikit-learn warns about a one-column matrix.
+        net.fit((features - mu) / sd, scaled[:, 0] if scaled.shape[1] == 1 else scaled)
+    layers = [
+        (np.asarray(w, np.float64), np.asarray(b, np.float64))
+        for w, b in zip(net.coefs_, net.intercepts_, strict=True)
+    ]
+    w0, b0 = layers[0]
+    layers[0] = (w0 / sd[:, None], b0 - (mu / sd) @ w0)
+    wl, bl = layers[-1]
+    layers[-1] = (wl * y_sd[None, :], bl * y_sd + y_mu)
+    return [(w.astype(np.float32), b.astype(np.float32)) for w, b in layers]
+
+
+def _augment(inputs: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` new inputs: mixtures of two calibration inputs, rescaled, with a little noise.
+
+    Mixing makes inputs between the calibration points (between healthy and faulty, between
+    classes), which is where a student learns the teacher's boundaries; images are also
+    flipped, since a surface defect has no preferred orientation in a crop.
+    """
+    first = rng.integers(len(inputs), size=count)
+    second = rng.integers(len(inputs), size=count)
+    shape = (count,) + (1,) * (inputs.ndim - 1)
+    mix = rng.uniform(0.0, 1.0, size=shape)
+    out = mix * inputs[first] + (1 - mix) * inputs[second]
+    if inputs.ndim == 4:
+        flip_h = rng.random(count) < 0.5
+        out[flip_h] = out[flip_h, :, :, ::-1]
+        flip_v = rng.random(count) < 0.5
+        out[flip_v] = out[flip_v, :, ::-1, :]
+    else:
+        out *= np.exp(rng.uniform(np.log(0.8), np.log(1.25), size=shape))
+    scale = float(np.std(inputs)) or 1.0
+    out += rng.standard_normal(out.shape) * rng.uniform(0.0, 0.03, size=shape) * scale
+    return out.astype(np.float32)
+
+
+def _student_model(
+    ctx: BuildContext,
+    front: _FrontEnd,
+    layers: list[tuple[np.ndarray, np.ndarray]],
+    target: _Target,
+    output_shape: tuple[int, ...],
+) -> onnx.ModelProto:
+    g = _Graph()
+    h = front.onnx(g, ctx.info.input_name)
+    for i, (w, b) in enumerate(layers):
+        h = g.op("Add", g.op("MatMul", h, g.const(f"w{i}", w)), g.const(f"b{i}", b))
+        if i < len(layers) - 1:
+            h = g.op("Relu", h)
+    h = target.onnx(g, h)
+    output = ctx.info.output_names[0]
+    g.op("Reshape", h, g.shape(list(output_shape)), out=output)
+    graph = helper.make_graph(
+        g.nodes,
+        f"{ctx.info.name}-student",
+        [
+            helper.make_tensor_value_info(
+                ctx.info.input_name, TensorProto.FLOAT, [1, *ctx.info.sample_shape]
+            )
+        ],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, list(output_shape))],
+        initializer=g.initializers,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="greenfleet.model_store.variants.distill",
+        doc_string=f"Distilled student of {ctx.info.name}:{ctx.info.version}",
+    )
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _fidelity(
+    task: Task, teacher: np.ndarray, student: np.ndarray, alarm_threshold: float
+) -> dict[str, Any]:
+    """How closely the student follows the teacher on held-out inputs."""
+    count = len(teacher)
+    flat_t, flat_s = teacher.reshape(count, -1), student.reshape(count, -1)
+    result: dict[str, Any] = {
+        "heldout_samples": count,
+        "max_abs_error": float(np.max(np.abs(flat_t - flat_s))),
+    }
+    if task is Task.CLASSIFICATION and flat_t.shape[1] > 1:
+        # A per-sample offset of the logits changes nothing downstream: compare centred values.
+        centred_t = flat_t - flat_t.mean(axis=1, keepdims=True)
+        centred_s = flat_s - flat_s.mean(axis=1, keepdims=True)
+        result["correlation"] = _pearson(centred_t, centred_s)
+        result["agreement"] = float(np.mean(flat_t.argmax(axis=1) == flat_s.argmax(axis=1)))
+    else:
+        result["correlation"] = _pearson(flat_t, flat_s)
+        if task is Task.ANOMALY:
+            result["alarm_threshold"] = alarm_threshold
+            alarms_t, alarms_s = flat_t[:, 0] > alarm_threshold, flat_s[:, 0] > alarm_threshold
+            result["agreement"] = float(np.mean(alarms_t == alarms_s))
+    return result
+
+
+def _building_inputs(ctx: BuildContext) -> np.ndarray:
+    if ctx.calibration is None:
+        raise VariantError(VARIANT, "needs calibration data: pass --calibration FILE")
+    try:
+        ctx.calibration.check_shape(ctx.info.sample_shape)
+    except ModelStoreError as exc:
+        raise VariantError(VARIANT, str(exc)) from exc
+    inputs = np.asarray(ctx.calibration.inputs, dtype=np.float32)
+    if len(inputs) < MIN_SAMPLES:
+        raise VariantError(
+            VARIANT,
+            f"needs at least {MIN_SAMPLES} calibration inputs to train and judge a student, got "
+            f"{len(inputs)}: pass a larger --calibration FILE",
+        )
+    if not np.all(np.isfinite(inputs)):
+        raise VariantError(VARIANT, "calibration inputs contain NaN or infinite values")
+    return inputs
+
+
+class DistillBuilder:
+    """A small student trained on the reference's outputs (see the module docstring)."""
+
+    name = "distill"
+    needs_calibration = True
+
+    def build(self, ctx: BuildContext) -> list[BuiltVariant]:
+        inputs = _building_inputs(ctx)
+        if len(ctx.info.output_names) != 1:
+            raise VariantError(
+                VARIANT,
+                f"the student reproduces one output; the model has {len(ctx.info.output_names)} "
+                f"({', '.join(ctx.info.output_names)})",
+            )
+        load_reference(ctx, VARIANT)
+        started = time.monotonic()
+        cut = len(inputs) - max(1, math.ceil(len(inputs) * HOLDOUT_SHARE))
+        own, heldout = inputs[:cut], inputs[cut:]
+        rng = np.random.default_rng(SEED)
+        extra = min(AUGMENT_FACTOR * len(own), max(0, MAX_TRAINING - len(own)))
+        training = np.concatenate([own, _augment(own, extra, rng)])
+        teacher = run_outputs(ctx.reference, ctx, training, VARIANT)[0]
+        # Outputs of one input each are stacked on axis 0: one row is the model's output shape.
+        output_shape = tuple(int(d) for d in teacher[:1].shape)
+        teacher = teacher.reshape(len(training), -1).astype(np.float64)
+
+        front = _front_end(ctx.info.sample_shape, training)
+        target = _Target.choose(ctx.info.task, teacher)
+        layers = _fit_mlp(front.features(training).astype(np.float64), target.encode(teacher))
+        model = _student_model(ctx, front, layers, target, output_shape)
+        path = ctx.workdir / "student.onnx"
+        onnx.save(model, str(path))
+        seconds = time.monotonic() - started
+
+        teacher_held = run_outputs(ctx.reference, ctx, heldout, VARIANT)[0]
+        student_held = run_outputs(path, ctx, heldout, VARIANT)[0]
+        if not np.all(np.isfinite(student_held)):
+            raise VariantError(VARIANT, "the trained student produces NaN or infinite outputs")
+        labels = ctx.calibration.labels if ctx.calibration is not None else None
+        alarm, _, _ = reference_cutoff(
+            teacher[: len(own), 0], None if labels is None else labels[:cut]
+        )
+        fidelity = _fidelity(ctx.info.task, teacher_held, student_held, alarm)
+        before, after = file_size(ctx.reference), file_size(path)
+        ratio = before / after
+        architecture = {
+            **front.describe(),
+            "features": int(layers[0][0].shape[0]),
+            "hidden": list(HIDDEN),
+            "target": target.kind,
+            "parameters": int(sum(w.size + b.size for w, b in layers)),
+        }
+        return [
+            BuiltVariant(
+                variant=VARIANT,
+                path=path,
+                format=ModelFormat.ONNX,
+                precision="fp32",
+                technique="distill",
+                notes=tuple(
+                    _notes(architecture, fidelity, before, after, len(own), extra, seconds)
+                ),
+                details={
+                    "student": architecture,
+                    "size_bytes": after,
+                    "reference_bytes": before,
+                    "size_ratio": ratio,
+                    "training_samples": len(training),
+                    "calibration_used": len(own),
+                    "augmented": extra,
+                    "seed": SEED,
+                    "seconds": round(seconds, 2),
+                    **fidelity,
+                },
+            )
+        ]
+
+
+def _notes(
+    architecture: dict[str, Any],
+    fidelity: dict[str, Any],
+    before: int,
+    after: int,
+    own: int,
+    extra: int,
+    seconds: float,
+) -> list[str]:
+    hidden = "-".join(str(h) for h in architecture["hidden"])
+    notes = [
+        f"student: {architecture['front_end']} front end, {architecture['features']} features, "
+        f"ReLU MLP {hidden}, trained on {own} calibration + {extra} augmented inputs labelled "
+        f"by the reference ({seconds:.1f} s)",
+        f"file {after} bytes vs {before} ({before / after:.1f}x smaller)",
+    ]
+    r, agreement = fidelity.get("correlation"), fidelity.get("agreement")
+    judged = f"on {fidelity['heldout_samples']} held-out calibration inputs"
+    parts = [f"Pearson r {r:.4f}" if r is not None else "Pearson r undefined (constant outputs)"]
+    if agreement is not None:
+        what = "argmax" if "alarm_threshold" not in fidelity else "alarm decisions"
+        parts.append(f"{what} agree {agreement:.1%}")
+    notes.append(f"fidelity {judged}: {', '.join(parts)}")
+    if fidelity["heldout_samples"] < 30:
+        notes.append("few held-out inputs: the fidelity figures are rough")
+    if before / after < 4:
+        notes.append(f"only {before / after:.1f}x smaller than the reference")
+    return notes

@@ -1,0 +1,315 @@
+"""The rule baseline: the agent's last fallback tier, a few numbers instead of a model file.
+
+When every model variant fails on a device, the agent still answers with rules fitted here on
+the calibration inputs, labelled by the reference model. :func:`evaluate_rules` is pure numpy
+(no onnx, no onnxruntime) so the agent can run it anywhere; it returns an array shaped like the
+model's output. Two kinds, both JSON-serialisable dicts with ``version`` 1:
+
+Thresholds (anomaly models on a signal ``[1, N]``)::
+
+    {"kind": "thresholds", "version": 1, "input": "window", "output": "score",
+     "output_shape": [1, 1],
+     "features": [{"name": "rms", "max": 0.12}, {"name": "peak", "max": 0.30},
+                  {"name": "crest", "max": 3.5}, {"name": "kurtosis", "max": 3.4}],
+     "combine": "max_ratio"}
+
+    score = max over features of value / max; above 1 means anomalous. The statistics are taken
+    on the window with its mean removed: rms, peak = max |x|, crest = peak / rms and kurtosis =
+    mean(x^4) / rms^4 (3 for Gaussian noise; bearing impacts raise peak, crest and kurtosis).
+    Each ``max`` is the NORMAL_PERCENTILE of that statistic over the normal calibration inputs:
+    those labelled 0 when the calibration file has labels, else those the reference scores at or
+    below its NORMAL_SHARE percentile, or below median + ROBUST_SIGMAS robust sigmas (1.4826 x
+    median absolute deviation) if that is lower, as it is when faults are common in the file.
+
+Centroids (classifiers, on images ``[1, C, H, W]`` or signals)::
+
+    {"kind": "centroids", "version": 1, "input": "image", "output": "logits",
+     "output_shape": [1, 4],
+     "features": [{"name": "mean"}, {"name": "std"}, {"name": "min"}, {"name": "max"},
+                  {"name": "dark_fraction", "below": 0.31}],
+     "center": [...], "scale": [...], "centroids": [[...], null, ...],
+     "combine": "neg_sq_distance"}
+
+    logits[k] = -|z - centroids[k]|^2 with z = (features - center) / scale, so the argmax is the
+    nearest centroid; a class the reference never predicted on the calibration inputs has
+    ``null`` and gets ABSENT_LOGIT. ``dark_fraction`` is the share of values below ``below`` (the
+    DARK_PERCENTILE of all calibration values). Signal classifiers use the signal statistics.
+    Centroids are the mean features of the inputs the reference assigns to each class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from agent.protocol import Task
+from model_store.errors import ModelStoreError
+from model_store.variants.base import BuildContext, BuiltVariant, VariantError
+
+VERSION = 1
+VARIANT = "rules"
+NORMAL_PERCENTILE = 99.5  # a threshold sits at this percentile of the statistic on normal inputs
+NORMAL_SHARE = 95.0  # without labels, inputs the reference scores at or below this are normal
+DARK_PERCENTILE = 10.0
+ABSENT_LOGIT = -1e9  # finite, so it survives JSON; softmax makes it 0
+ROBUST_SIGMAS = 5.0  # without labels, also at most this many robust sigmas above the median
+MIN_NORMAL = 10
+
+SIGNAL_FEATURES = ("rms", "peak", "crest", "kurtosis")
+IMAGE_FEATURES = ("mean", "std", "min", "max", "dark_fraction")
+
+
+# --------------------------------------------------------------------- evaluation (numpy only)
+
+
+def signal_statistics(sample: np.ndarray) -> dict[str, float]:
+    """rms, peak, crest and kurtosis of one window, with its mean removed."""
+    x = np.asarray(sample, dtype=np.float64).ravel()
+    x = x - x.mean()
+    rms = float(np.sqrt(np.mean(x * x)))
+    peak = float(np.max(np.abs(x), initial=0.0))
+    tiny = 1e-12
+    return {
+        "rms": rms,
+        "peak": peak,
+        "crest": peak / max(rms, tiny),
+        "kurtosis": float(np.mean(x**4)) / max(rms, tiny) ** 4,
+    }
+
+
+def image_statistics(sample: np.ndarray, dark_below: float) -> dict[str, float]:
+    """mean, std, min, max and share of values below ``dark_below`` over all pixels."""
+    x = np.asarray(sample, dtype=np.float64).ravel()
+    return {
+        "mean": float(x.mean()),
+        "std": float(x.std()),
+        "min": float(x.min()),
+        "max": float(x.max()),
+        "dark_fraction": float(np.mean(x < dark_below)),
+    }
+
+
+def _statistics(features: list[dict[str, Any]], sample: np.ndarray) -> np.ndarray:
+    names = [f["name"] for f in features]
+    if set(names) <= set(SIGNAL_FEATURES):
+        values = signal_statistics(sample)
+    elif set(names) <= set(IMAGE_FEATURES):
+        dark = next((f["below"] for f in features if f["name"] == "dark_fraction"), 0.0)
+        values = image_statistics(sample, float(dark))
+    else:
+        raise ValueError(f"rules use unknown features {names}")
+    return np.array([values[name] for name in names], dtype=np.float64)
+
+
+def evaluate_rules(rules: dict[str, Any], sample: np.ndarray) -> np.ndarray:
+    """Apply a rule baseline to one input (with or without its batch dimension).
+
+    Returns float32 shaped ``rules["output_shape"]``: ``[[score]]`` for thresholds (above 1
+    is anomalous), one logit per class for centroids. ValueError for rules it cannot read.
+    """
+    if rules.get("version") != VERSION:
+        raise ValueError(f"rules version {rules.get('version')!r} is not {VERSION}")
+    shape = tuple(rules["output_shape"])
+    features = list(rules["features"])
+    values = _statistics(features, sample)
+    if rules.get("kind") == "thresholds":
+        limits = np.array([f["max"] for f in features], dtype=np.float64)
+        score = float(np.max(values / np.maximum(limits, 1e-12)))
+        return np.full(shape, score, dtype=np.float32)
+    if rules.get("kind") == "centroids":
+        z = (values - np.asarray(rules["center"])) / np.asarray(rules["scale"])
+        logits = [
+            ABSENT_LOGIT if c is None else -float(np.sum((z - np.asarray(c)) ** 2))
+            for c in rules["centroids"]
+        ]
+        return np.asarray(logits, dtype=np.float32).reshape(shape)
+    raise ValueError(f"unknown rules kind {rules.get('kind')!r}; expected thresholds or centroids")
+
+
+# --------------------------------------------------------------------------------- the builder
+
+
+def _signal_matrix(inputs: np.ndarray) -> np.ndarray:
+    return np.array([[s[name] for name in SIGNAL_FEATURES] for s in map(signal_statistics, inputs)])
+
+
+def reference_cutoff(
+    scores: np.ndarray, labels: np.ndarray | None
+) -> tuple[float, np.ndarray, str]:
+    """The reference score above which an input counts as an alarm, the normal mask, and how.
+
+    With enough inputs labelled 0 those are normal and the cut-off is the NORMAL_PERCENTILE of
+    their scores; otherwise it is the lower of the NORMAL_SHARE percentile of all scores and the
+    median plus ROBUST_SIGMAS robust standard deviations.
+    """
+    if labels is not None and int(np.sum(labels == 0)) >= MIN_NORMAL:
+        normal = np.asarray(labels == 0)
+        return float(np.percentile(scores[normal], NORMAL_PERCENTILE)), normal, "labels"
+    # When faults are common in the file, its 95th percentile is itself a fault score; a robust
+    # spread above the median (normal inputs are the bulk) then gives the lower, truer cut-off.
+    median = float(np.median(scores))
+    robust = median + ROBUST_SIGMAS * 1.4826 * float(np.median(np.abs(scores - median)))
+    share = float(np.percentile(scores, NORMAL_SHARE))
+    if robust < share:
+        how = f"reference score <= median + {ROBUST_SIGMAS:g} robust sigmas"
+        return robust, scores <= robust, how
+    return share, scores <= share, f"reference score <= its {NORMAL_SHARE:g}th percentile"
+
+
+def _fit_thresholds(
+    inputs: np.ndarray, scores: np.ndarray, labels: np.ndarray | None
+) -> tuple[list[dict[str, Any]], float, np.ndarray, str]:
+    """Thresholds on signal statistics of the normal inputs, with :func:`reference_cutoff`."""
+    cutoff, normal, how = reference_cutoff(scores, labels)
+    if int(normal.sum()) < MIN_NORMAL:
+        raise VariantError(
+            VARIANT,
+            f"only {int(normal.sum())} normal calibration inputs; thresholds need at least "
+            f"{MIN_NORMAL}: add healthy samples to the calibration file",
+        )
+    limits = np.percentile(_signal_matrix(inputs[normal]), NORMAL_PERCENTILE, axis=0)
+    features = [
+        {"name": name, "max": float(limit)}
+        for name, limit in zip(SIGNAL_FEATURES, limits, strict=True)
+    ]
+    return features, cutoff, normal, how
+
+
+def _fit_centroids(
+    inputs: np.ndarray, predicted: np.ndarray, classes: int, image: bool
+) -> dict[str, Any]:
+    if image:
+        dark = float(np.percentile(inputs, DARK_PERCENTILE))
+        features: list[dict[str, Any]] = [{"name": name} for name in IMAGE_FEATURES[:-1]]
+        features.append({"name": "dark_fraction", "below": dark})
+    else:
+        features = [{"name": name} for name in SIGNAL_FEATURES]
+    matrix = np.stack([_statistics(features, x) for x in inputs])
+    center = matrix.mean(axis=0)
+    scale = np.maximum(matrix.std(axis=0), 1e-6)
+    z = (matrix - center) / scale
+    centroids = [
+        z[predicted == k].mean(axis=0).tolist() if np.any(predicted == k) else None
+        for k in range(classes)
+    ]
+    return {
+        "features": features,
+        "center": center.tolist(),
+        "scale": scale.tolist(),
+        "centroids": centroids,
+        "combine": "neg_sq_distance",
+    }
+
+
+class RulesBuilder:
+    """Rule baseline fitted on calibration inputs labelled by the reference (see module doc)."""
+
+    name = "rules"
+    needs_calibration = True
+
+    def build(self, ctx: BuildContext) -> list[BuiltVariant]:
+        # onnx and onnxruntime are imported here, so evaluate_rules stays numpy-only.
+        from model_store.variants.fp16 import load_reference, run_outputs
+
+        if ctx.calibration is None:
+            raise VariantError(VARIANT, "needs calibration data: pass --calibration FILE")
+        try:
+            ctx.calibration.check_shape(ctx.info.sample_shape)
+        except ModelStoreError as exc:
+            raise VariantError(VARIANT, str(exc)) from exc
+        inputs = np.asarray(ctx.calibration.inputs, dtype=np.float32)
+        if len(inputs) < MIN_NORMAL:
+            raise VariantError(
+                VARIANT, f"needs at least {MIN_NORMAL} calibration inputs, got {len(inputs)}"
+            )
+        rank = len(ctx.info.sample_shape)
+        task = ctx.info.task
+        if not (task is Task.ANOMALY and rank == 1) and not (
+            task is Task.CLASSIFICATION and rank in (1, 3)
+        ):
+            raise VariantError(
+                VARIANT,
+                f"no rule baseline for a {task.value} model on inputs shaped "
+                f"[1, {', '.join(map(str, ctx.info.sample_shape))}]: rules cover anomaly "
+                "scores of signals and classifiers of signals or images",
+            )
+        load_reference(ctx, VARIANT)
+        reference = run_outputs(ctx.reference, ctx, inputs, VARIANT)[0]
+        # Outputs of one input each are stacked on axis 0: one row is the model's output shape.
+        output_shape = [int(d) for d in reference[:1].shape]
+        flat = reference.reshape(len(inputs), -1).astype(np.float64)
+        rules: dict[str, Any] = {
+            "version": VERSION,
+            "input": ctx.info.input_name,
+            "output": ctx.info.output_names[0],
+            "output_shape": output_shape,
+        }
+        details: dict[str, Any] = {"samples": len(inputs)}
+        if task is Task.ANOMALY:
+            features, cutoff, normal, how = _fit_thresholds(
+                inputs, flat[:, 0], ctx.calibration.labels
+            )
+            rules |= {"kind": "thresholds", "features": features, "combine": "max_ratio"}
+            rule_alarms = _evaluate_all(rules, inputs)[:, 0] > 1.0
+            reference_alarms = flat[:, 0] > cutoff
+            agreement = float(np.mean(rule_alarms == reference_alarms))
+            details |= {
+                "agreement": agreement,
+                "normal_by": how,
+                "normal_samples": int(normal.sum()),
+                "reference_threshold": cutoff,
+                "reference_alarm_rate": float(reference_alarms.mean()),
+                "rule_alarm_rate": float(rule_alarms.mean()),
+                "rule_false_alarm_rate": float(rule_alarms[normal].mean()),
+            }
+            summary = (
+                f"thresholds on {', '.join(SIGNAL_FEATURES)} at the {NORMAL_PERCENTILE:g}th "
+                f"percentile of {int(normal.sum())} normal inputs (normal by {how})"
+            )
+            decisions = (
+                f"alarm decisions agree with the reference (score > {cutoff:.4g}) on "
+                f"{agreement:.1%} of {len(inputs)} calibration inputs"
+            )
+        else:
+            predicted = flat.argmax(axis=1)
+            fitted = _fit_centroids(inputs, predicted, flat.shape[1], image=rank == 3)
+            rules |= {"kind": "centroids", **fitted}
+            agreement = float(np.mean(_evaluate_all(rules, inputs).argmax(axis=1) == predicted))
+            missing = [k for k, c in enumerate(fitted["centroids"]) if c is None]
+            details |= {"agreement": agreement, "classes_without_centroid": missing}
+            names = ", ".join(f["name"] for f in fitted["features"])
+            summary = f"nearest centroid on {names}, classes as the reference predicts them"
+            decisions = (
+                f"predicted class agrees with the reference on {agreement:.1%} of "
+                f"{len(inputs)} calibration inputs"
+            )
+        if ctx.calibration.labels is not None:
+            labels = np.asarray(ctx.calibration.labels)
+            if task is Task.ANOMALY:
+                rule_labels = (_evaluate_all(rules, inputs)[:, 0] > 1.0).astype(int)
+            else:
+                rule_labels = _evaluate_all(rules, inputs).argmax(axis=1)
+            truth = (labels != 0).astype(int) if task is Task.ANOMALY else labels
+            details["label_accuracy"] = float(np.mean(rule_labels == truth))
+        return [
+            BuiltVariant(
+                variant=VARIANT,
+                path=None,
+                format=None,
+                precision="rules",
+                technique="rules",
+                notes=(
+                    summary,
+                    decisions,
+                    "fitted on the building calibration inputs themselves: expect a little "
+                    "less agreement on new data",
+                ),
+                details=details,
+                rules=rules,
+            )
+        ]
+
+
+def _evaluate_all(rules: dict[str, Any], inputs: np.ndarray) -> np.ndarray:
+    return np.stack([evaluate_rules(rules, x).reshape(-1) for x in inputs])
