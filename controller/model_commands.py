@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -16,6 +17,8 @@ from model_store.catalog import Catalog, Declared, ModelVersion, Variant, _task
 from model_store.pipeline import compress
 from model_store.signing import Signer
 from model_store.variants.base import Calibration
+
+METRIC_LABELS = {"roc_auc": "AUC", "accuracy": "acc", "r2": "R²"}
 
 
 def variant_row(v: Variant, reference_size: int | None) -> dict[str, Any]:
@@ -68,21 +71,23 @@ def variants_table(title: str, rows: list[dict[str, Any]]) -> Table:
     table = Table(title=title, title_justify="left")
     for col in (
         "variant",
-        "format",
-        "precision",
-        "size KB",
-        "size x",
-        "MMACs",
-        "ort p50 ms",
-        "litert p50 ms",
+        "fmt",
+        "prec",
+        "KB",
+        "x fp32",
+        "MMAC",
+        "ort ms",
+        "litert ms",
         "metric",
         "agree",
-        "eligible",
+        "ok",
         "why / notes",
     ):
-        table.add_column(
-            col, justify="left" if col in ("variant", "why / notes", "format") else "right"
-        )
+        if col == "why / notes":  # the full text is in `models show --json`
+            table.add_column(col, no_wrap=True, max_width=36, overflow="ellipsis")
+        else:
+            justify = "left" if col in ("variant", "fmt") else "right"
+            table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for r in rows:
         why = r["reason"] or "; ".join(r["notes"])
         table.add_row(
@@ -94,10 +99,12 @@ def variants_table(title: str, rows: list[dict[str, Any]]) -> Table:
             fmt(r["macs"] / 1e6 if r["macs"] is not None else None, 2),
             fmt(r["latency_p50_ms"].get("onnxruntime"), 3),
             fmt(r["latency_p50_ms"].get("litert"), 3),
-            "-" if r["metric_value"] is None else f"{r['metric']} {r['metric_value']:.3f}",
+            "-"
+            if r["metric_value"] is None
+            else f"{METRIC_LABELS.get(r['metric'], r['metric'])} {r['metric_value']:.3f}",
             fmt(r["agreement"], 3),
             "[green]yes[/]" if r["eligible"] else "[red]no[/]",
-            why[:90],
+            escape(why),
         )
     return table
 
@@ -246,7 +253,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     def render() -> None:
         console.print(variants_table(f"{report.version.id}: {len(rows)} variants", rows))
         for f in failures:
-            console.print(f"[yellow]not built[/] {f['variant']}: {f['reason']}")
+            console.print(f"[yellow]not built[/] {f['variant']}: {escape(f['reason'])}")
         console.print(f"manifests signed with key {signer.key_id} ({args.home.keys})")
 
     emit(args, data, render)

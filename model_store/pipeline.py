@@ -110,7 +110,14 @@ def _builder(name: str) -> Any:
 def _eligibility(
     version: ModelVersion, profile: Profile | None, technique: str
 ) -> tuple[bool, str | None]:
-    """Whether a variant may be deployed, and if not, why."""
+    """Whether a variant may be deployed, and if not, why.
+
+    The accuracy floor applies to the task metric (ROC AUC, accuracy, R^2) when labels exist,
+    else to agreement with fp32. An anomaly model with a fixed alarm threshold must also agree
+    with fp32's alarms: a variant can rank windows well (high AUC) and still raise false alarms
+    at the threshold the agent uses.
+    """
+    threshold = version.threshold if version.task is Task.ANOMALY else None
     if technique in ("reference", "source"):
         return True, None
     fidelity = profile.fidelity if profile else None
@@ -126,6 +133,11 @@ def _eligibility(
         return False, "no fidelity figure to compare with the accuracy floor"
     if value < floor:
         return False, f"{metric} {value:.3f} is below the accuracy floor {floor:g}"
+    if threshold is not None and fidelity.agreement is not None and fidelity.agreement < floor:
+        return False, (
+            f"alarm agreement with fp32 {fidelity.agreement:.3f} is below the accuracy floor "
+            f"{floor:g}: its scores are on another scale than the threshold {threshold:g}"
+        )
     return True, None
 
 

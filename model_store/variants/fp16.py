@@ -6,26 +6,26 @@ float32 (their weights are still stored as float16). onnxruntime's CPU provider 
 operators by casting to float32, so on x86 the gain is file size; the speed-up needs a device
 with float16 arithmetic.
 
-This module also holds the checks shared by the fp16, quantize and prune builders: loading the
-reference, the inputs the variants are compared on, and the output error against the reference.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.protocol import ModelFormat
-from model_store.errors import ModelStoreError
-from model_store.variants.base import BuildContext, BuiltVariant, Calibration, VariantError
+from model_store.variants.base import BuildContext, BuiltVariant, VariantError
+from model_store.variants.reference import (
+    file_size,
+    load_reference,
+    output_error,
+    percent,
+    probe_inputs,
+    run_outputs,
+    session,
+)
 
-PROBE_COUNT = 32  # inputs the variants are compared on; enough to see a broken variant
-PROBE_SEED = 20240611
 FP16_MAX = 65504.0
 # Activations beyond this stay float32: probe inputs do not show the true peak, so leave 8x room.
 FP16_SAFE = FP16_MAX / 8
@@ -42,109 +42,6 @@ DTYPE_ATTRIBUTE_OPS = {
     "Multinomial",
     "Bernoulli",
 }
-
-
-# ----------------------------------------------------------------------- shared with siblings
-
-
-def load_reference(ctx: BuildContext, variant: str) -> onnx.ModelProto:
-    """The reference model, checked; VariantError if it is not a valid ONNX model."""
-    try:
-        model = onnx.load(str(ctx.reference))
-        onnx.checker.check_model(model)
-    except Exception as exc:  # onnx raises DecodeError, ValidationError, OSError, ...
-        raise VariantError(
-            variant, f"the reference {ctx.reference} is not a valid ONNX model: {exc}"
-        ) from exc
-    return model
-
-
-def probe_inputs(ctx: BuildContext, count: int = PROBE_COUNT) -> tuple[np.ndarray, str]:
-    """Inputs to compare a variant with the reference on, and a phrase saying what they are.
-
-    Calibration samples when there are any (they look like real data); otherwise seeded
-    standard-normal noise, which at least exercises every weight.
-    """
-    if ctx.calibration is not None and len(ctx.calibration.inputs):
-        inputs = np.asarray(ctx.calibration.inputs[:count], dtype=np.float32)
-        return inputs, f"{len(inputs)} calibration samples"
-    rng = np.random.default_rng(PROBE_SEED)
-    inputs = rng.standard_normal((count, *ctx.info.sample_shape)).astype(np.float32)
-    return inputs, f"{count} standard-normal random inputs (no calibration data given)"
-
-
-def session(model: Path | bytes, variant: str) -> ort.InferenceSession:
-    """A single-threaded CPU session; VariantError if onnxruntime cannot load the model."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # warnings about unused initializers are noise here
-    try:
-        source = model if isinstance(model, bytes) else str(model)
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own Fail/NotImplemented/... types
-        raise VariantError(variant, f"onnxruntime cannot load the result: {exc}") from exc
-
-
-def run_outputs(
-    model: Path | bytes, ctx: BuildContext, inputs: np.ndarray, variant: str
-) -> list[np.ndarray]:
-    """Each output of ``model`` for each input, one sample at a time: ``[N, *output]`` per name.
-
-    Also checks that the model keeps the reference's interface: float32 input and outputs under
-    the same names, so the agent can feed it exactly like the reference.
-    """
-    try:
-        Calibration(inputs).check_shape(ctx.info.sample_shape)
-    except ModelStoreError as exc:
-        raise VariantError(variant, str(exc)) from exc
-    sess = session(model, variant)
-    feeds = {i.name: i.type for i in sess.get_inputs()}
-    fetches = {o.name: o.type for o in sess.get_outputs()}
-    if feeds != {ctx.info.input_name: "tensor(float)"}:
-        raise VariantError(
-            variant, f"inputs changed: expected {ctx.info.input_name} float32, got {feeds}"
-        )
-    names = list(ctx.info.output_names)
-    if any(fetches.get(name) != "tensor(float)" for name in names):
-        raise VariantError(variant, f"outputs changed: expected {names} as float32, got {fetches}")
-    try:
-        rows = [
-            sess.run(names, {ctx.info.input_name: inputs[i : i + 1]}) for i in range(len(inputs))
-        ]
-    except Exception as exc:
-        raise VariantError(variant, f"onnxruntime fails running the result: {exc}") from exc
-    return [np.concatenate([np.asarray(row[k]) for row in rows]) for k in range(len(names))]
-
-
-def output_error(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
-    """Relative RMS error, worst over the outputs: ``rms(candidate - ref) / rms(ref)``.
-
-    Non-finite candidate values count as an infinite error.
-    """
-    worst = 0.0
-    for ref, got in zip(reference, candidate, strict=True):
-        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
-        if ref64.shape != got64.shape or not np.all(np.isfinite(got64)):
-            return float("inf")
-        finite = np.isfinite(ref64)
-        scale = max(float(np.sqrt(np.mean(ref64[finite] ** 2))) if finite.any() else 0.0, 1e-12)
-        diff = (
-            float(np.sqrt(np.mean((got64[finite] - ref64[finite]) ** 2))) if finite.any() else 0.0
-        )
-        worst = max(worst, diff / scale)
-    return worst
-
-
-def file_size(path: Path) -> int:
-    return path.stat().st_size
-
-
-def percent(fraction: float) -> str:
-    return "inf" if not np.isfinite(fraction) else f"{100 * fraction:.2f}%"
-
-
-# ---------------------------------------------------------------------------------- fp16 builder
 
 
 class Fp16Builder:

@@ -10,13 +10,17 @@ TFLite model is fed exactly like the ONNX one. Inside, TensorFlow wants NHWC for
 pooling: those ops read and write NHWC, and a tensor is transposed back to NCHW only when an op
 that cares about the layout needs it, so a Conv-Relu-MaxPool chain costs one transpose in and
 one out, not one per op. Shapes must be static (TFLite works on fixed shapes anyway).
+
+Each node is traced inside a TensorFlow name scope ``n<index>_<name>``, so the tensors of the
+TFLite file say which ONNX node they came from (:func:`node_indices`); the TFLite builder uses
+that to keep chosen nodes in float32 when it quantizes.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +31,7 @@ from onnx import numpy_helper
 from model_store.variants.base import VariantError
 
 VARIANT = "tflite"
+_TF_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_./-]*$")
 TO_NHWC = (0, 2, 3, 1)
 TO_NCHW = (0, 3, 1, 2)
 ELEMENTWISE_UNARY = {"Relu", "Log", "Exp", "Sqrt", "Neg", "Abs", "Sigmoid", "Tanh", "Identity"}
@@ -176,11 +181,23 @@ def convert(model: onnx.ModelProto) -> TfModel:
             for name, value in zip(node.output, outputs, strict=False):
                 if name:
                     env[name] = value
-        return {name: tf.identity(env[name].nchw, name=name) for name in output_names}
+        return {name: tf.identity(env[name].nchw) for name in output_names}
 
+    if not _TF_NAME.match(input_name):
+        raise VariantError(
+            VARIANT,
+            f"input name {input_name!r} cannot name a TFLite signature input (letters, digits "
+            "and . _ - / only); rename the ONNX input first",
+        )
     function = tf.function(
         compute, input_signature=[tf.TensorSpec(input_shape, tf.float32, name=input_name)]
     )
+    try:
+        function.get_concrete_function()  # trace now, so graph errors surface here
+    except VariantError:
+        raise
+    except Exception as exc:  # TensorFlow raises ValueError, TypeError, InvalidArgumentError...
+        raise VariantError(VARIANT, f"TensorFlow cannot trace the converted graph: {exc}") from exc
     return TfModel(function, input_name, input_shape, output_names)
 
 
@@ -442,13 +459,15 @@ def _padding(
 
 
 def _window(
-    node: onnx.NodeProto, attrs: dict[str, Any], kernel: tuple[int, int]
-) -> tuple[tuple[int, int], tuple[int, int]]:
-    strides = tuple(int(s) for s in attrs.get("strides", [1, 1]))
-    dilations = tuple(int(d) for d in attrs.get("dilations", [1, 1]))
+    node: onnx.NodeProto, attrs: dict[str, Any], kernel: Sequence[int] | None = None
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Kernel, strides and dilations of a 2-D window; the kernel from attributes if present."""
+    kernel = [int(k) for k in attrs.get("kernel_shape", kernel or [])]
+    strides = [int(s) for s in attrs.get("strides", [1, 1])]
+    dilations = [int(d) for d in attrs.get("dilations", [1, 1])]
     if len(kernel) != 2 or len(strides) != 2 or len(dilations) != 2:
         raise _fail(node, "only 2-D windows are supported")
-    return (strides[0], strides[1]), (dilations[0], dilations[1])
+    return (kernel[0], kernel[1]), (strides[0], strides[1]), (dilations[0], dilations[1])
 
 
 @_handler("Conv")
@@ -460,8 +479,7 @@ def _conv(tf: Any, node: onnx.NodeProto, inputs: _Inputs, opset: int) -> list[_V
     if weight.ndim != 4:
         raise _fail(node, f"only 2-D convolutions are supported (weight rank {weight.ndim})")
     out_channels, per_group, kh, kw = weight.shape
-    kernel = (kh, kw)
-    strides, dilations = _window(node, attrs, tuple(attrs.get("kernel_shape", kernel)))
+    kernel, strides, dilations = _window(node, attrs, (kh, kw))
     size = _spatial(node, x)
     padding = _padding(node, attrs, size, kernel, strides, dilations)
     group = int(attrs.get("group", 1))
@@ -493,11 +511,10 @@ def _pool(tf: Any, node: onnx.NodeProto, inputs: _Inputs, opset: int) -> list[_V
     assert x is not None
     if attrs.get("ceil_mode", 0):
         raise _fail(node, "ceil_mode=1 is not supported")
-    kernel = tuple(int(k) for k in attrs["kernel_shape"])
-    strides, dilations = _window(node, attrs, kernel)
+    kernel, strides, dilations = _window(node, attrs)
     if dilations != (1, 1):
         raise _fail(node, "dilated pooling is not supported")
-    padding = _padding(node, attrs, _spatial(node, x), kernel, strides, dilations)  # type: ignore[arg-type]
+    padding = _padding(node, attrs, _spatial(node, x), kernel, strides, dilations)
     data = x.nhwc
     if node.op_type == "MaxPool":
         if isinstance(padding, list):

@@ -27,7 +27,7 @@ from onnx import helper, numpy_helper
 
 from agent.protocol import ModelFormat
 from model_store.variants.base import BuildContext, BuiltVariant, VariantError
-from model_store.variants.fp16 import (
+from model_store.variants.reference import (
     file_size,
     load_reference,
     output_error,

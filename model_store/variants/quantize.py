@@ -38,7 +38,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from agent.protocol import ModelFormat
 from model_store.errors import ModelStoreError
 from model_store.variants.base import BuildContext, BuiltVariant, VariantError
-from model_store.variants.fp16 import (
+from model_store.variants.reference import (
     file_size,
     load_reference,
     output_error,

@@ -26,15 +26,23 @@ Centroids (classifiers, on images ``[1, C, H, W]`` or signals)::
     {"kind": "centroids", "version": 1, "input": "image", "output": "logits",
      "output_shape": [1, 4],
      "features": [{"name": "mean"}, {"name": "std"}, {"name": "min"}, {"name": "max"},
-                  {"name": "dark_fraction", "below": 0.31}],
+                  {"name": "dark_fraction", "below": 0.29}, {"name": "laplacian_min"},
+                  {"name": "laplacian_max"}, {"name": "laplacian_mean_square"},
+                  {"name": "block_min", "block": 4}, {"name": "block_max"}],
      "center": [...], "scale": [...], "centroids": [[...], null, ...],
      "combine": "neg_sq_distance"}
 
     logits[k] = -|z - centroids[k]|^2 with z = (features - center) / scale, so the argmax is the
     nearest centroid; a class the reference never predicted on the calibration inputs has
-    ``null`` and gets ABSENT_LOGIT. ``dark_fraction`` is the share of values below ``below`` (the
-    DARK_PERCENTILE of all calibration values). Signal classifiers use the signal statistics.
-    Centroids are the mean features of the inputs the reference assigns to each class.
+    ``null`` and gets ABSENT_LOGIT. Image statistics are taken on the channel mean:
+    ``dark_fraction`` is the share of pixels below ``below`` (the DARK_PERCENTILE of all
+    calibration pixels); the 4-neighbour Laplacian's min, max and mean square respond to small
+    spots and thin lines; ``block_min``/``block_max`` are the extreme means of ``block`` x
+    ``block`` tiles minus the image mean (larger blotches). Signal classifiers use the signal
+    statistics. Centroids are the mean features of the inputs the reference assigns to each
+    class. Without the Laplacian and tile features the nearest centroid agreed with
+    surface-cnn on under half of the images; with them, on about 60%: a last resort, not a
+    classifier.
 """
 
 from __future__ import annotations
@@ -57,7 +65,19 @@ ROBUST_SIGMAS = 5.0  # without labels, also at most this many robust sigmas abov
 MIN_NORMAL = 10
 
 SIGNAL_FEATURES = ("rms", "peak", "crest", "kurtosis")
-IMAGE_FEATURES = ("mean", "std", "min", "max", "dark_fraction")
+IMAGE_FEATURES = (
+    "mean",
+    "std",
+    "min",
+    "max",
+    "dark_fraction",
+    "laplacian_min",
+    "laplacian_max",
+    "laplacian_mean_square",
+    "block_min",
+    "block_max",
+)
+BLOCKS_ACROSS = 8  # block_min/max average blocks of 1/8 of the image side
 
 
 # --------------------------------------------------------------------- evaluation (numpy only)
@@ -78,25 +98,46 @@ def signal_statistics(sample: np.ndarray) -> dict[str, float]:
     }
 
 
-def image_statistics(sample: np.ndarray, dark_below: float) -> dict[str, float]:
-    """mean, std, min, max and share of values below ``dark_below`` over all pixels."""
-    x = np.asarray(sample, dtype=np.float64).ravel()
+def image_statistics(sample: np.ndarray, dark_below: float, block: int) -> dict[str, float]:
+    """Pixel statistics of one image ``[C, H, W]`` (channels averaged); see the module doc."""
+    x = np.asarray(sample, dtype=np.float64)
+    image = x.reshape(-1, x.shape[-2], x.shape[-1]).mean(axis=0)
+    values = image.ravel()
+    mean = float(values.mean())
+    laplacian = (
+        4 * image[1:-1, 1:-1]
+        - image[:-2, 1:-1]
+        - image[2:, 1:-1]
+        - image[1:-1, :-2]
+        - image[1:-1, 2:]
+    ).ravel()
+    if laplacian.size == 0:
+        laplacian = np.zeros(1)
+    h, w = (max(1, d // block) * block for d in image.shape)
+    blocks = image[:h, :w].reshape(h // block, block, w // block, block).mean(axis=(1, 3))
     return {
-        "mean": float(x.mean()),
-        "std": float(x.std()),
-        "min": float(x.min()),
-        "max": float(x.max()),
-        "dark_fraction": float(np.mean(x < dark_below)),
+        "mean": mean,
+        "std": float(values.std()),
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "dark_fraction": float(np.mean(values < dark_below)),
+        "laplacian_min": float(laplacian.min()),
+        "laplacian_max": float(laplacian.max()),
+        "laplacian_mean_square": float(np.mean(laplacian**2)),
+        "block_min": float(blocks.min()) - mean,
+        "block_max": float(blocks.max()) - mean,
     }
 
 
 def _statistics(features: list[dict[str, Any]], sample: np.ndarray) -> np.ndarray:
     names = [f["name"] for f in features]
+    params = {key: f[key] for f in features for key in ("below", "block") if key in f}
     if set(names) <= set(SIGNAL_FEATURES):
         values = signal_statistics(sample)
     elif set(names) <= set(IMAGE_FEATURES):
-        dark = next((f["below"] for f in features if f["name"] == "dark_fraction"), 0.0)
-        values = image_statistics(sample, float(dark))
+        values = image_statistics(
+            sample, float(params.get("below", 0.0)), int(params.get("block", 1))
+        )
     else:
         raise ValueError(f"rules use unknown features {names}")
     return np.array([values[name] for name in names], dtype=np.float64)
@@ -181,8 +222,11 @@ def _fit_centroids(
 ) -> dict[str, Any]:
     if image:
         dark = float(np.percentile(inputs, DARK_PERCENTILE))
-        features: list[dict[str, Any]] = [{"name": name} for name in IMAGE_FEATURES[:-1]]
-        features.append({"name": "dark_fraction", "below": dark})
+        block = max(1, min(inputs.shape[-2:]) // BLOCKS_ACROSS)
+        extra = {"dark_fraction": {"below": dark}, "block_min": {"block": block}}
+        features: list[dict[str, Any]] = [
+            {"name": name, **extra.get(name, {})} for name in IMAGE_FEATURES
+        ]
     else:
         features = [{"name": name} for name in SIGNAL_FEATURES]
     matrix = np.stack([_statistics(features, x) for x in inputs])
@@ -210,7 +254,7 @@ class RulesBuilder:
 
     def build(self, ctx: BuildContext) -> list[BuiltVariant]:
         # onnx and onnxruntime are imported here, so evaluate_rules stays numpy-only.
-        from model_store.variants.fp16 import load_reference, run_outputs
+        from model_store.variants.reference import load_reference, run_outputs
 
         if ctx.calibration is None:
             raise VariantError(VARIANT, "needs calibration data: pass --calibration FILE")

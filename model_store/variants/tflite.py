@@ -35,7 +35,7 @@ import numpy as np
 from agent.protocol import ModelFormat, Task
 from model_store.errors import ModelStoreError
 from model_store.variants.base import BuildContext, BuiltVariant, VariantError
-from model_store.variants.fp16 import (
+from model_store.variants.reference import (
     file_size,
     load_reference,
     output_error,

@@ -20,7 +20,7 @@ from model_store.variants.base import (
     ModelInfo,
     VariantError,
 )
-from model_store.variants.fp16 import Fp16Builder, probe_inputs, run_outputs
+from model_store.variants.fp16 import Fp16Builder
 from model_store.variants.quantize import (
     QUANT_TOLERANCE,
     DynamicInt8Builder,
@@ -29,6 +29,7 @@ from model_store.variants.quantize import (
     candidates,
     prepare,
 )
+from model_store.variants.reference import probe_inputs, run_outputs
 
 SAMPLES = Path(build.__file__).parent
 VIBRATION = SAMPLES / "vibration-ae.onnx"
