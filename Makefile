@@ -20,6 +20,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 	bash tests/runtime_env/run.sh
+	bash tests/tf_env/run.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -30,4 +31,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) .venv-tflite-runtime .greenfleet
+	rm -rf $(VENV) .venv-tflite-runtime .venv-tf .greenfleet
