@@ -1,8 +1,10 @@
 """``greenfleet demo``: a broker, the controller and three agents on this machine, end to end.
 
-It deploys the sample vibration model (ONNX to two gateways, the TFLite build of the same
-model to the third), shows the fleet with live latency and energy, injects a bearing fault on
-one machine so that its anomaly score rises past the model's threshold, and prints a summary.
+It runs both sample models (vibration anomaly, surface defects) through the model store, so
+their variants are built, profiled and signed; deploys three variants of the vibration model,
+one per gateway (the TFLite build, int8, the distilled student); shows the fleet with live
+latency and energy; injects a bearing fault on one machine so that its anomaly score rises past
+the model's threshold; and prints a summary.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 from rich.console import Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from agent import protocol as p
@@ -32,11 +35,22 @@ from controller.broker import EmbeddedBroker, Mosquitto, mosquitto_path
 from controller.daemon import Controller
 from controller.db import open_db
 from controller.home import Home
-from controller.output import console, energy_mj, fleet_table
-from model_store.catalog import Catalog
+from controller.model_commands import variant_row, variants_table
+from controller.output import (
+    console,
+    energy_mj,
+    fleet_table,
+    progress_bar,
+    stage_progress,
+)
+from model_store.catalog import Catalog, Declared
+from model_store.pipeline import compress
+from model_store.samples.calibration import calibration_set
+from model_store.signing import Signer
 
 SAMPLES = Path(__file__).resolve().parent.parent / "model_store" / "samples"
 FAULTY = "gw-pump-02"
+SAMPLE_MODELS = ("vibration-ae", "surface-cnn")
 
 
 @dataclass(frozen=True)
@@ -67,7 +81,7 @@ DEVICES = (
         5.0,
         1.6,
         1800,
-        "vibration-ae:1.0.0",
+        "vibration-ae:1.0.0+int8-static-qop",
     ),
     DemoDevice(
         "ipc-line-03",
@@ -76,7 +90,7 @@ DEVICES = (
         14.0,
         6.5,
         2400,
-        "vibration-ae:1.0.0",
+        "vibration-ae:1.0.0+student",
     ),
 )
 
@@ -149,6 +163,43 @@ def _screen(db: Any, watch: ScoreWatch, threshold: float, phase: str) -> Group:
     return Group(f"[bold]{phase}[/]", fleet_table(rows), scores)
 
 
+def _build_variants(home: Home, db: Any, workdir: Path) -> None:
+    """Both sample models through the whole model-store pipeline: add, compress, profile, sign."""
+    catalog = Catalog(db, home.store)
+    signer = Signer.load_or_create(home.keys)
+    for name in SAMPLE_MODELS:
+        catalog.add(
+            SAMPLES / f"{name}.onnx",
+            name,
+            "1.0.0",
+            declared=Declared.from_json(SAMPLES / f"{name}.json"),
+        )
+    catalog.add(SAMPLES / "vibration-ae.tflite", "vibration-ae", "1.0.0+tflite")
+    for name in SAMPLE_MODELS:
+        with progress_bar(f"[bold]3/7[/] compress {name}", transient=True) as bar:
+            report = compress(
+                catalog,
+                signer,
+                f"{name}:1.0.0",
+                calibration_set(name, n=400),
+                home.scratch,
+                progress=stage_progress(bar),
+                latency_runs=50,
+            )
+        variants = catalog.variants(report.version.id)
+        fp32 = next(v for v in variants if v.variant == "fp32")
+        rows = [variant_row(v, fp32.size) for v in variants]
+        console.print(
+            variants_table(
+                f"3/7 {name}: {len(rows)} variants, {sum(r['eligible'] for r in rows)} eligible "
+                f"(signed with key {signer.key_id})",
+                rows,
+            )
+        )
+        for variant, reason in report.failures:
+            console.print(f"    not built: {variant}: {escape(reason)}")
+
+
 def _wait(predicate: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -185,11 +236,11 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
     broker: Mosquitto | EmbeddedBroker
     if use_mosquitto:
         broker = Mosquitto(workdir / "mosquitto").start()
-        console.print(f"[bold]1/6[/] Mosquitto on 127.0.0.1:{broker.port}")
+        console.print(f"[bold]1/7[/] Mosquitto on 127.0.0.1:{broker.port}")
     else:
         broker = EmbeddedBroker().start()
         console.print(
-            f"[bold]1/6[/] embedded broker on 127.0.0.1:{broker.port} "
+            f"[bold]1/7[/] embedded broker on 127.0.0.1:{broker.port} "
             "(demo only: it loses queued QoS 1 messages across reconnects; use Mosquitto)"
         )
     controller = Controller(
@@ -200,12 +251,6 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
     try:
         controller.start()
         db = open_db(home.database)
-        catalog = Catalog(db, home.store)
-        catalog.add(SAMPLES / "vibration-ae.onnx", "vibration-ae", "1.0.0")
-        catalog.add(SAMPLES / "vibration-ae.tflite", "vibration-ae", "1.0.0+tflite")
-        console.print(
-            f"[bold]2/6[/] controller up; catalog: {', '.join(m.id for m in catalog.all())}"
-        )
         for seed, device in enumerate(DEVICES, start=1):
             config = _write_agent_config(workdir, device, broker.port, seed)
             with (workdir / f"{device.id}.log").open("ab") as log:
@@ -216,13 +261,15 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
                         stderr=subprocess.STDOUT,
                     )
                 )
+        console.print("[bold]2/7[/] controller up; three agents starting")
+        _build_variants(home, db, workdir)
         ids = {d.id for d in DEVICES}
         _wait(
             lambda: ids <= {r["id"] for r in views.fleet(db) if r["online"]},
             60,
             "three agents to come online",
         )
-        console.print("[bold]3/6[/] three agents online: " + ", ".join(sorted(ids)))
+        console.print("[bold]4/7[/] three agents online: " + ", ".join(sorted(ids)))
         for device in DEVICES:
             registry.set_desired(db, [device.id], device.model)
         _wait(
@@ -230,10 +277,12 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
                 r["active_model"] == r["desired_model"] for r in views.fleet(db) if r["id"] in ids
             ),
             60,
-            "the sample model to be active everywhere",
+            "the chosen variants to be active everywhere",
         )
         console.print(
-            "[bold]4/6[/] model delivered and active on all devices "
+            "[bold]5/7[/] variants delivered and active: "
+            + ", ".join(f"{d.id} {d.model.partition('+')[2]}" for d in DEVICES)
+            + " "
             f"({time.monotonic() - started:.0f} s)"
         )
         watch = ScoreWatch(broker.port)
@@ -241,7 +290,7 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
         with Live(console=console, refresh_per_second=2) as live:
             end = time.monotonic() + 20
             while time.monotonic() < end:
-                live.update(_screen(db, watch, threshold, "5/6 healthy machines: live fleet"))
+                live.update(_screen(db, watch, threshold, "6/7 healthy machines: live fleet"))
                 time.sleep(0.5)
             before = {d.id: watch.take(d.id) for d in DEVICES}
             watch.inject(FAULTY, p.FaultKind.OUTER_RACE, 1.0)
@@ -249,7 +298,7 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
             while time.monotonic() < end:
                 live.update(
                     _screen(
-                        db, watch, threshold, f"6/6 outer-race bearing fault injected on {FAULTY}"
+                        db, watch, threshold, f"7/7 outer-race bearing fault injected on {FAULTY}"
                     )
                 )
                 time.sleep(0.5)

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from controller.db import open_db
-from controller.output import console, emit, fmt
+from controller.output import console, emit, fmt, progress_bar, stage_progress
 from model_store.catalog import Catalog, Declared, ModelVersion, Variant, _task
 from model_store.pipeline import compress
 from model_store.signing import Signer
@@ -214,21 +213,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     calibration = Calibration.load(Path(args.calibration)) if args.calibration else None
     signer = Signer.load_or_create(args.home.keys)
     only = [b.strip() for b in args.only.split(",")] if args.only else None
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[label]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, disable=args.json) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(stage: str, done: int, total: int, label: str) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(f"{stage:8}", total=total, label=label)
-            bar.update(tasks[stage], completed=done, total=total, label=label)
-
+    with progress_bar("compress", disable=args.json) as bar:
         report = compress(
             catalog,
             signer,
@@ -236,7 +221,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             calibration,
             args.home.scratch,
             only=only,
-            progress=progress,
+            progress=stage_progress(bar),
             latency_runs=args.runs,
         )
     variants = catalog.variants(report.version.id)

@@ -9,6 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 # Piped output (logs, CI) gets wide lines instead of truncated columns.
@@ -70,3 +78,30 @@ def emit(args: argparse.Namespace, data: Any, render: Callable[[], None]) -> Non
         print(json.dumps(data, indent=2, default=str))
     else:
         render()
+
+
+def stage_progress(bar: Progress) -> Callable[[str, int, int, str], None]:
+    """A ``(stage, done, total, label)`` callback that keeps one bar per stage."""
+    tasks: dict[str, TaskID] = {}
+
+    def update(stage: str, done: int, total: int, label: str) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(f"{stage:8}", total=total, label=label)
+        bar.update(tasks[stage], completed=done, total=total, label=label)
+
+    return update
+
+
+def progress_bar(title: str, *, disable: bool = False, transient: bool = False) -> Progress:
+    """The bar long jobs show: title, bar, count, current item, elapsed time."""
+    return Progress(
+        TextColumn(title),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[label]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=disable,
+        transient=transient,
+    )

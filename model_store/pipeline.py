@@ -223,7 +223,7 @@ def compress(
                 built.extend(_builder(name).build(ctx))
             except VariantError as exc:
                 report.failures.append((exc.variant, exc.reason))
-                log.warning("%s", exc)
+                log.info("%s", exc)  # reported to the caller in the CompressReport
             except Exception as exc:  # a bug or a third-party failure in one builder
                 log.exception("builder %s failed", name)
                 report.failures.append((name, f"unexpected error: {type(exc).__name__}: {exc}"))
