@@ -82,3 +82,37 @@ def test_errors_are_one_line_with_exit_code_1(
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("greenfleet: ") and needle in err and "Traceback" not in err
+
+
+def test_models_compress_and_show(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from model_store.samples.calibration import calibration_set
+
+    calibration = tmp_path / "calib.npz"
+    calibration_set("surface-cnn", n=120).save(calibration)
+    model = str(SAMPLES / "surface-cnn.onnx")
+    meta = str(SAMPLES / "surface-cnn.json")
+    assert (
+        main(["models", "add", model, "--name", "surf", "--version", "1.0.0", "--meta", meta]) == 0
+    )
+    argv = ["models", "compress", "surf:1.0.0", "--calibration", str(calibration)]
+    assert main([*argv, "--only", "fp16,int8-static,nope"]) == 1
+    assert "unknown builders ['nope']" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*argv, "--only", "fp16,int8-static", "--runs", "10", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"fp32", "fp16", "int8-static-qdq", "int8-static-qop"} <= {
+        r["variant"] for r in report["variants"]
+    }
+    assert report["failures"] == []
+    assert main(["models", "show", "surf:1.0.0"]) == 0
+    table = capsys.readouterr().out
+    assert "int8-static-qop" in table and "acc " in table
+    assert main(["models", "list", "--json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert (listed["task"], listed["accuracy_floor"], listed["variants"]) == (
+        "classification",
+        0.9,
+        5,
+    )
