@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, str] = {
     "model_push": "benchmarks.model_push",
     "inference_overhead": "benchmarks.inference_overhead",
     "agent_memory": "benchmarks.agent_memory",
+    "variants": "benchmarks.variants",
 }
 
 

@@ -253,14 +253,16 @@ def _builder(name: str) -> Any:
 
 
 def build(
-    names: list[str], ctx_for: Callable[[str], BuildContext]
+    names: list[str], reference: Path, info: ModelInfo, building: Calibration, workdir: Path
 ) -> tuple[list[BuiltVariant], dict[str, str]]:
-    """Run the named builders; failures by variant (or builder) name with their reasons."""
+    """Run the named builders, each in ``workdir/<builder>``; failures by name with reasons."""
     built: list[BuiltVariant] = []
     failures: dict[str, str] = {}
     for name in names:
+        scratch = workdir / name
+        scratch.mkdir(exist_ok=True)
         try:
-            built.extend(_builder(name).build(ctx_for(name)))
+            built.extend(_builder(name).build(BuildContext(reference, info, building, scratch)))
         except VariantError as exc:
             failures[exc.variant] = exc.reason
         except Exception as exc:  # a bug or a third-party failure in one builder
@@ -365,12 +367,7 @@ def measure_tflite(workdir: Path, settings: dict[str, int]) -> dict[str, Any]:
         folder = workdir / name
         reference = folder / REFERENCE_FILE
         calibration = Calibration.load(folder / CALIBRATION_FILE)
-        scratch = folder / "tflite"
-        scratch.mkdir(exist_ok=True)
-        built, failures = build(
-            ["tflite"],
-            lambda _: BuildContext(reference, sample.info, calibration.building(), scratch),
-        )
+        built, failures = build(["tflite"], reference, sample.info, calibration.building(), folder)
         result = SampleResult(failures=failures)
         if built:
             result.rows = _tflite_rows(sample, reference, calibration, built, settings)
@@ -609,18 +606,11 @@ def measure(quick: bool) -> tuple[dict[str, Sample], dict[str, SampleResult], di
         for name in SAMPLES:
             sample, reference, calibration = prepare(name, workdir)
             samples[name] = sample
-            building = calibration.building()
             facts["heldout"][name] = len(calibration.heldout().inputs)
-
-            def ctx_for(
-                builder: str, reference: Path = reference, name: str = name
-            ) -> BuildContext:
-                scratch = workdir / name / builder
-                scratch.mkdir()
-                return BuildContext(reference, samples[name].info, building, scratch)
-
             onnx_builders = [b for b in BUILDERS if b != "tflite"]
-            built, failures = build(onnx_builders, ctx_for)
+            built, failures = build(
+                onnx_builders, reference, sample.info, calibration.building(), workdir / name
+            )
             result = SampleResult(failures=failures)
             result.rows = measure_onnx(sample, reference, calibration, built, settings)
             results[name] = result
@@ -672,19 +662,19 @@ def run(quick: bool) -> Outcome:
     best = min(int8_rows, key=lambda r: r.size_ratio, default=None)
     fp32 = next(r for r in results[CNN].rows if r.variant == "fp32")
     passed = int8_met and all(ok for ok, _ in students.values())
+    shrinks = [
+        f"{1 / r.size_ratio:.1f}x"
+        for n in SAMPLES
+        for r in results[n].rows
+        if r.variant == "student"
+    ]
     return outcome(
         NAME,
         TITLE,
         measured=(
             f"{CNN} int8 {'met' if int8_met else 'not met'}"
             + (f" (smallest {best.variant} {best.size_ratio:.2f}x)" if best else "")
-            + "; students "
-            + ", ".join(
-                f"{1 / _student(results[n].rows):.1f}x"
-                for n in SAMPLES
-                if _student(results[n].rows)
-            )
-            + " smaller"
+            + f"; students {', '.join(shrinks) or 'not built'} smaller"
         ),
         baseline=f"fp32 in the same run ({CNN} {fp32.size_bytes} B, p50 {_num(fp32.p50_us, 1)} us)",
         ratio=best.size_ratio if best else float("nan"),
@@ -698,10 +688,6 @@ def run(quick: bool) -> Outcome:
             "samples": {n: asdict(r) for n, r in results.items()},
         },
     )
-
-
-def _student(rows: list[Row]) -> float | None:
-    return next((r.size_ratio for r in rows if r.variant == "student"), None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,9 +47,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.protocol import ModelFormat, Task
-from model_store.errors import ModelStoreError
 from model_store.variants.base import BuildContext, BuiltVariant, VariantError
-from model_store.variants.reference import file_size, load_reference, run_outputs, session
+from model_store.variants.reference import (
+    calibration_inputs,
+    file_size,
+    load_reference,
+    run_outputs,
+    session,
+)
 from model_store.variants.rules import reference_cutoff
 
 VARIANT = "student"
@@ -479,19 +484,7 @@ def _fidelity(
 
 
 def _building_inputs(ctx: BuildContext) -> np.ndarray:
-    if ctx.calibration is None:
-        raise VariantError(VARIANT, "needs calibration data: pass --calibration FILE")
-    try:
-        ctx.calibration.check_shape(ctx.info.sample_shape)
-    except ModelStoreError as exc:
-        raise VariantError(VARIANT, str(exc)) from exc
-    inputs = np.asarray(ctx.calibration.inputs, dtype=np.float32)
-    if len(inputs) < MIN_SAMPLES:
-        raise VariantError(
-            VARIANT,
-            f"needs at least {MIN_SAMPLES} calibration inputs to train and judge a student, got "
-            f"{len(inputs)}: pass a larger --calibration FILE",
-        )
+    inputs = calibration_inputs(ctx, VARIANT, MIN_SAMPLES)
     if not np.all(np.isfinite(inputs)):
         raise VariantError(VARIANT, "calibration inputs contain NaN or infinite values")
     return inputs

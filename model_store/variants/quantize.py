@@ -36,9 +36,9 @@ from onnxruntime.quantization.registry import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from agent.protocol import ModelFormat
-from model_store.errors import ModelStoreError
 from model_store.variants.base import BuildContext, BuiltVariant, VariantError
 from model_store.variants.reference import (
+    calibration_inputs,
     file_size,
     load_reference,
     output_error,
@@ -415,16 +415,8 @@ class StaticInt8Builder:
     FORMATS = {"int8-static-qdq": QuantFormat.QDQ, "int8-static-qop": QuantFormat.QOperator}
 
     def build(self, ctx: BuildContext) -> list[BuiltVariant]:
-        if ctx.calibration is None:
-            raise VariantError(self.name, "needs calibration data: pass --calibration FILE")
-        try:
-            ctx.calibration.check_shape(ctx.info.sample_shape)
-        except ModelStoreError as exc:
-            raise VariantError(self.name, str(exc)) from exc
-        if len(ctx.calibration.inputs) == 0:
-            raise VariantError(self.name, "the calibration data holds no inputs")
+        inputs = calibration_inputs(ctx, self.name)[:MAX_CALIBRATION]
         prepared, nodes = prepare(ctx, self.name, optimize=True)
-        inputs = ctx.calibration.inputs[:MAX_CALIBRATION]
         # Judged on the same samples the ranges come from; the profiler judges on held-out data.
         probes, probe_text = probe_inputs(ctx)
         reference_out = run_outputs(ctx.reference, ctx, probes, self.name)

@@ -118,3 +118,19 @@ def percent(fraction: float) -> str:
 
 
 # ---------------------------------------------------------------------------------- fp16 builder
+
+
+def calibration_inputs(ctx: BuildContext, variant: str, minimum: int = 1) -> np.ndarray:
+    """The building calibration inputs as float32, or VariantError saying what is missing."""
+    if ctx.calibration is None:
+        raise VariantError(variant, "needs calibration data: pass --calibration FILE")
+    try:
+        ctx.calibration.check_shape(ctx.info.sample_shape)
+    except ModelStoreError as exc:
+        raise VariantError(variant, str(exc)) from exc
+    if len(ctx.calibration.inputs) < minimum:
+        raise VariantError(
+            variant,
+            f"needs at least {minimum} calibration inputs, got {len(ctx.calibration.inputs)}",
+        )
+    return np.asarray(ctx.calibration.inputs, dtype=np.float32)

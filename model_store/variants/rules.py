@@ -52,7 +52,6 @@ from typing import Any
 import numpy as np
 
 from agent.protocol import Task
-from model_store.errors import ModelStoreError
 from model_store.variants.base import BuildContext, BuiltVariant, VariantError
 
 VERSION = 1
@@ -254,19 +253,10 @@ class RulesBuilder:
 
     def build(self, ctx: BuildContext) -> list[BuiltVariant]:
         # onnx and onnxruntime are imported here, so evaluate_rules stays numpy-only.
-        from model_store.variants.reference import load_reference, run_outputs
+        from model_store.variants.reference import calibration_inputs, load_reference, run_outputs
 
-        if ctx.calibration is None:
-            raise VariantError(VARIANT, "needs calibration data: pass --calibration FILE")
-        try:
-            ctx.calibration.check_shape(ctx.info.sample_shape)
-        except ModelStoreError as exc:
-            raise VariantError(VARIANT, str(exc)) from exc
-        inputs = np.asarray(ctx.calibration.inputs, dtype=np.float32)
-        if len(inputs) < MIN_NORMAL:
-            raise VariantError(
-                VARIANT, f"needs at least {MIN_NORMAL} calibration inputs, got {len(inputs)}"
-            )
+        inputs = calibration_inputs(ctx, VARIANT, MIN_NORMAL)
+        labels_given = ctx.calibration.labels if ctx.calibration is not None else None
         rank = len(ctx.info.sample_shape)
         task = ctx.info.task
         if not (task is Task.ANOMALY and rank == 1) and not (
@@ -291,9 +281,7 @@ class RulesBuilder:
         }
         details: dict[str, Any] = {"samples": len(inputs)}
         if task is Task.ANOMALY:
-            features, cutoff, normal, how = _fit_thresholds(
-                inputs, flat[:, 0], ctx.calibration.labels
-            )
+            features, cutoff, normal, how = _fit_thresholds(inputs, flat[:, 0], labels_given)
             rules |= {"kind": "thresholds", "features": features, "combine": "max_ratio"}
             rule_alarms = _evaluate_all(rules, inputs)[:, 0] > 1.0
             reference_alarms = flat[:, 0] > cutoff
@@ -328,8 +316,8 @@ class RulesBuilder:
                 f"predicted class agrees with the reference on {agreement:.1%} of "
                 f"{len(inputs)} calibration inputs"
             )
-        if ctx.calibration.labels is not None:
-            labels = np.asarray(ctx.calibration.labels)
+        if labels_given is not None:
+            labels = np.asarray(labels_given)
             if task is Task.ANOMALY:
                 rule_labels = (_evaluate_all(rules, inputs)[:, 0] > 1.0).astype(int)
             else:

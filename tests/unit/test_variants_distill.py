@@ -190,7 +190,7 @@ def test_wrong_shaped_calibration_is_refused(workdir: Path) -> None:
 
 def test_too_little_calibration_is_refused(workdir: Path) -> None:
     few = calibration_set("vibration-ae", 8, seed=1)
-    with pytest.raises(VariantError, match=r"at least 20 calibration inputs .*, got 8"):
+    with pytest.raises(VariantError, match=r"at least 20 calibration inputs, got 8"):
         DistillBuilder().build(context(VIBRATION, VIBRATION_INFO, few, workdir))
     assert not list(workdir.iterdir())
 
