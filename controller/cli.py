@@ -63,7 +63,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         ref = ModelRef.parse(args.model)
     except ProtocolError as exc:
         raise InvalidRequest(str(exc)) from exc
-    Catalog(db, args.home.store).get(ref)
+    variant = Catalog(db, args.home.store).get(ref)
+    if not variant.eligible and not args.force:
+        raise InvalidRequest(
+            f"{ref} is not eligible: {variant.reason}; see `greenfleet models show "
+            f"{variant.base}`, or pass --force to deploy it anyway"
+        )
     if args.selector:
         targets = registry.matching(db, registry.parse_selector(args.selector))
         if not targets:
@@ -206,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     target = deploy.add_mutually_exclusive_group(required=True)
     target.add_argument("--device", action="append", help="device id (repeatable)")
     target.add_argument("--selector", help="label selector, e.g. site=plant-a,line=3")
+    deploy.add_argument("--force", action="store_true", help="deploy an ineligible variant")
 
     add(sub, "status", cmd_status, "fleet summary, devices and recent events", True)
 

@@ -116,3 +116,37 @@ def test_models_compress_and_show(
         0.9,
         5,
     )
+
+
+def test_an_ineligible_variant_is_not_deployed_without_force(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from controller.db import open_db
+    from model_store.catalog import Catalog
+
+    assert (
+        main(
+            [
+                "models",
+                "add",
+                str(SAMPLES / "vibration-ae.onnx"),
+                "--name",
+                "vib",
+                "--version",
+                "1.0.0",
+            ]
+        )
+        == 0
+    )
+    catalog = Catalog(open_db(home / "greenfleet.db"), home / "store")
+    catalog.update_variant(
+        "vib:1.0.0", eligible=0, reason="AUC 0.80 is below the accuracy floor 0.95"
+    )
+    db = open_db(home / "greenfleet.db")
+    hw = p.HardwareFacts(arch="x86_64", cores=2, memory_mb=1, os="Linux", python="3.11")
+    birth = p.Birth(session="s", agent_version="0", device_class="x", runtimes=[], hardware=hw)
+    registry.apply_birth(db, "gw-1", birth, datetime.now(UTC))
+    capsys.readouterr()
+    assert main(["deploy", "vib:1.0.0", "--device", "gw-1"]) == 1
+    assert "not eligible: AUC 0.80 is below the accuracy floor" in capsys.readouterr().err
+    assert main(["deploy", "vib:1.0.0", "--device", "gw-1", "--force"]) == 0
