@@ -1,0 +1,110 @@
+"""Variant selection: constraints, least energy within the latency budget, reasons, hysteresis."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from controller.selection import (
+    MIN_MEASURED_INFERENCES,
+    Candidate,
+    DeviceNeeds,
+    Measured,
+    select_variant,
+)
+
+PI = DeviceNeeds(
+    id="gw-1",
+    device_class="rpi4",
+    runtimes=frozenset({"onnx", "tflite"}),
+    precisions=frozenset({"fp32", "fp16", "int8"}),
+    model_memory_mb=200,
+    storage_mb=500,
+    latency_budget_ms=5.0,
+    speed={"fp32": 8.0, "fp16": 8.0, "int8": 4.0},
+    active_w_per_core=1.2,
+)
+FP32 = Candidate(
+    "m:1+fp32", "onnx", "fp32", 680_000, 11.0, {"onnxruntime": 0.20}, True, is_reference=True
+)
+INT8 = Candidate("m:1+int8", "onnx", "int8", 190_000, 9.0, {"onnxruntime": 0.25}, True)
+STUDENT = Candidate("m:1+student", "onnx", "fp32", 52_000, 4.0, {"onnxruntime": 0.05}, True)
+TFLITE = Candidate("m:1+tflite", "tflite", "fp32", 680_000, 4.0, {"litert": 0.10}, True)
+PRUNED = Candidate(
+    "m:1+pruned", "onnx", "fp32", 680_000, 11.0, {"onnxruntime": 0.01}, False, "AUC 0.80 < 0.95"
+)
+
+
+def test_least_energy_wins_and_everything_is_explained() -> None:
+    decision = select_variant(PI, [FP32, INT8, STUDENT, TFLITE, PRUNED], {})
+    assert decision.chosen == "m:1+student"
+    assert decision.estimate is not None and decision.estimate.source == "profile"
+    assert decision.estimate.latency_ms == pytest.approx(0.05 * 8.0)
+    assert decision.estimate.energy_j == pytest.approx(1.2 * 0.4 / 1000)
+    assert "least energy" in decision.reason
+    assert [c for c, _ in decision.runners_up] == ["m:1+tflite", "m:1+int8", "m:1+fp32"]
+    assert dict(decision.ruled_out) == {"m:1+pruned": "ineligible: AUC 0.80 < 0.95"}
+    assert (
+        decision.reference is not None and decision.reference.energy_j > decision.estimate.energy_j
+    )
+
+
+@pytest.mark.parametrize(
+    "device, candidate, why",
+    [
+        (replace(PI, runtimes=frozenset({"onnx"})), TFLITE, "no tflite runtime"),
+        (replace(PI, precisions=frozenset({"int8"})), FP32, "fp32 needs fp32"),
+        (
+            replace(PI, precisions=frozenset({"fp32"})),
+            replace(INT8, precision="mixed"),
+            "mixed needs int8",
+        ),
+        (replace(PI, storage_mb=0.1), FP32, "does not fit 0.1 MiB storage"),
+        (replace(PI, model_memory_mb=5), FP32, "needs 11.0 MiB at run time"),
+        (replace(PI, latency_budget_ms=1.0), FP32, "exceeds the 1 ms latency budget"),
+        (PI, replace(FP32, host_latency_ms={}), "not profiled on onnxruntime"),
+    ],
+)
+def test_each_hard_constraint_rules_a_variant_out(
+    device: DeviceNeeds, candidate: Candidate, why: str
+) -> None:
+    decision = select_variant(device, [candidate], {})
+    assert decision.chosen is None
+    assert why in dict(decision.ruled_out)[candidate.id]
+    assert decision.reason.startswith("no variant fits") and why in decision.reason
+
+
+def test_measured_telemetry_replaces_the_profile_estimate_and_can_change_the_choice() -> None:
+    few = {"m:1+student": Measured(10, 0.050, 1.0)}
+    assert select_variant(PI, [FP32, STUDENT], few).chosen == "m:1+student"
+    enough = {"m:1+student": Measured(MIN_MEASURED_INFERENCES, 0.050, 1.0)}
+    decision = select_variant(PI, [FP32, STUDENT], enough)
+    assert decision.chosen == "m:1+fp32"
+    assert decision.estimates["m:1+student"].source == "telemetry"
+
+
+def test_a_running_variant_is_kept_unless_the_saving_is_material() -> None:
+    close = replace(STUDENT, host_latency_ms={"onnxruntime": 0.19})  # 5% cheaper than fp32
+    running_fp32 = replace(PI, current="m:1+fp32")
+    decision = select_variant(running_fp32, [FP32, close], {})
+    assert decision.chosen == "m:1+fp32" and "saves less than 10%" in decision.reason
+    assert select_variant(running_fp32, [FP32, STUDENT], {}).chosen == "m:1+student"
+
+
+def test_an_int8_only_board_gets_int8_or_nothing() -> None:
+    edgetpu = replace(
+        PI,
+        id="tpu-1",
+        device_class="coral",
+        precisions=frozenset({"int8"}),
+        runtimes=frozenset({"tflite"}),
+    )
+    tflite_int8 = Candidate(
+        "m:1+tflite-int8", "tflite", "int8", 20_000, 3.0, {"litert": 0.08}, True
+    )
+    assert (
+        select_variant(edgetpu, [FP32, INT8, TFLITE, tflite_int8], {}).chosen == "m:1+tflite-int8"
+    )
+    nothing = select_variant(edgetpu, [FP32, TFLITE], {})
+    assert nothing.chosen is None and "coral does not run" in nothing.reason
