@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from agent.protocol import ModelFormat, Task
-from agent.runtime import LoadedModel, load_model
+from agent.runtime import LoadedModel, ModelRuntimeError, load_model
 from model_store import profile
 from model_store.variants import BUILDERS
 from model_store.variants.base import (
@@ -90,6 +90,7 @@ class Sample:
 
 
 def load_sample(name: str) -> Sample:
+    """Read a sample's metadata JSON (model_store/samples/NAME.json)."""
     meta = json.loads((SAMPLES_DIR / f"{name}.json").read_text())
     (model_input,) = meta["inputs"]
     info = ModelInfo(
@@ -191,6 +192,18 @@ def interleave(
     return result
 
 
+def load_models(files: list[BuiltVariant], failures: dict[str, str]) -> dict[str, LoadedModel]:
+    """Each variant file loaded as the agent loads it; one that will not load is a failure."""
+    models = {}
+    for v in files:
+        assert v.path is not None and v.format is not None
+        try:
+            models[v.variant] = load_model(v.path, v.format, threads=1)
+        except ModelRuntimeError as exc:
+            failures[v.variant] = f"does not load: {exc}"
+    return models
+
+
 def _model_runner(model: LoadedModel, inputs: np.ndarray, input_name: str) -> Runner:
     feeds = [{input_name: np.ascontiguousarray(x[None], dtype=np.float32)} for x in inputs]
     return lambda i: model.run(feeds[i % len(feeds)])
@@ -279,6 +292,7 @@ def measure_onnx(
     calibration: Calibration,
     built: list[BuiltVariant],
     settings: dict[str, int],
+    failures: dict[str, str],
 ) -> list[Row]:
     """Rows for fp32, every ONNX variant and the rule baseline, timed on onnxruntime."""
     from model_store.variants.rules import evaluate_rules
@@ -288,7 +302,10 @@ def measure_onnx(
     files = [fp32, *(v for v in built if v.format is ModelFormat.ONNX and v.path is not None)]
     rules = next((v.rules for v in built if v.rules is not None), None)
     inputs = heldout.inputs[:TIMING_INPUTS]
-    models = {v.variant: load_model(v.path, ModelFormat.ONNX, threads=1) for v in files if v.path}
+    models = load_models(files, failures)
+    if "fp32" not in models:
+        raise RuntimeError(f"the fp32 reference does not load: {failures.get('fp32')}")
+    files = [v for v in files if v.variant in models]
     runners: dict[str, Runner] = {
         name: _model_runner(model, inputs, info.input_name) for name, model in models.items()
     }
@@ -372,7 +389,7 @@ def measure_tflite(workdir: Path, settings: dict[str, int]) -> dict[str, Any]:
         built, failures = build(["tflite"], reference, sample.info, calibration.building(), folder)
         result = SampleResult(failures=failures)
         if built:
-            result.rows = _tflite_rows(sample, reference, calibration, built, settings)
+            result.rows = _tflite_rows(sample, reference, calibration, built, settings, failures)
             skipped = built[0].details.get("skipped", {})
             result.failures |= {k: str(v) for k, v in skipped.items()}
             results["tensorflow"] = built[0].details.get("tensorflow")
@@ -386,15 +403,18 @@ def _tflite_rows(
     calibration: Calibration,
     built: list[BuiltVariant],
     settings: dict[str, int],
+    failures: dict[str, str],
 ) -> list[Row]:
+    """Rows for the TFLite variants, timed on LiteRT against tflite-fp32 and fp32 ONNX."""
     info, heldout = sample.info, calibration.heldout()
     files = [v for v in built if v.format is ModelFormat.TFLITE and v.path is not None]
-    base = next((v for v in files if v.variant == "tflite-fp32"), None)
     inputs = heldout.inputs[:TIMING_INPUTS]
-    models: dict[str, LoadedModel] = {"fp32": load_model(reference, ModelFormat.ONNX, threads=1)}
-    models |= {
-        v.variant: load_model(v.path, ModelFormat.TFLITE, threads=1) for v in files if v.path
-    }
+    fp32 = BuiltVariant("fp32", reference, ModelFormat.ONNX, "fp32", "reference")
+    models = load_models([fp32, *files], failures)
+    if "fp32" not in models:
+        raise RuntimeError(f"the fp32 reference does not load: {failures.get('fp32')}")
+    files = [v for v in files if v.variant in models]
+    base = next((v for v in files if v.variant == "tflite-fp32"), None)
     runners = {n: _model_runner(m, inputs, info.input_name) for n, m in models.items()}
     pairs = [("fp32", v.variant) for v in files]
     if base is not None:
@@ -593,8 +613,8 @@ def _report(name: str, sample: Sample, result: SampleResult, heldout: int) -> st
 
 def prepare(name: str, workdir: Path) -> tuple[Sample, Path, Calibration]:
     """The fp32 reference and the calibration set of one sample, written under ``workdir``."""
-    from model_store.pipeline import optimize_reference
     from model_store.samples.calibration import calibration_set
+    from model_store.variants.reference import optimize_reference
 
     sample = load_sample(name)
     folder = workdir / name
@@ -624,7 +644,7 @@ def measure(quick: bool) -> tuple[dict[str, Sample], dict[str, SampleResult], di
                 onnx_builders, reference, sample.info, calibration.building(), workdir / name
             )
             result = SampleResult(failures=failures)
-            result.rows = measure_onnx(sample, reference, calibration, built, settings)
+            result.rows = measure_onnx(sample, reference, calibration, built, settings, failures)
             results[name] = result
         tflite = _tflite_elsewhere(workdir, quick)
     if isinstance(tflite, str):

@@ -43,6 +43,7 @@ from model_store.variants.base import (
     ModelInfo,
     VariantError,
 )
+from model_store.variants.reference import optimize_reference
 
 log = logging.getLogger(__name__)
 
@@ -86,20 +87,6 @@ def model_info(version: ModelVersion) -> ModelInfo:
         sample_shape=tuple(int(d) for d in shape[1:] if d is not None),
         output_names=tuple(o.name for o in version.outputs),
     )
-
-
-def optimize_reference(source: Path, target: Path) -> Path:
-    """The fp32 reference: the source with onnxruntime's portable graph optimizations applied."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(target)
-    try:
-        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise VariantError("fp32", f"onnxruntime cannot optimize the source: {exc}") from exc
-    return target
 
 
 def _builder(name: str) -> Any:

@@ -134,3 +134,17 @@ def calibration_inputs(ctx: BuildContext, variant: str, minimum: int = 1) -> np.
             f"needs at least {minimum} calibration inputs, got {len(ctx.calibration.inputs)}",
         )
     return np.asarray(ctx.calibration.inputs, dtype=np.float32)
+
+
+def optimize_reference(source: Path, target: Path) -> Path:
+    """The fp32 reference: the source with onnxruntime's portable graph optimizations applied."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(target)
+    try:
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise VariantError("fp32", f"onnxruntime cannot optimize the source: {exc}") from exc
+    return target
