@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.errors import ConfigError
-from agent.protocol import DeviceId, FaultKind
+from agent.protocol import DeviceId, FaultKind, PowerMethod
 
 ENV_PREFIX = "GREENFLEET_AGENT__"
 
@@ -41,12 +41,61 @@ class BrokerConfig(Section):
 
 
 class PowerConfig(Section):
-    """Figures for the power estimate used when no meter can be read (from the device profile)."""
+    """Which power meters to try, where they read, and the profile figures for the estimate.
+
+    Meters are tried in ``meters`` order at start; the first that works is used and the next
+    one takes over if it fails mid-run. The estimate is always the last resort, listed or not.
+    """
 
     idle_w: float = Field(default=3.0, ge=0, description="Whole-device power when idle, W.")
     active_w_per_core: float = Field(
         default=1.5, ge=0, description="Extra power per fully busy core, W."
     )
+    meters: list[PowerMethod] = Field(
+        default_factory=lambda: [
+            PowerMethod.RAPL,
+            PowerMethod.HWMON,
+            PowerMethod.PMIC,
+            PowerMethod.NVML,
+            PowerMethod.ESTIMATE,
+        ],
+        description="Meters to try, in order; the estimate is appended if not listed.",
+    )
+    meter_idle_w: dict[PowerMethod, float] = Field(
+        default_factory=dict,
+        description=(
+            "Idle power as each meter sees it, W (a RAPL package or a GPU idles well below the "
+            "whole device); energy per inference counts only power above it. Default: idle_w."
+        ),
+    )
+    rapl_root: Path = Field(
+        default=Path("/sys/class/powercap"), description="The powercap sysfs class (RAPL)."
+    )
+    hwmon_root: Path = Field(
+        default=Path("/sys/class/hwmon"), description="The hwmon sysfs class (INA power rails)."
+    )
+    hwmon_rails: list[str] | None = Field(
+        default=None,
+        description=(
+            "Rail labels to sum, e.g. [VDD_IN]. Default: the board's total-input rail (VDD_IN, "
+            "POM_5V_IN) if there is one, else every rail."
+        ),
+    )
+    vcgencmd: str = Field(
+        default="vcgencmd", description="The Raspberry Pi vcgencmd command (Pi 5 PMIC meter)."
+    )
+
+    @field_validator("meters")
+    @classmethod
+    def _no_repeats(cls, meters: list[PowerMethod]) -> list[PowerMethod]:
+        repeated = sorted({m.value for m in meters if meters.count(m) > 1})
+        if repeated:
+            raise ValueError(f"each meter may be listed once; repeated: {', '.join(repeated)}")
+        return meters
+
+    def idle_for(self, method: PowerMethod) -> float:
+        """Idle power as ``method`` sees it (``meter_idle_w``, else the whole device's)."""
+        return self.meter_idle_w.get(method, self.idle_w)
 
 
 class VibrationInput(Section):

@@ -310,6 +310,7 @@ class EventKind(StrEnum):
     INFERENCE_ERROR = "inference_error"
     COMMAND_REJECTED = "command_rejected"
     INPUT_ERROR = "input_error"
+    POWER_METER = "power_meter"  # a meter failed or skipped a window; the reading says which
 
 
 class Event(Envelope):

@@ -28,7 +28,7 @@ from agent.config import AgentConfig, MqttInput
 from agent.errors import IntegrityError, TransferError
 from agent.hardware import read_hardware
 from agent.link import MqttLink, Will
-from agent.power.estimate import EstimateMeter
+from agent.power.chain import MeterChain
 from agent.runtime import EXTRAS, available_formats, load_model
 from agent.runtime.base import InferenceError, LoadedModel, ModelLoadError
 from agent.sources import source_class
@@ -69,7 +69,7 @@ class Agent:
         self.device = config.device_id
         self.session = p.new_id()[:16]
         self.activation = Activation(config.state_dir)
-        self.meter = EstimateMeter(config.power.idle_w, config.power.active_w_per_core)
+        self.meter = MeterChain(config.power)
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=10_000)
         self._stop = threading.Event()
         self._serving: Serving | None = None
@@ -86,6 +86,7 @@ class Agent:
     def start(self) -> None:
         """Restore the active model, connect, and start the worker and inference threads."""
         self.activation.prepare()
+        self.meter.start()
         self._restore()
         self.hardware = read_hardware()
         self.runtimes = available_formats()
@@ -526,6 +527,13 @@ class Agent:
             reading.method,
         )
         self._publish(p.Channel.TELEMETRY, p.TelemetryBatch(session=self.session, records=[record]))
+        if reading.note:
+            self._event(
+                p.EventKind.POWER_METER,
+                reading.note,
+                throttle="power-meter",
+                method=reading.method.value,
+            )
 
 
 def run_agent(config: AgentConfig, stop: threading.Event) -> int:

@@ -30,6 +30,10 @@ class Home:
         return self.root / "store"
 
     @property
+    def config(self) -> Path:
+        return self.root / "controller.yaml"
+
+    @property
     def keys(self) -> Path:
         return self.root / "keys"
 

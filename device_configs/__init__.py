@@ -1,6 +1,4 @@
-"""Hardware classes (one YAML per class) and their schema.
+"""Hardware classes of the fleet: one YAML profile per class, validated by ``schema.py``.
 
-The foundation ships none yet: the agent's config carries the power figures its estimate needs
-(``power.idle_w``, ``power.active_w_per_core``) and its ``device_class`` name. The profiles
-with sourced facts and the selection that uses them arrive with the device-profiles issue.
+See docs/device-profiles.md for the fields, the sources rule and how to add a class.
 """

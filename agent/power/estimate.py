@@ -2,23 +2,18 @@
 
 Whole-device power is ``idle_w + active_w_per_core * busy_cores``; energy per inference is the
 dynamic part only (``active_w_per_core * inference CPU seconds / inferences``), because that is
-what differs between model variants. Every figure is labelled ``estimate``.
+what differs between model variants. Every figure is labelled ``estimate``. It reads nothing, so
+it never fails: it is the chain's last resort.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent.power.base import PowerReading
 from agent.protocol import PowerMethod
 
-
-@dataclass(frozen=True, slots=True)
-class PowerReading:
-    """Power over one telemetry window, and how it was obtained."""
-
-    power_w: float
-    energy_per_inference_j: float | None
-    method: PowerMethod
+__all__ = ["EstimateMeter", "PowerReading"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +23,9 @@ class EstimateMeter:
     idle_w: float
     active_w_per_core: float
     method: PowerMethod = PowerMethod.ESTIMATE
+
+    def start(self) -> None:
+        """Nothing to sample: the estimate works everywhere."""
 
     def read(
         self, window_s: float, process_cpu_s: float, inference_cpu_s: float, inferences: int

@@ -1,0 +1,50 @@
+"""The controller's own settings: ``$GREENFLEET_HOME/controller.yaml`` (optional).
+
+Only what the database cannot know lives here: the carbon intensity of each site's grid, used
+to turn kWh into CO2e. A missing file means the defaults; a bad one is an error naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from controller.errors import InvalidRequest
+
+# IEA's 2023 world-average electricity carbon intensity is about 480 g CO2/kWh; an operator
+# should set each site's own figure (its utility's or the national grid's).
+DEFAULT_GRID_G_PER_KWH = 480.0
+
+
+class SiteConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grid_g_co2e_per_kwh: float = Field(ge=0, description="Grid carbon intensity, g CO2e/kWh.")
+
+
+class ControllerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    default_grid_g_co2e_per_kwh: float = Field(default=DEFAULT_GRID_G_PER_KWH, ge=0)
+    sites: dict[str, SiteConfig] = Field(default_factory=dict)
+
+    def grid_intensity(self, site: str | None) -> float:
+        config = self.sites.get(site or "")
+        return config.grid_g_co2e_per_kwh if config else self.default_grid_g_co2e_per_kwh
+
+
+def load_controller_config(path: Path) -> ControllerConfig:
+    if not path.exists():
+        return ControllerConfig()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return ControllerConfig.model_validate(raw)
+    except yaml.YAMLError as exc:
+        raise InvalidRequest(f"{path} is not valid YAML: {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidRequest(f"invalid controller config {path}: {problems}") from exc

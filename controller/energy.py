@@ -1,0 +1,155 @@
+"""Energy accounting from telemetry: kWh and CO2e per site, model and variant, and the saving.
+
+Device energy in a telemetry window is its mean power times the window; inference energy is
+energy per inference times inferences. Both are split by how they were obtained, so a report
+never mixes a measurement with an estimate without saying so. The saving compares the
+inference energy actually spent with what the fp32 reference would have spent for the same
+inferences on the same device classes (``baseline``, from the plan's estimates).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlite_utils
+
+from controller.config import ControllerConfig
+
+J_PER_KWH = 3.6e6
+
+
+@dataclass
+class EnergyRow:
+    """One (site, model version, variant) line of the report."""
+
+    site: str
+    model: str
+    variant: str
+    devices: set[str] = field(default_factory=set)
+    inferences: int = 0
+    device_j_measured: float = 0.0
+    device_j_estimated: float = 0.0
+    inference_j: float = 0.0
+    baseline_j: float = 0.0  # fp32 on the same device classes, same inferences
+    baseline_inferences: int = 0  # inferences for which a baseline was known
+    methods: set[str] = field(default_factory=set)
+    grid_g_per_kwh: float = 0.0
+
+    @property
+    def device_kwh(self) -> float:
+        return (self.device_j_measured + self.device_j_estimated) / J_PER_KWH
+
+    @property
+    def co2e_kg(self) -> float:
+        return self.device_kwh * self.grid_g_per_kwh / 1000.0
+
+    @property
+    def j_per_inference(self) -> float | None:
+        return self.inference_j / self.inferences if self.inferences else None
+
+    @property
+    def saving(self) -> float | None:
+        """Share of inference energy saved against fp32 (only where a baseline was known)."""
+        if not self.baseline_inferences or self.baseline_j <= 0:
+            return None
+        spent = self.inference_j * self.baseline_inferences / max(self.inferences, 1)
+        return 1.0 - spent / self.baseline_j
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "site": self.site,
+            "model": self.model,
+            "variant": self.variant,
+            "devices": len(self.devices),
+            "inferences": self.inferences,
+            "device_kwh": self.device_kwh,
+            "measured_kwh": self.device_j_measured / J_PER_KWH,
+            "estimated_kwh": self.device_j_estimated / J_PER_KWH,
+            "co2e_kg": self.co2e_kg,
+            "grid_g_co2e_per_kwh": self.grid_g_per_kwh,
+            "j_per_inference": self.j_per_inference,
+            "fp32_j_per_inference": self.baseline_j / self.baseline_inferences
+            if self.baseline_inferences
+            else None,
+            "saving_vs_fp32": self.saving,
+            "methods": sorted(self.methods),
+        }
+
+
+def energy_report(
+    db: sqlite_utils.Database,
+    config: ControllerConfig,
+    baseline: Callable[[str, str], float | None],
+    *,
+    site: str | None = None,
+    since: str | None = None,
+) -> list[EnergyRow]:
+    """Aggregate telemetry (optionally of one site, from an ISO time on) into report rows.
+
+    ``baseline(device_class, model_version)`` is fp32's energy per inference there, or None.
+    """
+    devices = {
+        row["id"]: (json.loads(row["labels"] or "{}").get("site", "-"), row["device_class"])
+        for row in db.table("devices").rows
+    }
+    where, params = "model IS NOT NULL", []
+    if since:
+        where += " AND start >= ?"
+        params.append(since)
+    query = (
+        "SELECT device, model, power_method, SUM(inferences), SUM(power_w * window_s), "
+        "SUM(energy_per_inference_j * inferences) FROM telemetry "
+        f"WHERE {where} GROUP BY device, model, power_method"
+    )
+    rows: dict[tuple[str, str, str], EnergyRow] = {}
+    for device, model, method, inferences, device_j, inference_j in db.execute(query, params):
+        device_site, device_class = devices.get(device, ("-", "unknown"))
+        if site is not None and device_site != site:
+            continue
+        base, _, variant = model.partition("+")
+        key = (device_site, base, variant)
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = EnergyRow(
+                device_site,
+                base,
+                variant or "(source)",
+                grid_g_per_kwh=config.grid_intensity(device_site),
+            )
+        row.devices.add(device)
+        row.inferences += inferences or 0
+        if method == "estimate":
+            row.device_j_estimated += device_j or 0.0
+        else:
+            row.device_j_measured += device_j or 0.0
+        row.inference_j += inference_j or 0.0
+        row.methods.add(method)
+        fp32 = baseline(device_class, base)
+        if fp32 is not None and inferences:
+            row.baseline_j += fp32 * inferences
+            row.baseline_inferences += inferences
+    return sorted(rows.values(), key=lambda r: (r.site, r.model, r.variant))
+
+
+def totals(rows: list[EnergyRow]) -> dict[str, Any]:
+    """The fleet line: totals and the overall saving where a baseline was known."""
+    by_method: dict[str, float] = defaultdict(float)
+    for row in rows:
+        by_method["measured"] += row.device_j_measured
+        by_method["estimated"] += row.device_j_estimated
+    inferences = sum(r.inferences for r in rows)
+    base_inf = sum(r.baseline_inferences for r in rows)
+    base_j = sum(r.baseline_j for r in rows)
+    spent = sum(r.inference_j * r.baseline_inferences / max(r.inferences, 1) for r in rows)
+    return {
+        "inferences": inferences,
+        "device_kwh": sum(by_method.values()) / J_PER_KWH,
+        "measured_kwh": by_method["measured"] / J_PER_KWH,
+        "estimated_kwh": by_method["estimated"] / J_PER_KWH,
+        "co2e_kg": sum(r.co2e_kg for r in rows),
+        "saving_vs_fp32": (1.0 - spent / base_j) if base_inf and base_j > 0 else None,
+    }
