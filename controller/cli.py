@@ -18,7 +18,7 @@ from typing import Any
 from rich.table import Table
 
 from agent.protocol import ModelRef, ProtocolError
-from controller import model_commands, registry, views
+from controller import model_commands, plan_commands, registry, views
 from controller.db import open_db
 from controller.errors import ControllerError, InvalidRequest
 from controller.home import Home
@@ -207,13 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands.register(models, add)
 
     deploy = add(sub, "deploy", cmd_deploy, "set the desired model of devices", True)
-    deploy.add_argument("model", help="NAME:VERSION")
+    deploy.add_argument(
+        "model", help="NAME:VERSION (the plan picks each device's variant) or NAME:VERSION+VARIANT"
+    )
     target = deploy.add_mutually_exclusive_group(required=True)
     target.add_argument("--device", action="append", help="device id (repeatable)")
     target.add_argument("--selector", help="label selector, e.g. site=plant-a,line=3")
     deploy.add_argument("--force", action="store_true", help="deploy an ineligible variant")
 
     add(sub, "status", cmd_status, "fleet summary, devices and recent events", True)
+    plan_commands.register(sub, add)
 
     ctl = sub.add_parser("controller", help="the controller daemon").add_subparsers(
         dest="sub", required=True

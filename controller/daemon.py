@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from controller.blobs import BlobServer
 from controller.db import open_db
 from controller.home import Home
 from controller.ingest import Ingest
-from controller.reconcile import plan_deploys
+from controller.planning import is_planned, plan
+from controller.reconcile import DeviceView, plan_deploys
+from device_configs.schema import DeviceProfile, ProfileError, load_profiles
 from model_store.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,8 @@ class Controller:
         self.blobs = BlobServer(self._resolve_blob, self._publish_chunk)
         self.ingest = Ingest(home.database, self.blobs.request, on_change=self.reconcile_soon)
         self.scheduler = BackgroundScheduler(timezone="UTC")
+        self._profile_cache: dict[str, DeviceProfile] | None = None
+        self._last_notes: dict[str, str] = {}
 
     def start(self) -> None:
         self.home.prepare()
@@ -109,6 +114,70 @@ class Controller:
         if job is not None:
             job.modify(next_run_time=p.utcnow())
 
+    def _resolve(self, views: list[DeviceView]) -> list[DeviceView]:
+        """Replace a planned desired version by the variant the plan picks for each device.
+
+        A device with no variant that fits keeps its current model; the reason is recorded as
+        a controller event on the device once, not at every tick.
+        """
+        planned = [
+            v for v in views if v.desired_model and is_planned(self._catalog, v.desired_model)
+        ]
+        if not planned:
+            return views
+        rows = {r["id"]: r for r in registry.devices(self._db)}
+        profiles = self._profiles()
+        choices = {
+            item.device: item.decision
+            for item in plan(self._db, self._catalog, profiles, [rows[v.id] for v in planned])
+        }
+        resolved = []
+        for view in views:
+            decision = choices.get(view.id)
+            if decision is None:
+                resolved.append(view)
+                continue
+            if decision.chosen is None:
+                self._note(
+                    view.id,
+                    "plan_failed",
+                    f"keeps {view.active_model or 'no model'}: {decision.reason}",
+                )
+                resolved.append(replace(view, desired_model=view.active_model))
+                continue
+            self._note(view.id, "planned", f"{decision.chosen}: {decision.reason}")
+            resolved.append(replace(view, desired_model=decision.chosen))
+        return resolved
+
+    def _profiles(self) -> dict[str, DeviceProfile]:
+        if self._profile_cache is None:
+            try:
+                self._profile_cache = load_profiles()
+            except ProfileError as exc:
+                log.error("device profiles unusable, planning disabled: %s", exc)
+                self._profile_cache = {}
+        return self._profile_cache
+
+    def _note(self, device: str, event: str, message: str) -> None:
+        """Record a controller-side event for a device when it says something new."""
+        if self._last_notes.get(device) == message:
+            return
+        self._last_notes[device] = message
+        log.info("%s: %s", device, message)
+        with self._db.conn:
+            self._db.table("events").insert(
+                {
+                    "id": p.new_id(),
+                    "device": device,
+                    "ts": registry.iso(p.utcnow()),
+                    "session": "controller",
+                    "event": event,
+                    "message": message,
+                    "detail": "{}",
+                },
+                pk="id",
+            )
+
     def reconcile(self) -> int:
         """Send Deploy to every online device whose desired model differs from its active one."""
         if not self.link.connected.is_set():
@@ -118,7 +187,7 @@ class Controller:
             formats = {m.id: m.format.value for m in self._catalog.all()}
             now = p.utcnow()
             decisions, _ = plan_deploys(
-                registry.views(db),
+                self._resolve(registry.views(db)),
                 formats,
                 registry.last_deploys(db),
                 now,
