@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "inference_overhead": "benchmarks.inference_overhead",
     "agent_memory": "benchmarks.agent_memory",
     "variants": "benchmarks.variants",
+    "planning": "benchmarks.planning",
 }
 
 

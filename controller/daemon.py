@@ -158,11 +158,11 @@ class Controller:
                 self._profile_cache = {}
         return self._profile_cache
 
-    def _note(self, device: str, event: str, message: str) -> None:
-        """Record a controller-side event for a device when it says something new."""
-        if self._last_notes.get(device) == message:
+    def _note(self, device: str, event: str, message: str, key: str) -> None:
+        """Record a controller-side event for a device when ``key`` (what it is about) changes."""
+        if self._last_notes.get(device) == key:
             return
-        self._last_notes[device] = message
+        self._last_notes[device] = key
         log.info("%s: %s", device, message)
         with self._db.conn:
             self._db.table("events").insert(

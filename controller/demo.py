@@ -43,6 +43,8 @@ from controller.output import (
     progress_bar,
     stage_progress,
 )
+from controller.planning import fleet_saving, plan
+from device_configs.schema import load_profiles
 from model_store.catalog import Catalog, Declared
 from model_store.pipeline import compress
 from model_store.samples.calibration import calibration_set
@@ -58,40 +60,14 @@ class DemoDevice:
     id: str
     device_class: str
     labels: dict[str, str]
-    idle_w: float
-    active_w_per_core: float
     rpm: float
-    model: str
 
 
+MODEL = "vibration-ae:1.0.0"  # the plan picks each gateway's variant
 DEVICES = (
-    DemoDevice(
-        "gw-press-01",
-        "rpi4",
-        {"site": "plant-a", "line": "1"},
-        2.7,
-        1.1,
-        1500,
-        "vibration-ae:1.0.0+tflite",
-    ),
-    DemoDevice(
-        FAULTY,
-        "jetson-orin-nano",
-        {"site": "plant-a", "line": "2"},
-        5.0,
-        1.6,
-        1800,
-        "vibration-ae:1.0.0+int8-static-qop",
-    ),
-    DemoDevice(
-        "ipc-line-03",
-        "x86-ipc",
-        {"site": "plant-b", "line": "1"},
-        14.0,
-        6.5,
-        2400,
-        "vibration-ae:1.0.0+student",
-    ),
+    DemoDevice("gw-press-01", "rpi4", {"site": "plant-a", "line": "1"}, 1500),
+    DemoDevice(FAULTY, "jetson-orin-nano", {"site": "plant-a", "line": "2"}, 1800),
+    DemoDevice("ipc-line-03", "x86-ipc", {"site": "plant-b", "line": "1"}, 2400),
 )
 
 
@@ -210,6 +186,7 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
 
 
 def _write_agent_config(workdir: Path, device: DemoDevice, port: int, seed: int) -> Path:
+    power = load_profiles()[device.device_class].power
     config = {
         "device_id": device.id,
         "device_class": device.device_class,
@@ -219,7 +196,8 @@ def _write_agent_config(workdir: Path, device: DemoDevice, port: int, seed: int)
         "input": {"type": "vibration", "rpm": device.rpm, "seed": seed},
         "inference": {"rate_hz": 20},
         "telemetry": {"interval_s": 2},
-        "power": {"idle_w": device.idle_w, "active_w_per_core": device.active_w_per_core},
+        # What an enrollment bundle would carry: the class profile's power figures.
+        "power": {"idle_w": power.idle_w, "active_w_per_core": power.active_w_per_core},
     }
     path = workdir / f"{device.id}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -270,21 +248,32 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
             "three agents to come online",
         )
         console.print("[bold]4/7[/] three agents online: " + ", ".join(sorted(ids)))
-        for device in DEVICES:
-            registry.set_desired(db, [device.id], device.model)
+        registry.set_desired(db, sorted(ids), MODEL)
         _wait(
             lambda: all(
-                r["active_model"] == r["desired_model"] for r in views.fleet(db) if r["id"] in ids
+                (r["active_model"] or "").partition("+")[0] == MODEL
+                for r in views.fleet(db)
+                if r["id"] in ids
             ),
             60,
             "the chosen variants to be active everywhere",
         )
-        console.print(
-            "[bold]5/7[/] variants delivered and active: "
-            + ", ".join(f"{d.id} {d.model.partition('+')[2]}" for d in DEVICES)
-            + " "
-            f"({time.monotonic() - started:.0f} s)"
+        rows = registry.devices(db)
+        planned = plan(
+            db, Catalog(db, home.store), load_profiles(), [r for r in rows if r["id"] in ids]
         )
+        for item in planned:
+            console.print(
+                f"[bold]5/7[/] plan: {item.device} ({item.device_class}) -> "
+                f"{item.decision.chosen}: {escape(item.decision.reason)}"
+            )
+        fleet = fleet_saving(planned)
+        if fleet is not None:
+            console.print(
+                f"[bold]5/7[/] predicted fleet energy per inference {fleet.plan_j * 1000:.3f} "
+                f"mJ against {fleet.fp32_j * 1000:.3f} mJ for fp32 everywhere "
+                f"({fleet.saving:.0%} less); delivered in {time.monotonic() - started:.0f} s"
+            )
         watch = ScoreWatch(broker.port)
         threshold = _threshold()
         with Live(console=console, refresh_per_second=2) as live:

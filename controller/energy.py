@@ -90,7 +90,8 @@ def energy_report(
 ) -> list[EnergyRow]:
     """Aggregate telemetry (optionally of one site, from an ISO time on) into report rows.
 
-    ``baseline(device_class, model_version)`` is fp32's energy per inference there, or None.
+    ``baseline(device_class, variant_id)`` is what fp32 would have spent per inference instead
+    of that variant on that class (see controller.planning.baseline_per_class), or None.
     """
     devices = {
         row["id"]: (json.loads(row["labels"] or "{}").get("site", "-"), row["device_class"])
@@ -128,7 +129,7 @@ def energy_report(
             row.device_j_measured += device_j or 0.0
         row.inference_j += inference_j or 0.0
         row.methods.add(method)
-        fp32 = baseline(device_class, base)
+        fp32 = baseline(device_class, model)
         if fp32 is not None and inferences:
             row.baseline_j += fp32 * inferences
             row.baseline_inferences += inferences

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from rich.markup import escape
@@ -61,7 +62,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             }
             for item in planned
         ],
-        "fleet": fleet,
+        "fleet": None if fleet is None else {**asdict(fleet), "saving": fleet.saving},
     }
 
     def render() -> None:
@@ -93,11 +94,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
             for d in data["devices"]:
                 for r in d["ruled_out"]:
                     console.print(f"  {d['device']}: {r['variant']} ruled out: {escape(r['why'])}")
-        if fleet["saving"] is not None:
+        if fleet is not None:
             console.print(
-                f"fleet: {fleet['devices']} devices, predicted {_mj(fleet['plan_j'])} mJ per "
-                f"inference against {_mj(fleet['fp32_j'])} mJ for fp32 everywhere "
-                f"({fleet['saving']:.0%} less)"
+                f"fleet: {fleet.devices} devices, predicted {_mj(fleet.plan_j)} mJ per "
+                f"inference against {_mj(fleet.fp32_j)} mJ for fp32 everywhere "
+                f"({fleet.saving:.0%} less)"
             )
 
     emit(args, data, render)

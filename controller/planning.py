@@ -144,23 +144,31 @@ def plan(
     return planned
 
 
-def fleet_saving(planned: Sequence[PlannedDevice]) -> dict[str, float | int | None]:
-    """Mean predicted energy per inference of the plan against fp32 everywhere."""
+@dataclass(frozen=True)
+class FleetSaving:
+    """The plan's mean predicted energy per inference against fp32 everywhere."""
+
+    devices: int
+    plan_j: float
+    fp32_j: float
+
+    @property
+    def saving(self) -> float:
+        return 1.0 - self.plan_j / self.fp32_j if self.fp32_j > 0 else 0.0
+
+
+def fleet_saving(planned: Sequence[PlannedDevice]) -> FleetSaving | None:
+    """None when no device has both a choice and an fp32 estimate."""
     pairs = [
         (p.decision.estimate.energy_j, p.decision.reference.energy_j)
         for p in planned
         if p.decision.estimate is not None and p.decision.reference is not None
     ]
     if not pairs:
-        return {"devices": 0, "plan_j": None, "fp32_j": None, "saving": None}
-    plan_j = sum(a for a, _ in pairs) / len(pairs)
-    fp32_j = sum(b for _, b in pairs) / len(pairs)
-    return {
-        "devices": len(pairs),
-        "plan_j": plan_j,
-        "fp32_j": fp32_j,
-        "saving": 1.0 - plan_j / fp32_j if fp32_j > 0 else None,
-    }
+        return None
+    return FleetSaving(
+        len(pairs), sum(a for a, _ in pairs) / len(pairs), sum(b for _, b in pairs) / len(pairs)
+    )
 
 
 def baseline_per_class(
@@ -168,23 +176,46 @@ def baseline_per_class(
     profiles: Mapping[str, DeviceProfile],
     telemetry: Mapping[tuple[str, str], Measured],
 ) -> Callable[[str, str], float | None]:
-    """``(device class, model version) -> fp32 J per inference`` for the energy report."""
+    """``(device class, variant id) -> J per inference fp32 would have spent instead``.
+
+    fp32's own telemetry on that class is used when there is enough of it. Otherwise the
+    variant's measured energy is scaled by the ratio of the two profile estimates: profiles
+    are measured in a tight loop on the controller, while devices infer now and then with cold
+    caches, so absolute profile figures understate what any variant costs in the field; the
+    ratio between two variants carries over far better than either number.
+    """
     cache: dict[tuple[str, str], float | None] = {}
 
-    def lookup(device_class: str, version: str) -> float | None:
-        key = (device_class, version)
-        if key not in cache:
-            cache[key] = None
-            fp32 = next((c for c in candidates(catalog, version) if c.is_reference), None)
-            profile = profiles.get(device_class)
-            if fp32 is not None and profile is not None:
-                needs = device_needs(
-                    {"id": "-", "device_class": device_class, "labels": "{}", "runtimes": "[]"},
-                    profile,
-                )
-                if needs is not None:
-                    guess = estimate(needs, fp32, telemetry.get((device_class, fp32.id)))
-                    cache[key] = guess.energy_j if guess else None
+    def lookup(device_class: str, variant_id: str) -> float | None:
+        key = (device_class, variant_id)
+        if key in cache:
+            return cache[key]
+        cache[key] = None
+        version = variant_id.partition("+")[0]
+        options = candidates(catalog, version)
+        fp32 = next((c for c in options if c.is_reference), None)
+        ran = next((c for c in options if c.id == variant_id), None)
+        profile = profiles.get(device_class)
+        if fp32 is None or profile is None:
+            return None
+        needs = device_needs(
+            {"id": "-", "device_class": device_class, "labels": "{}", "runtimes": "[]"}, profile
+        )
+        assert needs is not None
+        fp32_measured = telemetry.get((device_class, fp32.id))
+        fp32_guess = estimate(needs, fp32, fp32_measured)
+        if fp32_guess is None:
+            return None
+        if fp32_guess.source == "telemetry" or ran is None or ran.id == fp32.id:
+            cache[key] = fp32_guess.energy_j
+            return cache[key]
+        ran_profile = estimate(needs, ran, None)
+        ran_measured = telemetry.get((device_class, variant_id))
+        if ran_profile is None or ran_measured is None or not ran_measured.energy_per_inference_j:
+            cache[key] = fp32_guess.energy_j
+        else:
+            ratio = fp32_guess.energy_j / ran_profile.energy_j
+            cache[key] = ran_measured.energy_per_inference_j * ratio
         return cache[key]
 
     return lookup

@@ -115,6 +115,39 @@ def estimate(
     return Estimate(latency_ms, energy_j, "profile")
 
 
+def field_correction(
+    device: DeviceNeeds, candidates: Sequence[Candidate], measured: Mapping[str, Measured]
+) -> tuple[float, float]:
+    """(energy, latency) factors from profile estimates to what this class really measured.
+
+    Profiles are timed in a tight loop on the controller; devices infer now and then, with cold
+    caches and other work beside them, so every variant costs more in the field. Comparing one
+    variant's telemetry with another's profile would then always favour the unmeasured one
+    and the plan would hop from variant to variant. Scaling profile estimates by the median
+    measured/profile ratio of the variants that have telemetry keeps the comparison fair.
+    """
+    energy, latency = [], []
+    for candidate in candidates:
+        seen = measured.get(candidate.id)
+        guess = estimate(device, candidate, None)
+        field = estimate(device, candidate, seen)
+        if guess is None or field is None or field.source != "telemetry":
+            continue
+        if guess.energy_j > 0:
+            energy.append(field.energy_j / guess.energy_j)
+        if guess.latency_ms > 0:
+            latency.append(field.latency_ms / guess.latency_ms)
+    return _median(energy), _median(latency)
+
+
+def _median(values: list[float]) -> float:
+    if not values:
+        return 1.0
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def constraint(device: DeviceNeeds, candidate: Candidate) -> str | None:
     """The first hard constraint ``candidate`` breaks on ``device``, or None."""
     if not candidate.eligible:
@@ -147,8 +180,15 @@ def select_variant(
     fitting: list[tuple[str, Estimate]] = []
     estimates: dict[str, Estimate] = {}
     reference: Estimate | None = None
+    energy_factor, latency_factor = field_correction(device, candidates, measured)
     for candidate in candidates:
         guess = estimate(device, candidate, measured.get(candidate.id))
+        if guess is not None and guess.source == "profile" and energy_factor != 1.0:
+            guess = Estimate(
+                guess.latency_ms * latency_factor,
+                guess.energy_j * energy_factor,
+                f"profile x{energy_factor:.2f} (field correction)",
+            )
         if guess is not None:
             estimates[candidate.id] = guess
             if candidate.is_reference:

@@ -78,7 +78,11 @@ def test_each_hard_constraint_rules_a_variant_out(
 def test_measured_telemetry_replaces_the_profile_estimate_and_can_change_the_choice() -> None:
     few = {"m:1+student": Measured(10, 0.050, 1.0)}
     assert select_variant(PI, [FP32, STUDENT], few).chosen == "m:1+student"
-    enough = {"m:1+student": Measured(MIN_MEASURED_INFERENCES, 0.050, 1.0)}
+    # Both measured: the student turns out far worse in the field than its profile promised.
+    enough = {
+        "m:1+student": Measured(MIN_MEASURED_INFERENCES, 0.050, 1.0),
+        "m:1+fp32": Measured(MIN_MEASURED_INFERENCES, 0.004, 2.0),
+    }
     decision = select_variant(PI, [FP32, STUDENT], enough)
     assert decision.chosen == "m:1+fp32"
     assert decision.estimates["m:1+student"].source == "telemetry"
@@ -108,3 +112,15 @@ def test_an_int8_only_board_gets_int8_or_nothing() -> None:
     )
     nothing = select_variant(edgetpu, [FP32, TFLITE], {})
     assert nothing.chosen is None and "coral does not run" in nothing.reason
+
+
+def test_profile_estimates_are_corrected_by_what_the_field_measured() -> None:
+    """Measured variants cost more than their tight-loop profiles; the others are scaled alike,
+    so the plan does not hop to whichever variant has no telemetry yet."""
+    tflite_field = {"m:1+tflite": Measured(MIN_MEASURED_INFERENCES, 0.00192, 1.6)}  # 2x profile
+    decision = select_variant(replace(PI, current="m:1+tflite"), [FP32, INT8, TFLITE], tflite_field)
+    assert decision.chosen == "m:1+tflite"
+    fp32 = decision.estimates["m:1+fp32"]
+    assert fp32.source.startswith("profile x2.00") and fp32.energy_j == pytest.approx(
+        2 * 1.2 * 1.6 / 1000
+    )
