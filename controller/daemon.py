@@ -142,10 +142,13 @@ class Controller:
                     view.id,
                     "plan_failed",
                     f"keeps {view.active_model or 'no model'}: {decision.reason}",
+                    key=f"failed: {decision.reason}",
                 )
                 resolved.append(replace(view, desired_model=view.active_model))
                 continue
-            self._note(view.id, "planned", f"{decision.chosen}: {decision.reason}")
+            self._note(
+                view.id, "planned", f"{decision.chosen}: {decision.reason}", key=decision.chosen
+            )
             resolved.append(replace(view, desired_model=decision.chosen))
         return resolved
 
