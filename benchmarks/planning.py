@@ -24,6 +24,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -107,15 +108,23 @@ def device_rows(count: int, profiles: Mapping[str, DeviceProfile]) -> list[dict[
     return rows
 
 
-def _timed(work: Callable[[], object]) -> float:
-    """Seconds one call of ``work`` takes; its result is kept alive until the clock stops, as
-    the plan's list of decisions is."""
+def _timed(work: Callable[[], object], *, gc_paused: bool = False) -> tuple[float, int]:
+    """Seconds one call of ``work`` takes, and how many full (generation 2) garbage
+    collections ran meanwhile. Its result stays alive until the clock stops, as the plan's
+    list of decisions does; ``gc_paused`` turns the cyclic collector off for the call."""
     gc.collect()
-    started = time.perf_counter()
-    result = work()
-    elapsed = time.perf_counter() - started
+    full_before = gc.get_stats()[2]["collections"]
+    if gc_paused:
+        gc.disable()
+    try:
+        started = time.perf_counter()
+        result = work()
+        elapsed = time.perf_counter() - started
+    finally:
+        gc.enable()
+    full = gc.get_stats()[2]["collections"] - full_before
     del result
-    return elapsed
+    return elapsed, full
 
 
 def _select_all(needs: Sequence[DeviceNeeds], candidates: Sequence[Candidate]) -> list[Decision]:
@@ -150,38 +159,50 @@ def scaling(
         built = [planning.device_needs(r, profiles[r["device_class"]]) for r in rows[n]]
         needs[n] = [x for x in built if x is not None]
     real = len(planning.candidates(catalog, VERSION))
-    methods: dict[str, tuple[str, Callable[[int], object]]] = {
+    methods: dict[str, tuple[str, Callable[[int], object], bool]] = {
         "select_variant": (
-            f"select_variant, {VARIANTS} synthetic variants, DeviceNeeds built beforehand",
+            f"`select_variant`, {VARIANTS} synthetic variants, DeviceNeeds built beforehand",
             lambda n: _select_all(needs[n], candidates),
+            False,
+        ),
+        "select_variant_gc_paused": (
+            "the same with Python's cyclic GC paused",
+            lambda n: _select_all(needs[n], candidates),
+            True,
         ),
         "plan_loop": (
-            f"device_needs + select_variant per row, {VARIANTS} synthetic variants",
+            f"`device_needs` + `select_variant` per row, {VARIANTS} synthetic variants",
             lambda n: _plan_loop(rows[n], profiles, candidates),
+            False,
         ),
         "plan": (
-            f"planning.plan: SQLite telemetry query, catalog read, {real} real variants",
+            f"`planning.plan`: SQLite telemetry query, catalog read, {real} real variants",
             lambda n: planning.plan(db, catalog, profiles, rows[n], VERSION),
+            False,
         ),
     }
-    for _, work in methods.values():  # warm up imports, caches and the allocator
+    for _, work, _ in methods.values():  # warm up imports, caches and the allocator
         work(SIZES[0])
     reps = 3 if quick else 7
     times: dict[str, dict[int, list[float]]] = {m: {n: [] for n in SIZES} for m in methods}
+    full_gcs: dict[str, dict[int, list[int]]] = {m: {n: [] for n in SIZES} for m in methods}
     for rep in range(reps):
         order = SIZES if rep % 2 == 0 else SIZES[::-1]
-        for method, (_, work) in methods.items():
+        for method, (_, work, paused) in methods.items():
             for n in order:
-                times[method][n].append(_timed(partial(work, n)))
+                seconds, full = _timed(partial(work, n), gc_paused=paused)
+                times[method][n].append(seconds)
+                full_gcs[method][n].append(full)
     result: dict[str, Any] = {"repetitions": reps, "variants": VARIANTS, "methods": {}}
-    for method, (what, _) in methods.items():
-        medians = {n: sorted(times[method][n])[len(times[method][n]) // 2] for n in SIZES}
+    for method, (what, _, _) in methods.items():
+        medians = {n: statistics.median(times[method][n]) for n in SIZES}
         small, large = SIZES
         result["methods"][method] = {
             "what": what,
             "median_s": {str(n): medians[n] for n in SIZES},
             "per_device_us": {str(n): medians[n] / n * 1e6 for n in SIZES},
             "runs_s": {str(n): times[method][n] for n in SIZES},
+            "full_gcs": {str(n): full_gcs[method][n] for n in SIZES},
             "ratio": medians[large] / medians[small],
         }
     return result
@@ -328,15 +349,16 @@ def report(scale: dict[str, Any], fleet: dict[str, Any]) -> str:
     lines = [
         f"Scaling ({scale['repetitions']} interleaved repetitions, medians):",
         "",
-        f"| method | {small} devices | {large} devices | µs/device ({small} / {large}) "
-        "| ratio | shape |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"| method | what is timed | {small} devices | {large} devices "
+        f"| µs/device ({small} / {large}) | full GCs ({small} / {large}) | ratio | shape |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for method, m in scale["methods"].items():
+        gcs = " / ".join(f"{statistics.median(m['full_gcs'][n]):g}" for n in (small, large))
         lines.append(
-            f"| {method}: {m['what']} | {m['median_s'][small] * 1000:.1f} ms "
+            f"| {method} | {m['what']} | {m['median_s'][small] * 1000:.1f} ms "
             f"| {m['median_s'][large] * 1000:.1f} ms | {m['per_device_us'][small]:.1f} / "
-            f"{m['per_device_us'][large]:.1f} | {m['ratio']:.2f} | {shape(m['ratio'])} |"
+            f"{m['per_device_us'][large]:.1f} | {gcs} | {m['ratio']:.2f} | {shape(m['ratio'])} |"
         )
     lines += [
         "",

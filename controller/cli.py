@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from agent.protocol import ModelRef, ProtocolError
@@ -48,6 +49,11 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
             f"{hw.get('memory_mb')} MiB, {hw.get('os')}; flags {','.join(hw.get('cpu_flags', []))}"
         )
         console.print(f"agent {detail['agent_version']}, runtimes {','.join(detail['runtimes'])}")
+        for m in detail["hardware_check"]:
+            colour = "red" if m["severity"] == "error" else "yellow"
+            console.print(f"[{colour}]{m['severity']}[/]: {escape(m['message'])}")
+        if not detail["hardware_check"]:
+            console.print(f"hardware matches the {detail['device_class']} profile")
         table = Table("time", "event", "message", title="recent events", title_justify="left")
         for e in detail["recent_events"]:
             table.add_row(e["ts"], e["event"], e["message"])

@@ -52,10 +52,31 @@ def fleet(db: sqlite_utils.Database) -> list[dict[str, Any]]:
     return out
 
 
+def hardware_mismatches(row: dict[str, Any]) -> list[dict[str, str]]:
+    """Where the facts the agent reported disagree with its hardware class's profile."""
+    from agent.protocol import HardwareFacts
+    from controller.hardware_check import check_device
+    from device_configs.schema import ProfileError, load_profiles
+
+    if not row.get("hardware"):
+        return []
+    try:
+        profiles = load_profiles()
+    except ProfileError as exc:
+        return [{"field": "profiles", "severity": "error", "message": str(exc)}]
+    facts = HardwareFacts.model_validate_json(row["hardware"])
+    runtimes = json.loads(row.get("runtimes") or "[]")
+    return [
+        {"field": m.field, "severity": m.severity.value, "message": m.message}
+        for m in check_device(row["device_class"], facts, runtimes, profiles)
+    ]
+
+
 def device_detail(db: sqlite_utils.Database, device: str, events: int = 10) -> dict[str, Any]:
     row = registry.get_device(db, device)
     detail = next(d for d in fleet(db) if d["id"] == device)
     detail["hardware"] = json.loads(row["hardware"] or "{}")
+    detail["hardware_check"] = hardware_mismatches(row)
     detail["session"] = row["session"]
     detail["first_seen"] = row["first_seen"]
     detail["recent_events"] = [

@@ -1,0 +1,139 @@
+"""The plan over a real catalog and device registry, and the energy report from telemetry."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from agent import protocol as p
+from controller import registry
+from controller.config import ControllerConfig, SiteConfig, load_controller_config
+from controller.db import open_db
+from controller.energy import energy_report, totals
+from controller.errors import InvalidRequest
+from controller.planning import baseline_per_class, fleet_saving, is_planned, measured, plan
+from device_configs.schema import load_profiles
+from model_store import pipeline
+from model_store.catalog import Catalog, Declared
+from model_store.samples.calibration import calibration_set
+from model_store.signing import Signer
+
+SAMPLES = Path(__file__).parents[2] / "model_store" / "samples"
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+HW = p.HardwareFacts(arch="aarch64", cores=4, memory_mb=4096, os="Linux", python="3.11")
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Catalog]:
+    home = tmp_path_factory.mktemp("plan")
+    db = open_db(home / "g.db")
+    catalog = Catalog(db, home / "store")
+    catalog.add(
+        SAMPLES / "vibration-ae.onnx",
+        "vib",
+        "1.0.0",
+        declared=Declared.from_json(SAMPLES / "vibration-ae.json"),
+    )
+    pipeline.compress(
+        catalog,
+        Signer.load_or_create(home / "keys"),
+        "vib:1.0.0",
+        calibration_set("vibration-ae", n=200),
+        home / "work",
+        only=["fp16", "int8-dynamic", "distill"],
+        latency_runs=20,
+    )
+    for device, cls, runtimes in (
+        ("pi-1", "rpi4", [p.ModelFormat.ONNX, p.ModelFormat.TFLITE]),
+        ("tpu-1", "coral-dev-board", [p.ModelFormat.TFLITE]),
+        ("odd-1", "toaster", [p.ModelFormat.ONNX]),
+    ):
+        birth = p.Birth(
+            session="s",
+            agent_version="0.1.0",
+            device_class=cls,
+            labels={"site": "plant-a"},
+            runtimes=runtimes,
+            hardware=HW,
+        )
+        registry.apply_birth(db, device, birth, NOW)
+    return db, catalog
+
+
+def test_plan_chooses_explains_and_refuses(fleet: tuple[object, Catalog]) -> None:
+    db, catalog = fleet
+    assert is_planned(catalog, "vib:1.0.0") and not is_planned(catalog, "vib:1.0.0+fp16")
+    planned = {
+        x.device: x.decision
+        for x in plan(db, catalog, load_profiles(), registry.devices(db), "vib:1.0.0")
+    }
+    pi = planned["pi-1"]
+    assert pi.chosen is not None and pi.chosen.startswith("vib:1.0.0+")
+    assert pi.estimate is not None and pi.reference is not None
+    assert pi.estimate.energy_j <= pi.reference.energy_j
+    assert "least energy per inference" in pi.reason and pi.runners_up
+    # an int8-only TFLite board: nothing ONNX runs there, and it is told why
+    tpu = planned["tpu-1"]
+    assert tpu.chosen is None and "no onnx runtime" in tpu.reason
+    assert "unknown device class 'toaster'" in planned["odd-1"].reason
+    saving = fleet_saving(
+        list(plan(db, catalog, load_profiles(), registry.devices(db), "vib:1.0.0"))
+    )
+    assert saving is not None and saving.devices == 1 and 0 <= saving.saving < 1
+
+
+def test_energy_report_splits_measured_from_estimated_and_prices_co2(
+    fleet: tuple[object, Catalog], tmp_path: Path
+) -> None:
+    db, catalog = fleet
+    decisions = plan(db, catalog, load_profiles(), registry.devices(db), "vib:1.0.0")
+    chosen = next(x.decision.chosen for x in decisions if x.device == "pi-1")
+    assert chosen is not None
+    rows = [
+        {
+            "device": "pi-1",
+            "session": "s",
+            "seq": seq,
+            "start": f"2026-11-26T12:0{seq}:00+00:00",
+            "window_s": 60.0,
+            "model": chosen,
+            "tier": "active",
+            "inferences": 600,
+            "errors": 0,
+            "latency_p50_ms": 1.0,
+            "latency_p95_ms": 1.5,
+            "latency_p99_ms": 2.0,
+            "cpu_s": 1.0,
+            "power_w": 3.0,
+            "energy_per_inference_j": 0.0002,
+            "power_method": method,
+            "received_at": "x",
+        }
+        for seq, method in ((0, "estimate"), (1, "rapl"))
+    ]
+    db.table("telemetry").insert_all(rows)  # type: ignore[attr-defined]
+    config = ControllerConfig(sites={"plant-a": SiteConfig(grid_g_co2e_per_kwh=300)})
+    baseline = baseline_per_class(catalog, load_profiles(), measured(db))
+    (row,) = energy_report(db, config, baseline, site="plant-a")
+    assert row.inferences == 1200
+    assert row.device_j_estimated == pytest.approx(
+        180.0
+    ) and row.device_j_measured == pytest.approx(180.0)
+    assert row.co2e_kg == pytest.approx(360 / 3.6e6 * 300 / 1000)
+    assert row.j_per_inference == pytest.approx(0.0002)
+    assert row.as_dict()["methods"] == ["estimate", "rapl"]
+    assert energy_report(db, config, baseline, site="elsewhere") == []
+    assert (
+        energy_report(db, config, baseline, since="2026-11-26T12:01:00+00:00")[0].inferences == 600
+    )
+    assert totals([row])["measured_kwh"] == pytest.approx(180 / 3.6e6)
+
+
+def test_controller_config_errors_name_the_key(tmp_path: Path) -> None:
+    assert load_controller_config(tmp_path / "missing.yaml").grid_intensity("x") == 480.0
+    bad = tmp_path / "controller.yaml"
+    bad.write_text("sites:\n  plant-a: {grid: 300}\n")
+    with pytest.raises(InvalidRequest, match=r"sites\.plant-a\.grid"):
+        load_controller_config(bad)
