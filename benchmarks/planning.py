@@ -65,7 +65,7 @@ def synthetic_candidates(count: int = VARIANTS) -> list[Candidate]:
     """``count`` variants of one model version that between them meet every selection rule.
 
     Formats alternate onnx/tflite, precisions cycle fp32/fp16/int8/mixed; sizes run from 40 KiB
-    to ~460 MiB (past the small classes' storage), peak memory from 6 MiB to ~1.3 GiB (past
+    to ~2.7 GiB (past the storage of most classes), peak memory from 6 MiB to ~1.3 GiB (past
     their model memory), host latency from 0.3 to ~8 ms (past some latency budgets once scaled).
     Two are ineligible and one has no latency for its runtime.
     """
@@ -81,7 +81,9 @@ def synthetic_candidates(count: int = VARIANTS) -> list[Candidate]:
                 precision="fp32" if i == 0 else precisions[i % 4],
                 size_bytes=int(40 * 1024 * 1.8**i),
                 peak_memory_mb=6.0 * 1.33**i,
-                host_latency_ms={} if i == 13 else {runtime: 0.3 + 0.4 * ((i * 7) % count)},
+                host_latency_ms={}
+                if i == 13
+                else {runtime: round(0.3 + 0.4 * ((i * 7) % count), 1)},
                 eligible=i not in (5, 11),
                 reason="accuracy 0.81 is below the accuracy floor 0.9" if i in (5, 11) else None,
                 is_reference=i == 0,
@@ -247,7 +249,9 @@ def build_samples(home: Path, quick: bool) -> tuple[sqlite_utils.Database, Catal
     return db, catalog
 
 
-def _class_rows(classes: Sequence[str], profiles: Mapping[str, DeviceProfile]) -> list[Any]:
+def _class_rows(
+    classes: Sequence[str], profiles: Mapping[str, DeviceProfile]
+) -> list[dict[str, Any]]:
     """One device row per class, reporting every runtime its profile allows."""
     return [
         {
@@ -299,7 +303,13 @@ def fleet_energy(
     every = sorted(profiles)
     planned = planning.plan(db, catalog, profiles, _class_rows(every, profiles), VERSION)
     demo = [p for p in planned if p.device_class in DEMO_FLEET]
-    built = [planning.candidate(v) for v in catalog.variants(VERSION) if v.technique != "imported"]
+    # What compress built: neither the source file (plan never offers it once variants exist)
+    # nor the imported TFLite sample.
+    built = [
+        planning.candidate(v)
+        for v in catalog.variants(VERSION)
+        if v.variant and v.technique != "imported"
+    ]
     compressed_only = []
     for row in _class_rows(every, profiles):
         needs = planning.device_needs(row, profiles[row["device_class"]])

@@ -30,7 +30,10 @@ def test_demo_runs_the_pipeline_delivers_and_detects_the_fault(tmp_path: Path) -
     for model in ("vibration-ae", "surface-cnn"):
         built = re.search(rf"{model}: (\d+) variants, (\d+) eligible", out)
         assert built and int(built[2]) >= 5, f"{model} went through the pipeline"
-    assert "variants delivered and active" in out
+    # deployed through the plan: each gateway got a variant chosen for its hardware class
+    plans = re.findall(r"plan: (\S+) \((\S+)\) -> vibration-ae:1\.0\.0\+(\S+): least energy", out)
+    assert {device for device, _, _ in plans} == {"gw-press-01", "gw-pump-02", "ipc-line-03"}
+    assert re.search(r"predicted fleet energy per inference .* \((\d+)% less\)", out)
     summary = out[out.index("summary") :]
     pump = next(line for line in summary.splitlines() if "gw-pump-02" in line)
     press = next(line for line in summary.splitlines() if "gw-press-01" in line)
