@@ -7,7 +7,9 @@ the pure :func:`controller.selection.select_variant`.
 
 from __future__ import annotations
 
+import gc
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,10 +76,13 @@ def device_needs(row: Mapping[str, Any], profile: DeviceProfile | None) -> Devic
     if profile is None:
         return None
     labels = json.loads(row.get("labels") or "{}")
+    budget = profile.latency_budget_ms
     try:
-        budget = float(labels.get(LATENCY_BUDGET_LABEL, profile.latency_budget_ms))
-    except ValueError:
-        budget = profile.latency_budget_ms
+        label = float(labels.get(LATENCY_BUDGET_LABEL, budget))
+    except (TypeError, ValueError):
+        label = budget
+    if math.isfinite(label) and label > 0:
+        budget = label
     reported = set(json.loads(row.get("runtimes") or "[]"))
     allowed = {r.value for r in profile.runtimes}
     return DeviceNeeds(
@@ -116,9 +121,35 @@ def plan(
     """Decide a variant for each device: of ``model``, or of the version it should run."""
     telemetry = measured(db)
     cache: dict[str, list[Candidate]] = {}
-    planned = []
+    planned: list[PlannedDevice] = []
+    # Each decision keeps a few dozen small objects alive; past ~5,000 devices the cyclic
+    # collector's full passes would make planning quadratic-looking. Nothing here makes cycles.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        _plan_rows(device_rows, model, catalog, profiles, telemetry, cache, planned)
+    finally:
+        if collecting:
+            gc.enable()
+    return planned
+
+
+def _plan_rows(
+    device_rows: Sequence[Mapping[str, Any]],
+    model: str | None,
+    catalog: Catalog,
+    profiles: Mapping[str, DeviceProfile],
+    telemetry: Mapping[tuple[str, str], Measured],
+    cache: dict[str, list[Candidate]],
+    planned: list[PlannedDevice],
+) -> None:
     for row in device_rows:
-        version = model or (row.get("desired_model") or "").partition("+")[0]
+        desired = row.get("desired_model") or ""
+        if model is None and "+" in desired:
+            pinned = Decision(row["id"], desired, None, "pinned by deploy NAME:VERSION+VARIANT")
+            planned.append(PlannedDevice(row["id"], row["device_class"], desired, pinned))
+            continue
+        version = model or desired
         if not version:
             continue
         if version not in cache:
@@ -141,7 +172,6 @@ def plan(
             }
             decision = select_variant(needs, cache[version], by_variant)
         planned.append(PlannedDevice(row["id"], row["device_class"], version, decision))
-    return planned
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,9 @@ REQUIRED_PRECISIONS: Mapping[str, frozenset[str]] = {
 RUNTIME_OF_FORMAT: Mapping[str, str] = {"onnx": "onnxruntime", "tflite": "litert"}
 MIN_MEASURED_INFERENCES = 200  # telemetry replaces the profile estimate from this many on
 SWITCH_MARGIN = 0.10  # a running variant is replaced only by one at least 10% cheaper
+# Profiles are noisy by a few percent: among variants this close in energy, the smaller file
+# wins (less to download and store), so plans do not flip with measurement noise.
+NEAR_EQUAL = 0.05
 
 
 @dataclass(frozen=True)
@@ -90,9 +93,10 @@ class Decision:
 
 def speed_factor(device: DeviceNeeds, precision: str) -> float:
     """How much slower than the controller host this device runs a variant of ``precision``."""
+    slowest = max(device.speed.values(), default=1.0)  # no factor declared: assume the worst
     if precision == "mixed":
-        return max(device.speed.get("int8", 1.0), device.speed.get("fp32", 1.0))
-    return device.speed.get(precision, device.speed.get("fp32", 1.0))
+        return max(device.speed.get("int8", slowest), device.speed.get("fp32", slowest))
+    return device.speed.get(precision, slowest)
 
 
 def estimate(
@@ -126,17 +130,20 @@ def field_correction(
     and the plan would hop from variant to variant. Scaling profile estimates by the median
     measured/profile ratio of the variants that have telemetry keeps the comparison fair.
     """
-    energy, latency = [], []
+    energy: list[float] = []
+    latency: list[float] = []
     for candidate in candidates:
         seen = measured.get(candidate.id)
+        if seen is None:
+            continue
         guess = estimate(device, candidate, None)
-        field = estimate(device, candidate, seen)
-        if guess is None or field is None or field.source != "telemetry":
+        observed = estimate(device, candidate, seen)
+        if guess is None or observed is None or observed.source != "telemetry":
             continue
         if guess.energy_j > 0:
-            energy.append(field.energy_j / guess.energy_j)
+            energy.append(observed.energy_j / guess.energy_j)
         if guess.latency_ms > 0:
-            latency.append(field.latency_ms / guess.latency_ms)
+            latency.append(observed.latency_ms / guess.latency_ms)
     return _median(energy), _median(latency)
 
 
@@ -181,19 +188,26 @@ def select_variant(
     estimates: dict[str, Estimate] = {}
     reference: Estimate | None = None
     energy_factor, latency_factor = field_correction(device, candidates, measured)
+    fallback_reference: Estimate | None = None
     for candidate in candidates:
         guess = estimate(device, candidate, measured.get(candidate.id))
-        if guess is not None and guess.source == "profile" and energy_factor != 1.0:
+        corrected = (energy_factor, latency_factor) != (1.0, 1.0)
+        if guess is not None and guess.source == "profile" and corrected:
             guess = Estimate(
                 guess.latency_ms * latency_factor,
                 guess.energy_j * energy_factor,
                 f"profile x{energy_factor:.2f} (field correction)",
             )
+        problem = constraint(device, candidate)
         if guess is not None:
             estimates[candidate.id] = guess
-            if candidate.is_reference:
+            # fp32 as the device would run it: the reference if it can, else an fp32 of a
+            # format it has (a TFLite build on a TFLite-only gateway)
+            runnable = problem is None and guess.latency_ms <= device.latency_budget_ms
+            if candidate.is_reference and runnable:
                 reference = guess
-        problem = constraint(device, candidate)
+            elif reference is None and candidate.precision == "fp32" and runnable:
+                fallback_reference = fallback_reference or guess
         if problem is None and guess is None:
             problem = f"not profiled on {RUNTIME_OF_FORMAT.get(candidate.format, candidate.format)}"
         if problem is None and guess is not None and guess.latency_ms > device.latency_budget_ms:
@@ -205,6 +219,7 @@ def select_variant(
             ruled_out.append((candidate.id, problem))
         elif guess is not None:
             fitting.append((candidate.id, guess))
+    reference = reference or fallback_reference
     if not fitting:
         return Decision(
             device.id,
@@ -218,7 +233,10 @@ def select_variant(
             estimates=estimates,
         )
     fitting.sort(key=lambda item: (item[1].energy_j, item[1].latency_ms, item[0]))
-    best_id, best = fitting[0]
+    sizes = {c.id: c.size_bytes for c in candidates}
+    cheapest = fitting[0][1].energy_j
+    near = [item for item in fitting if item[1].energy_j <= cheapest * (1 + NEAR_EQUAL)]
+    best_id, best = min(near, key=lambda item: (sizes[item[0]], item[1].energy_j, item[0]))
     reason = (
         f"least energy per inference ({best.energy_j * 1000:.3f} mJ, {best.source}) within "
         f"{device.latency_budget_ms:g} ms"
