@@ -124,3 +124,19 @@ def test_profile_estimates_are_corrected_by_what_the_field_measured() -> None:
     assert fp32.source.startswith("profile x2.00") and fp32.energy_j == pytest.approx(
         2 * 1.2 * 1.6 / 1000
     )
+
+
+def test_near_equal_energy_goes_to_the_smaller_file_and_baselines_are_runnable() -> None:
+    fp16 = Candidate("m:1+fp16", "onnx", "fp16", 340_000, 11.0, {"onnxruntime": 0.202}, True)
+    assert select_variant(PI, [FP32, fp16], {}).chosen == "m:1+fp16"  # 1% dearer, half the size
+    tflite_only = replace(PI, runtimes=frozenset({"tflite"}))
+    decision = select_variant(tflite_only, [FP32, TFLITE], {})
+    assert decision.chosen == "m:1+tflite"
+    assert decision.reference == decision.estimate, "fp32 it can run, not the ONNX it cannot"
+
+
+def test_a_missing_speed_factor_counts_as_the_slowest() -> None:
+    no_fp32 = replace(PI, speed={"int8": 17.0}, precisions=frozenset({"int8", "fp32"}))
+    decision = select_variant(no_fp32, [FP32], {})
+    assert decision.estimate is not None
+    assert decision.estimate.latency_ms == pytest.approx(0.20 * 17.0)
