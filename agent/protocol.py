@@ -241,6 +241,9 @@ class Birth(Envelope):
     runtimes: list[ModelFormat] = Field(description="Formats the agent can load.")
     hardware: HardwareFacts
     active: ActiveModel | None = None
+    last_good: ActiveModel | None = Field(
+        default=None, description="The previous model, kept on disk for an instant rollback."
+    )
 
 
 class Death(Envelope):
@@ -261,6 +264,9 @@ class Deploy(Envelope):
     model: ModelRef
     artifact: Artifact
     window: int = Field(default=16, ge=1, le=MAX_WINDOW, description="Chunks in flight at once.")
+    rollback: bool = Field(
+        default=False, description="An explicit rollback: an older version is allowed."
+    )
 
 
 class Ping(Envelope):

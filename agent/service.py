@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -209,6 +210,7 @@ class Agent:
             runtimes=self.runtimes,
             hardware=self.hardware,
             active=self._serving.active if self._serving else None,
+            last_good=self.activation.read().last_good,
         )
         return p.topic(self.device, p.Channel.STATE), p.encode(birth)
 
@@ -323,6 +325,12 @@ class Agent:
                 self._activate_loaded(command, self._serving.model)
             self._reply(command.id, True, status="already active", model=str(command.model))
             return
+        last_good = self.activation.read().last_good
+        if last_good is not None and last_good.sha256 == artifact.sha256:
+            path = self.activation.artifact_path(last_good)
+            if path.is_file():  # the previous model is still on disk: no transfer needed
+                self._activate_from_disk(command, path)
+                return
         current = self._transfer
         if current is not None and current.download.artifact.sha256 == artifact.sha256:
             current.command = command  # a re-sent deploy: keep going, answer this id at the end
@@ -344,6 +352,23 @@ class Agent:
             + (f", resuming with {have} on disk)" if have else ")"),
             model=str(command.model),
             resumed_chunks=have,
+        )
+
+    def _activate_from_disk(self, command: p.Deploy, path: Path) -> None:
+        """Switch back to the last-good model kept on disk (a rollback, or a re-deploy of it)."""
+        try:
+            model = load_model(path, command.artifact.format, threads=self.config.inference.threads)
+            self._smoke_test(model)
+        except (ModelLoadError, InferenceError) as exc:
+            self._event(p.EventKind.MODEL_LOAD_FAILED, str(exc), model=str(command.model))
+            self._fail_deploy(command, f"the last-good copy on disk no longer loads: {exc}")
+            return
+        self._activate_loaded(command, model)
+        self._reply(
+            command.id,
+            True,
+            status="activated from the local last-good copy",
+            model=str(command.model),
         )
 
     def _pump_transfer(self) -> None:

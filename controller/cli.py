@@ -93,6 +93,34 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    db = open_db(args.home.database)
+    device = registry.get_device(db, args.id)
+    target: str | None
+    if args.to:
+        try:
+            target = str(ModelRef.parse(args.to))
+        except ProtocolError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        Catalog(db, args.home.store).get(target)
+    else:
+        target = device.get("last_good_model")
+        if not target:
+            raise InvalidRequest(
+                f"{args.id} reports no last-good model; name a version with --to NAME:VERSION"
+            )
+    registry.set_desired(db, [args.id], target, rollback=True)
+    emit(
+        args,
+        {"device": args.id, "model": target, "rollback": True},
+        lambda: console.print(
+            f"{args.id} rolls back to {target} (from {device.get('active_model') or 'nothing'}); "
+            "served from its local copy when it still has one"
+        ),
+    )
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     db = open_db(args.home.database)
     rows = views.fleet(db)
@@ -221,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--selector", help="label selector, e.g. site=plant-a,line=3")
     deploy.add_argument("--force", action="store_true", help="deploy an ineligible variant")
 
+    rollback = add(sub, "rollback", cmd_rollback, "roll a device back to its last-good model", True)
+    rollback.add_argument("id", help="device id")
+    rollback.add_argument("--to", help="NAME:VERSION[+VARIANT] instead of the last-good model")
     add(sub, "status", cmd_status, "fleet summary, devices and recent events", True)
     plan_commands.register(sub, add)
 

@@ -198,7 +198,12 @@ class Controller:
             )
             for decision in decisions:
                 model = self._catalog.get(decision.model)
-                command = p.Deploy(model=model.ref, artifact=model.artifact())
+                row = registry.get_device(db, decision.device)
+                command = p.Deploy(
+                    model=model.ref,
+                    artifact=model.artifact(),
+                    rollback=bool(row.get("desired_rollback")),
+                )
                 with db.conn:
                     db.table("deployments").insert(
                         {

@@ -152,7 +152,18 @@ def _m2_variants(db: sqlite_utils.Database) -> None:
         )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_initial, _m2_variants]
+def _m3_rollback(db: sqlite_utils.Database) -> None:
+    """Devices report their last-good model; a desired model can be an explicit rollback."""
+    devices = db.table("devices")
+    devices.add_column("last_good_model", str)
+    devices.add_column("desired_rollback", int)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _m1_initial,
+    _m2_variants,
+    _m3_rollback,
+]
 
 
 def migrate(db: sqlite_utils.Database) -> int:

@@ -31,6 +31,7 @@ def apply_birth(db: sqlite_utils.Database, device: str, birth: Birth, now: datet
         "hardware": birth.hardware.model_dump_json(),
         "active_model": str(birth.active.model) if birth.active else None,
         "active_sha256": birth.active.sha256 if birth.active else None,
+        "last_good_model": str(birth.last_good.model) if birth.last_good else None,
         "last_seen": iso(now),
     }
     if not existing:
@@ -89,8 +90,13 @@ def matching(db: sqlite_utils.Database, selector: dict[str, str]) -> list[str]:
     return found
 
 
-def set_desired(db: sqlite_utils.Database, device_ids: list[str], model: str) -> None:
-    """Record intent; the daemon's reconcile loop acts on it."""
+def set_desired(
+    db: sqlite_utils.Database, device_ids: list[str], model: str, *, rollback: bool = False
+) -> None:
+    """Record intent; the daemon's reconcile loop acts on it.
+
+    ``rollback`` marks an explicit rollback: the agent may then accept an older version.
+    """
     for device in device_ids:
         try:
             check_device_id(device)
@@ -103,7 +109,9 @@ def set_desired(db: sqlite_utils.Database, device_ids: list[str], model: str) ->
             )
     with db.conn:
         for device in device_ids:
-            db.table("devices").update(device, {"desired_model": model})
+            db.table("devices").update(
+                device, {"desired_model": model, "desired_rollback": int(rollback)}
+            )
 
 
 def views(db: sqlite_utils.Database) -> list[DeviceView]:

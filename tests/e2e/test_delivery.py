@@ -148,6 +148,30 @@ def test_deploy_delivers_results_and_telemetry_and_a_second_deploy_replaces_it(
     ours = [d for d in status["devices"] if d["id"] in devices]
     assert all(d["desired_model"] == d["active_model"] == "vibration-ae:1.1.0" for d in ours)
 
+    # rollback: back to the last-good model, from the copy still on the device (no transfer)
+    assert fleet(processes)[devices[0]].get("active_model") == "vibration-ae:1.1.0"
+    since = probe.mark()
+    rolled = processes.cli("rollback", devices[0], "--json")
+    assert rolled.returncode == 0, rolled.stderr
+    assert json.loads(rolled.stdout)["model"] == "vibration-ae:1.0.0"
+    wait_until(
+        lambda: fleet(processes)[devices[0]]["active_model"] == "vibration-ae:1.0.0",
+        30,
+        "rollback to the last-good model",
+        logs,
+    )
+    probe.wait_for(
+        is_result(devices[0], "vibration-ae:1.0.0"), what="results after rollback", since=since
+    )
+    rows = (
+        sqlite3.connect(Path(processes.env["GREENFLEET_HOME"]) / "greenfleet.db")
+        .execute(
+            "SELECT detail FROM replies WHERE device = ? ORDER BY ts DESC LIMIT 1", [devices[0]]
+        )
+        .fetchone()
+    )
+    assert "local last-good copy" in rows[0]
+
     # an agent that stops says so, and the registry shows it offline
     processes.procs[1][0].terminate()
     wait_until(

@@ -82,7 +82,8 @@ def test_plan_chooses_explains_and_refuses(fleet: tuple[object, Catalog]) -> Non
     saving = fleet_saving(
         list(plan(db, catalog, load_profiles(), registry.devices(db), "vib:1.0.0"))
     )
-    assert saving is not None and saving.devices == 1 and 0 <= saving.saving < 1
+    assert saving is not None and saving.devices == 1
+    assert -0.05 <= saving.saving < 1  # near-equal variants go to the smaller file
 
 
 def test_energy_report_splits_measured_from_estimated_and_prices_co2(
