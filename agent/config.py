@@ -148,6 +148,24 @@ class AgentConfig(Section):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     power: PowerConfig = Field(default_factory=PowerConfig)
+    controller_keys: list[str] = Field(
+        default_factory=list,
+        description="Enrolled controller signing keys (hex, from keys/signing.pub). When set, "
+        "every deploy must carry a manifest signed by one of them.",
+    )
+
+    @field_validator("controller_keys")
+    @classmethod
+    def _keys_are_ed25519_public_keys(cls, keys: list[str]) -> list[str]:
+        return _check_keys(keys)
+
+
+def _check_keys(keys: list[str]) -> list[str]:
+    from agent.verify import load_public_key
+
+    for key in keys:
+        load_public_key(key)  # ValueError says what a key must look like
+    return keys
 
 
 def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Every message is appended to an SQLite file (WAL mode) in the agent's state dir before it is
 sent, so a broker outage or an agent restart loses nothing that fits the bounds. The bounds
 are a total size (topics + payloads; the oldest messages go first) and an age; every message
-dropped is counted by reason (``size``, ``age``, ``disk``, ``rejected``), and the counts
+dropped is counted by reason (``size``: over the size bound; ``age``: too old; ``disk``: could
+not be stored, e.g. a full disk; ``rejected``: the MQTT client refused it), and the counts
 survive restarts. :class:`OutboxSender` replays the outbox oldest first with at most
 ``window`` messages awaiting their PUBACK, and deletes a message only once the broker has
 confirmed it; after a reconnect it resends the unconfirmed ones in order. Duplicates are
@@ -126,6 +127,7 @@ class Outbox:
     def close(self) -> None:
         with self._lock:
             if self._db is not None:
+                self._save_counters()
                 with contextlib.suppress(sqlite3.Error):
                     self._db.close()
                 self._db = None
@@ -149,16 +151,18 @@ class Outbox:
                     topic,
                     self.max_bytes,
                 )
+                self._save_counters()
                 return
             for attempt in (1, 2):
                 try:
                     with self._transaction() as db:
-                        self._expire(db, self._clock())
+                        now = self._clock()
+                        self._expire(db, now)
                         self._make_room(db, size)
                         cursor = db.execute(
                             "INSERT INTO messages (topic, payload, created, size) "
                             "VALUES (?, ?, ?, ?)",
-                            (topic, payload, self._clock(), size),
+                            (topic, payload, now, size),
                         )
                         self._count += 1
                         self._bytes += size
@@ -263,7 +267,10 @@ class Outbox:
 
     def _has_expired(self, db: sqlite3.Connection, now: float) -> bool:
         cutoff = now - self.max_age_s
-        return db.execute("SELECT 1 FROM messages WHERE created < ? LIMIT 1", (cutoff,)).fetchone() is not None
+        return (
+            db.execute("SELECT 1 FROM messages WHERE created < ? LIMIT 1", (cutoff,)).fetchone()
+            is not None
+        )
 
     def _expire(self, db: sqlite3.Connection, now: float) -> None:
         """Delete messages older than ``max_age_s`` (a clock set back expires nothing)."""
@@ -332,6 +339,12 @@ class Outbox:
             except sqlite3.Error as exc:
                 # The messages stay and are sent again: a duplicate, never a loss.
                 self._failed(exc, "delete sent messages")
+
+    def _save_counters(self) -> None:
+        """Write changed drop counters now (they are otherwise written with the next change)."""
+        if self._dirty and self._db is not None:
+            with contextlib.suppress(sqlite3.Error), self._transaction():
+                pass
 
     def _drop(self, reason: str, count: int) -> None:
         self._dropped[reason] += count

@@ -267,6 +267,9 @@ class Deploy(Envelope):
     rollback: bool = Field(
         default=False, description="An explicit rollback: an older version is allowed."
     )
+    manifest: SignedManifest | None = Field(
+        default=None, description="The controller-signed manifest; enrolled agents require it."
+    )
 
 
 class Ping(Envelope):
@@ -494,6 +497,8 @@ class SignedManifest(Strict):
     signature: str = Field(description="Base64 Ed25519 signature of payload's UTF-8 bytes.")
     key_id: str = Field(description="First 16 hex digits of sha256(public key bytes).")
 
+
+Deploy.model_rebuild()  # it refers to SignedManifest, defined further down
 
 Command = Annotated[Deploy | Ping | InjectFault, Field(discriminator="kind")]
 Message = Annotated[

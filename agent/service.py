@@ -36,6 +36,13 @@ from agent.sources import source_class
 from agent.sources.base import Source
 from agent.telemetry import TelemetryWindow
 from agent.transfer import Download
+from agent.verify import (
+    ManifestRejected,
+    check_artifact,
+    check_golden,
+    load_public_key,
+    verify_manifest,
+)
 from agent.version import __version__
 
 log = logging.getLogger(__name__)
@@ -71,6 +78,7 @@ class Agent:
         self.session = p.new_id()[:16]
         self.activation = Activation(config.state_dir)
         self.meter = MeterChain(config.power)
+        self.controller_keys = [load_public_key(k) for k in config.controller_keys]
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=10_000)
         self._stop = threading.Event()
         self._serving: Serving | None = None
@@ -310,7 +318,32 @@ class Agent:
         elif isinstance(command, p.Deploy):
             self._start_deploy(command)
 
+    def _verified(self, command: p.Deploy) -> p.Manifest | None:
+        """The deploy's manifest after every check an enrolled agent makes (None: not enrolled).
+
+        Raises ManifestRejected with the reason; nothing is downloaded before this passes.
+        """
+        if not self.controller_keys:
+            return None
+        manifest = verify_manifest(
+            command.manifest,
+            self.controller_keys,
+            now=p.utcnow(),
+            device_class=self.config.device_class,
+            active=self._serving.active.model if self._serving else None,
+            allow_older=command.rollback,
+        )
+        check_artifact(manifest, command.artifact, model=command.model)
+        return manifest
+
     def _start_deploy(self, command: p.Deploy) -> None:
+        try:
+            self._verified(command)
+        except ManifestRejected as exc:
+            self._reply(command.id, False, str(exc), reason=exc.reason)
+            detail = {**exc.detail, "model": str(command.model)}
+            self._event(p.EventKind.DEPLOY_FAILED, str(exc), **detail)
+            return
         artifact = command.artifact
         if artifact.format not in self.runtimes:
             reason = (
@@ -427,14 +460,26 @@ class Agent:
             return
         try:
             model = load_model(path, artifact.format, threads=self.config.inference.threads)
-            self._smoke_test(model)
-        except (ModelLoadError, InferenceError) as exc:
+            self._stage(model, command)
+        except (ModelLoadError, InferenceError, ManifestRejected) as exc:
             path.unlink(missing_ok=True)
             self._event(p.EventKind.MODEL_LOAD_FAILED, str(exc), model=str(command.model))
             self._fail_deploy(command, str(exc))
             return
         self._activate_loaded(command, model)
         self._reply(command.id, True, status="activated", model=str(command.model))
+
+    def _stage(self, model: LoadedModel, command: p.Deploy) -> None:
+        """Run the manifest's golden cases when there is a manifest, else the zero-input test."""
+        manifest = self._verified(command)
+        if manifest is None or not manifest.golden:
+            self._smoke_test(model)
+            return
+        shapes = {
+            s.name: tuple(d if isinstance(d, int) and d > 0 else 1 for d in s.shape)
+            for s in model.inputs
+        }
+        check_golden(manifest, model.run, shapes)
 
     def _smoke_test(self, model: LoadedModel) -> None:
         """Run the model once on zeros: it must load, accept its input and return finite numbers."""

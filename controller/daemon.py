@@ -203,6 +203,7 @@ class Controller:
                     model=model.ref,
                     artifact=model.artifact(),
                     rollback=bool(row.get("desired_rollback")),
+                    manifest=model.manifest,
                 )
                 with db.conn:
                     db.table("deployments").insert(
