@@ -125,9 +125,11 @@ class MqttLink:
         if self.connected.is_set():
             self._client.subscribe(topic, qos)
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        """Queue a message; paho keeps QoS 1 messages across a reconnect."""
-        self._client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> mqtt.MQTTMessageInfo:
+        """Queue a message; the returned info says when the broker has acknowledged it."""
+        return self._client.publish(topic, payload, qos=qos, retain=retain)
 
     def publish_and_wait(
         self, topic: str, payload: bytes, qos: int = 1, timeout: float = 10.0

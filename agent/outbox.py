@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Outbox:
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_age_s: float = DEFAULT_MAX_AGE_S,
         clock: Callable[[], float] = time.time,
-        synchronous: str = "NORMAL",
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
     ) -> None:
         """``synchronous="NORMAL"`` survives a killed process; ``"FULL"`` also survives power
         loss without losing the last commits, at the cost of an fsync on every put."""
@@ -125,6 +125,7 @@ class Outbox:
                 self._attach(recovering=False)
 
     def close(self) -> None:
+        """Write pending counters and close; unsent messages stay for the next open."""
         with self._lock:
             if self._db is not None:
                 self._save_counters()

@@ -29,6 +29,7 @@ from agent.config import AgentConfig, MqttInput
 from agent.errors import IntegrityError, TransferError
 from agent.hardware import read_hardware
 from agent.link import MqttLink, Will
+from agent.outbox import Outbox, OutboxSender
 from agent.power.chain import MeterChain
 from agent.runtime import EXTRAS, available_formats, load_model
 from agent.runtime.base import InferenceError, LoadedModel, ModelLoadError
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 CHUNK_TIMEOUT_S = 5.0  # re-ask for chunks that have not arrived after this long
 PROGRESS_STEPS = 4  # deploy_progress events per transfer
 EVENT_REPEAT_S = 60.0  # the same recurring error is reported at most once per this period
+OUTBOX_WINDOW = 32  # telemetry/event messages in flight; below the link's max_inflight (64)
 
 
 @dataclass
@@ -79,6 +81,8 @@ class Agent:
         self.activation = Activation(config.state_dir)
         self.meter = MeterChain(config.power)
         self.controller_keys = [load_public_key(k) for k in config.controller_keys]
+        self.outbox = Outbox(config.state_dir / "outbox.db")
+        self.sender: OutboxSender | None = None
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=10_000)
         self._stop = threading.Event()
         self._serving: Serving | None = None
@@ -95,6 +99,7 @@ class Agent:
     def start(self) -> None:
         """Restore the active model, connect, and start the worker and inference threads."""
         self.activation.prepare()
+        self.outbox.open()
         self.meter.start()
         self._restore()
         self.hardware = read_hardware()
@@ -123,6 +128,12 @@ class Agent:
         )
         self.source = source_class(self.config.input.type)(self.config.input)
         self._connect_input()
+        link = self.link
+        self.sender = OutboxSender(
+            self.outbox,
+            lambda topic, payload: link.publish(topic, payload, qos=1),
+            link.connected.is_set,
+        )
         self.link.start()
         self._threads = [
             threading.Thread(target=self._guard, args=(self._work,), name="gf-worker", daemon=True),
@@ -175,7 +186,10 @@ class Agent:
             self._transfer.download.close()
         if self.link is not None:
             death = p.Death(session=self.session, reason="agent stopped")
+            if self.sender is not None:
+                self.sender.pump(OUTBOX_WINDOW)  # hand what is confirmed to the outbox
             self.link.stop(last=(p.topic(self.device, p.Channel.STATE), p.encode(death)))
+        self.outbox.close()
 
     def _guard(self, target: Any) -> None:
         """Keep a thread alive through unexpected errors (logged): the agent never goes silent."""
@@ -225,6 +239,8 @@ class Agent:
     def _on_connected(self) -> None:
         if self._transfer is not None:
             self._transfer.download.reset_in_flight()
+        if self.sender is not None:
+            self.sender.reset()  # resend what the broker never acknowledged, oldest first
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         for sub, handler in self._input_handlers:
@@ -237,6 +253,11 @@ class Agent:
             log.error("inbox full; dropped message on %s", topic)
 
     def _publish(self, channel: p.Channel, message: Any, qos: int = 1) -> None:
+        """Telemetry and events go through the on-disk outbox (they must survive outages and
+        restarts); replies, results and chunk requests only matter now and go straight out."""
+        if channel in (p.Channel.TELEMETRY, p.Channel.EVENTS):
+            self.outbox.put(p.topic(self.device, channel), p.encode(message))
+            return
         assert self.link is not None
         self.link.publish(p.topic(self.device, channel), p.encode(message), qos=qos)
 
@@ -269,9 +290,10 @@ class Agent:
     def _work(self) -> None:
         while not self._stop.is_set():
             try:
-                topic, payload = self._inbox.get(timeout=0.5)
+                busy = self.sender is not None and self.sender.in_flight
+                topic, payload = self._inbox.get(timeout=0.05 if busy else 0.5)
             except queue.Empty:
-                self._pump_transfer()
+                self._pump()
                 continue
             try:
                 parsed = p.parse_topic(topic)
@@ -403,6 +425,12 @@ class Agent:
             status="activated from the local last-good copy",
             model=str(command.model),
         )
+
+    def _pump(self) -> None:
+        """Worker-thread housekeeping after every message or timeout: chunks and the outbox."""
+        self._pump_transfer()
+        if self.sender is not None:
+            self.sender.pump(OUTBOX_WINDOW)
 
     def _pump_transfer(self) -> None:
         transfer = self._transfer

@@ -64,12 +64,25 @@ def test_agent_killed_mid_transfer_resumes_from_the_chunks_on_disk(
     ctl.chunk_delay_s = 0.0
     since = probe.mark()
     processes.agent(config, name=f"{device}-again")
-    probe.wait_for(
+    _, birth = probe.wait_for(
         lambda t, m: t.endswith("/state") and b'"birth"' in m, 20, "second birth", since=since
     )
+    session = p.decode(birth).session  # type: ignore[union-attr]
     ref = ctl.deploy(data, "1.0.0")  # the controller re-sends while desired != active
     assert ctl.reply_to(ref, timeout=30).ok
-    started = ctl.event(p.EventKind.DEPLOY_STARTED, since)
+
+    def started_in_new_session(topic: str, payload: bytes) -> bool:
+        # the first session's events are replayed from its outbox too: look at the new one
+        event = p.decode(payload) if topic.endswith("/events") else None
+        return (
+            isinstance(event, p.Event)
+            and event.event is p.EventKind.DEPLOY_STARTED
+            and event.session == session
+        )
+
+    _, payload = probe.wait_for(started_in_new_session, 20, "deploy_started", since=since)
+    started = p.decode(payload)
+    assert isinstance(started, p.Event)
     assert started.detail["resumed_chunks"] > 0, started.message
     assert requested_chunks(probe, device, since) < total
     ctl.serving("vibration-ae:1.0.0")

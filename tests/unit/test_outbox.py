@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -316,4 +317,38 @@ def test_a_full_disk_drops_the_message_and_counts_it(tmp_path: Path) -> None:
     box.close()
     box = opened(path)
     assert box.stats()["dropped_disk"] == dropped
+    box.close()
+
+
+class Malformed:
+    """A connection whose file went bad while open (SQLite reports it on the next statement)."""
+
+    in_transaction = False
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, *args: object) -> None:
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def test_corruption_found_while_running_sets_the_file_aside_and_keeps_going(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.db"
+    box = opened(path)
+    fill(box, msgs(3))
+    old_ids = [e.id for e in box.pending(10)]
+    assert box._db is not None
+    box._db = Malformed(box._db)  # type: ignore[assignment]
+    box.put("t", b"after")  # must not raise
+    entries = box.pending(10)
+    assert [e.payload for e in entries] == [b"after"]
+    assert entries[0].id > max(old_ids), "ids continue, so a late ack cannot hit a new message"
+    box.ack(old_ids)
+    assert box.stats()["pending"] == 1
+    assert len(list(tmp_path.glob("outbox.db.corrupt-*"))) == 1
     box.close()
