@@ -183,7 +183,12 @@ def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict
             child = dict(child) if isinstance(child, dict) else {}
             node[part] = child
             node = child
-        node[path[-1]] = yaml.safe_load(value) if value else value
+        try:
+            node[path[-1]] = yaml.safe_load(value) if value else value
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:
+            raise ConfigError(
+                f"environment variable {key} is not a valid YAML value: {str(exc)[:200]}"
+            ) from exc
     return result
 
 
@@ -208,6 +213,8 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> AgentCo
             for e in exc.errors()
         )
         raise ConfigError(f"invalid config {path}: {problems}") from exc
+    if "\0" in str(config.state_dir):
+        raise ConfigError(f"invalid config {path}: state_dir contains a NUL character")
     if not config.state_dir.is_absolute():
         config.state_dir = (path.parent / config.state_dir).resolve()
     return config

@@ -37,9 +37,11 @@ ROOT = "gf/v1"
 DEFAULT_CHUNK_SIZE = 256 * 1024
 MAX_CHUNK_SIZE = 4 * 1024 * 1024
 MAX_WINDOW = 64
+MAX_ARTIFACT_BYTES = 2**40
 
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_INDEX = re.compile(r"[0-9]{1,13}")  # ASCII digits only (isdigit() accepts "²"); < 2**40 + 1
 
 DeviceId = Annotated[
     str,
@@ -92,7 +94,7 @@ def blob_topic(device: str, sha256: str, index: int) -> str:
     """The topic that carries chunk ``index`` of the artifact ``sha256`` to ``device``."""
     if not _SHA256.match(sha256):
         raise ProtocolError(f"invalid sha256 {sha256!r}")
-    if index < 0:
+    if not 0 <= index <= MAX_ARTIFACT_BYTES:
         raise ProtocolError(f"invalid chunk index {index}")
     return f"{ROOT}/{check_device_id(device)}/blob/{sha256}/{index}"
 
@@ -129,7 +131,7 @@ def parse_topic(name: str) -> ParsedTopic:
     if rest[0] == "blob":
         if rest[1:] == ["req"]:
             return ParsedTopic(device, Channel.BLOB_REQ)
-        if len(rest) == 3 and _SHA256.match(rest[1]) and rest[2].isdigit():
+        if len(rest) == 3 and _SHA256.match(rest[1]) and _INDEX.fullmatch(rest[2]):
             return ParsedTopic(device, Channel.BLOB, rest[1], int(rest[2]))
         raise ProtocolError(f"malformed blob topic {name!r}")
     if len(rest) == 1:
@@ -199,7 +201,7 @@ class Artifact(Strict):
     """One model file, addressed by content."""
 
     sha256: Sha256
-    size: int = Field(gt=0, description="Size in bytes.")
+    size: int = Field(gt=0, le=MAX_ARTIFACT_BYTES, description="Size in bytes (at most 1 TiB).")
     format: ModelFormat
     chunk_size: int = Field(
         default=DEFAULT_CHUNK_SIZE, gt=0, le=MAX_CHUNK_SIZE, description="Bytes per chunk."
@@ -532,8 +534,8 @@ def _first_error(exc: ValidationError, skip_tag: str | None = None) -> str:
 def _decode(adapter: TypeAdapter[Any], payload: bytes | str, what: str) -> Any:
     try:
         raw = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"{what} is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # also huge integers and absurd nesting
+        raise ProtocolError(f"{what} is not valid JSON: {str(exc)[:200]}") from exc
     if not isinstance(raw, dict):
         raise ProtocolError(f"{what} must be a JSON object, got {type(raw).__name__}")
     if raw.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
@@ -565,10 +567,16 @@ def command_id(payload: bytes | str) -> str:
     """Best-effort id of a command that failed to parse, so the error reply can echo it."""
     try:
         raw = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):
         return ""
     value = raw.get("id") if isinstance(raw, dict) else None
-    return value if isinstance(value, str) and len(value) <= 64 else ""
+    if not isinstance(value, str) or len(value) > 64:
+        return ""
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate could not be echoed in a reply
+        return ""
+    return value
 
 
 def encode(message: BaseModel) -> bytes:

@@ -397,7 +397,7 @@ class Agent:
         download = Download(self.activation.downloads_dir, artifact)
         try:
             have = download.open()
-        except OSError as exc:
+        except (OSError, OverflowError) as exc:
             self._fail_deploy(command, f"cannot write the download to {download.part}: {exc}")
             return
         self._transfer = Transfer(command, download)
@@ -591,6 +591,14 @@ class Agent:
             self._event(p.EventKind.INFERENCE_ERROR, str(exc), throttle="inference")
             return
         latency_ms = (time.perf_counter_ns() - t0) / 1e6
+        if not all(np.all(np.isfinite(v)) for v in outputs.values()):
+            window.error()
+            self._event(
+                p.EventKind.INFERENCE_ERROR,
+                f"model {serving.active.model} returned NaN or infinity; result withheld",
+                throttle="non-finite",
+            )
+            return
         window.observe(latency_ms, (time.thread_time_ns() - c0) / 1e9)
         seq = self.inference_seq
         self.inference_seq += 1

@@ -63,7 +63,12 @@ class Download:
         self.part.parent.mkdir(parents=True, exist_ok=True)
         self._received = self._load_sidecar() if self.part.exists() else set()
         self._fh = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
-        os.ftruncate(self._fh, self.artifact.size)
+        try:
+            os.ftruncate(self._fh, self.artifact.size)
+        except (OSError, OverflowError):
+            os.close(self._fh)
+            self._fh = None
+            raise
         return len(self._received)
 
     def _load_sidecar(self) -> set[int]:

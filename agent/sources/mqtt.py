@@ -25,8 +25,8 @@ def parse_reading(payload: bytes) -> Reading:
     """Decode one payload; ProtocolError says what is wrong with it."""
     try:
         raw = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"sensor reading is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"sensor reading is not valid JSON: {str(exc)[:200]}") from exc
     if isinstance(raw, list):
         try:
             values = np.asarray(raw, dtype=np.float32)
@@ -34,11 +34,19 @@ def parse_reading(payload: bytes) -> Reading:
             raise ProtocolError("sensor reading array must hold only numbers") from exc
         if values.ndim != 1 or values.size == 0:
             raise ProtocolError("sensor reading array must be a non-empty flat list of numbers")
-        return Reading(values, utcnow())
+        return Reading(_finite(values), utcnow())
     message = decode(payload)
     if not isinstance(message, SensorReading):
         raise ProtocolError(f"expected a reading on the input topic, got {message.kind!r}")
-    return Reading(np.asarray(message.values, dtype=np.float32), message.ts)
+    return Reading(_finite(np.asarray(message.values, dtype=np.float32)), message.ts)
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    """Reject NaN, infinities and values beyond float32 (a broken sensor, not a reading)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not np.all(np.isfinite(values)):
+            raise ProtocolError("sensor reading holds NaN, infinite or out-of-range values")
+    return values
 
 
 class MqttSource:
