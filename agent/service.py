@@ -307,7 +307,7 @@ class Agent:
             elif parsed.channel is p.Channel.BLOB:
                 assert parsed.sha256 is not None and parsed.index is not None
                 self._handle_chunk(parsed.sha256, parsed.index, payload)
-            self._pump_transfer()
+            self._pump()
 
     def _check_state(self, payload: bytes) -> None:
         """Re-assert our birth if a stale last will (an older connection's) replaced it."""
@@ -427,10 +427,12 @@ class Agent:
         )
 
     def _pump(self) -> None:
-        """Worker-thread housekeeping after every message or timeout: chunks and the outbox."""
-        self._pump_transfer()
+        """Worker-thread housekeeping after every message or timeout: the outbox, then chunks
+        (events first: once a window of chunks is streaming in, paho's one network thread is
+        busy reading and a queued event would wait behind the whole transfer)."""
         if self.sender is not None:
             self.sender.pump(OUTBOX_WINDOW)
+        self._pump_transfer()
 
     def _pump_transfer(self) -> None:
         transfer = self._transfer
