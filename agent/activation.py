@@ -5,6 +5,8 @@ Layout under the agent's state directory::
     models/<sha256>.<onnx|tflite>    verified artifacts, immutable once renamed into place
     downloads/                       partial transfers (see agent.transfer)
     active.json                      {"active": ..., "last_good": ...}, replaced by one rename
+    deploy.json                      the deploy in progress and its state (fetching, verifying,
+                                     staging); gone once it is active or rejected
 
 Switching the active model writes the new pointer to a temp file, fsyncs it and renames it over
 ``active.json``: the device is always either on the old model or on the new one. The model that
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from agent.protocol import ActiveModel, Strict
+from agent.protocol import ActiveModel, Deploy, Strict
 from agent.transfer import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -80,9 +82,40 @@ class Activation:
         self._prune(pointer)
         return pointer
 
+    # -- the deploy in progress ----------------------------------------------------------------
+
+    @property
+    def pending_path(self) -> Path:
+        return self.state_dir / "deploy.json"
+
+    def save_pending(self, command: Deploy, state: str) -> None:
+        """Remember the deploy being worked on, so a restarted agent carries on with it."""
+        tmp = self.pending_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"state": state, "command": command.model_dump(mode="json")}))
+        os.replace(tmp, self.pending_path)
+
+    def load_pending(self) -> tuple[Deploy, str] | None:
+        """The deploy a previous run did not finish, or None (an unreadable record is dropped)."""
+        try:
+            raw = json.loads(self.pending_path.read_text())
+            return Deploy.model_validate(raw["command"]), str(raw["state"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, ValidationError) as exc:
+            log.error("dropping unreadable %s (%s)", self.pending_path, exc)
+            self.clear_pending()
+            return None
+
+    def clear_pending(self) -> None:
+        self.pending_path.unlink(missing_ok=True)
+
     def _prune(self, pointer: Pointer) -> None:
         """Delete model files that are neither active nor last-good (devices have small disks)."""
         keep = {self.artifact_path(m).name for m in (pointer.active, pointer.last_good) if m}
+        pending = self.load_pending()
+        if pending is not None:  # a finished download waiting to be staged is not garbage
+            deploy = pending[0]
+            keep.add(f"{deploy.artifact.sha256}.{deploy.artifact.format.value}")
         for path in self.models_dir.iterdir():
             if path.name not in keep:
                 path.unlink(missing_ok=True)

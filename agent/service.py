@@ -126,6 +126,13 @@ class Agent:
             birth=self._birth,
             on_connected=self._on_connected,
         )
+        pending = self.activation.load_pending()
+        if pending is not None:  # carry on where the previous run stopped, without the controller
+            command, state = pending
+            log.info(
+                "resuming the deploy of %s (was %s when the agent stopped)", command.model, state
+            )
+            self._inbox.put_nowait((p.topic(self.device, p.Channel.CMD), p.encode(command)))
         self.source = source_class(self.config.input.type)(self.config.input)
         self._connect_input()
         link = self.link
@@ -378,6 +385,7 @@ class Agent:
         if self._serving and self._serving.active.sha256 == artifact.sha256:
             if self._serving.active.model != command.model:
                 self._activate_loaded(command, self._serving.model)
+            self.activation.clear_pending()
             self._reply(command.id, True, status="already active", model=str(command.model))
             return
         last_good = self.activation.read().last_good
@@ -386,6 +394,11 @@ class Agent:
             if path.is_file():  # the previous model is still on disk: no transfer needed
                 self._activate_from_disk(command, path)
                 return
+        finished = self.activation.models_dir / f"{artifact.sha256}.{artifact.format.value}"
+        if finished.is_file():  # downloaded and verified before a restart, never activated
+            self.activation.save_pending(command, "staging")
+            self._activate_from_disk(command, finished)
+            return
         current = self._transfer
         if current is not None and current.download.artifact.sha256 == artifact.sha256:
             current.command = command  # a re-sent deploy: keep going, answer this id at the end
@@ -401,6 +414,7 @@ class Agent:
             self._fail_deploy(command, f"cannot write the download to {download.part}: {exc}")
             return
         self._transfer = Transfer(command, download)
+        self.activation.save_pending(command, "fetching")
         self._event(
             p.EventKind.DEPLOY_STARTED,
             f"fetching {command.model} ({artifact.size} bytes, {artifact.chunk_count} chunks"
@@ -410,19 +424,20 @@ class Agent:
         )
 
     def _activate_from_disk(self, command: p.Deploy, path: Path) -> None:
-        """Switch back to the last-good model kept on disk (a rollback, or a re-deploy of it)."""
+        """Activate a model file already on disk: the last-good copy (a rollback), or a download
+        that finished before a restart. It is staged like any new model."""
         try:
             model = load_model(path, command.artifact.format, threads=self.config.inference.threads)
-            self._smoke_test(model)
-        except (ModelLoadError, InferenceError) as exc:
+            self._stage(model, command)
+        except (ModelLoadError, InferenceError, ManifestRejected) as exc:
             self._event(p.EventKind.MODEL_LOAD_FAILED, str(exc), model=str(command.model))
-            self._fail_deploy(command, f"the last-good copy on disk no longer loads: {exc}")
+            self._fail_deploy(command, f"the copy on disk does not pass staging: {exc}")
             return
         self._activate_loaded(command, model)
         self._reply(
             command.id,
             True,
-            status="activated from the local last-good copy",
+            status="activated from the local copy",
             model=str(command.model),
         )
 
@@ -479,6 +494,7 @@ class Agent:
         artifact = command.artifact
         active = p.ActiveModel(model=command.model, sha256=artifact.sha256, format=artifact.format)
         path = self.activation.artifact_path(active)
+        self.activation.save_pending(command, "verifying")
         try:
             transfer.download.finish(path)
         except IntegrityError as exc:
@@ -488,6 +504,7 @@ class Agent:
             transfer.download.close()
             self._fail_deploy(command, f"cannot store the model: {exc}")
             return
+        self.activation.save_pending(command, "staging")
         try:
             model = load_model(path, artifact.format, threads=self.config.inference.threads)
             self._stage(model, command)
@@ -525,6 +542,7 @@ class Agent:
             model=command.model, sha256=command.artifact.sha256, format=command.artifact.format
         )
         self.activation.activate(active)
+        self.activation.clear_pending()
         previous = self._serving
         self._serving = Serving(model, active)
         self._event(
@@ -538,6 +556,8 @@ class Agent:
         self.link.publish(topic, payload, qos=1, retain=True)
 
     def _fail_deploy(self, command: p.Deploy, reason: str) -> None:
+        """Reject the deploy: the active model stays, the reason goes to the controller."""
+        self.activation.clear_pending()
         current = self._serving.active.model if self._serving else None
         message = (
             f"deploy of {command.model} failed: {reason}; still running {current or 'no model'}"

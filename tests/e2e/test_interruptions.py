@@ -120,3 +120,31 @@ def test_broker_restart_mid_transfer_resumes_the_transfer(
         probe.close()
         processes.stop_all()
         broker.stop()
+
+
+def test_a_restarted_agent_finishes_the_deploy_without_being_asked_again(
+    mosquitto: Mosquitto, processes: Processes, probe_factory: Callable[..., Probe], tmp_path: Path
+) -> None:
+    """The deploy in progress is persisted: after SIGKILL the agent resumes it on its own."""
+    device = unique("resume")
+    probe = probe_factory(f"gf/v1/{device}/#")
+    config = agent_config(tmp_path / f"{device}.yaml", device, mosquitto.port)
+    agent = processes.agent(config)
+    probe.wait_for(lambda t, m: t.endswith("/state") and b'"birth"' in m, 20, "birth")
+    ctl = FakeController(probe, device)
+    ctl.chunk_delay_s = 0.15
+    data = variant("resume test")
+    ref = ctl.deploy(data, "1.0.0")
+    state = tmp_path / f"{device}-state"
+    wait(lambda: any((state / "downloads").glob("*.chunks")), 20, "progress saved to disk")
+    assert '"fetching"' in (state / "deploy.json").read_text()
+    agent.send_signal(signal.SIGKILL)
+    agent.wait(5)
+    ctl.chunk_delay_s = 0.0
+    since = probe.mark()
+    processes.agent(config, name=f"{device}-again")  # nobody re-sends the deploy
+    reply = ctl.reply_to(ref, timeout=30)
+    assert reply.ok, reply.error
+    ctl.serving("vibration-ae:1.0.0", since=since)
+    assert not (state / "deploy.json").exists()
+    ctl.close()

@@ -1,0 +1,45 @@
+"""The on-disk record of the active, last-good and in-progress models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent import protocol as p
+from agent.activation import Activation
+
+SHA = ["a" * 64, "b" * 64, "c" * 64, "d" * 64]
+
+
+def active(i: int) -> p.ActiveModel:
+    return p.ActiveModel(
+        model=p.ModelRef(name="m", version=f"1.0.{i}"), sha256=SHA[i], format=p.ModelFormat.ONNX
+    )
+
+
+def test_activation_keeps_last_good_and_the_pending_download(tmp_path: Path) -> None:
+    store = Activation(tmp_path)
+    store.prepare()
+    for i in range(4):
+        (store.models_dir / f"{SHA[i]}.onnx").write_bytes(b"x")
+    pending = p.Deploy(
+        model=p.ModelRef(name="m", version="1.0.3"),
+        artifact=p.Artifact(sha256=SHA[3], size=1, format=p.ModelFormat.ONNX),
+    )
+    store.save_pending(pending, "staging")
+    store.activate(active(0))
+    pointer = store.activate(active(1))
+    assert (pointer.active, pointer.last_good) == (active(1), active(0))
+    kept = sorted(path.name for path in store.models_dir.iterdir())
+    assert kept == sorted(f"{SHA[i]}.onnx" for i in (0, 1, 3)), "2 pruned, pending 3 kept"
+    assert store.load_pending() == (pending, "staging")
+    store.clear_pending()
+    assert store.load_pending() is None
+    assert Activation(tmp_path).read().active == active(1), "survives a restart"
+
+
+def test_an_unreadable_pending_record_is_dropped_not_fatal(tmp_path: Path) -> None:
+    store = Activation(tmp_path)
+    store.prepare()
+    store.pending_path.write_text("{not json")
+    assert store.load_pending() is None
+    assert not store.pending_path.exists()
