@@ -27,6 +27,7 @@ def test_activation_keeps_last_good_and_the_pending_download(tmp_path: Path) -> 
     )
     store.save_pending(pending, "staging")
     store.activate(active(0))
+    (store.models_dir / f"{SHA[1]}.onnx").write_bytes(b"x")  # 1.0.1 arrives later
     pointer = store.activate(active(1))
     assert (pointer.active, pointer.last_good) == (active(1), active(0))
     kept = sorted(path.name for path in store.models_dir.iterdir())
