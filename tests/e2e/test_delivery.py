@@ -170,7 +170,7 @@ def test_deploy_delivers_results_and_telemetry_and_a_second_deploy_replaces_it(
         )
         .fetchone()
     )
-    assert "local last-good copy" in rows[0]
+    assert "activated from the local copy" in rows[0]
 
     # an agent that stops says so, and the registry shows it offline
     processes.procs[1][0].terminate()
