@@ -131,12 +131,6 @@ class MqttLink:
         """Queue a message; the returned info says when the broker has acknowledged it."""
         return self._client.publish(topic, payload, qos=qos, retain=retain)
 
-    def publish_and_wait(
-        self, topic: str, payload: bytes, qos: int = 1, timeout: float = 10.0
-    ) -> None:
-        info = self._client.publish(topic, payload, qos=qos)
-        info.wait_for_publish(timeout=timeout)
-
     # -- paho callbacks (network thread) -----------------------------------------------------
 
     def _on_connect(

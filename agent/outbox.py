@@ -184,6 +184,14 @@ class Outbox:
                     )
                     return
 
+    def has_after(self, after: int) -> bool:
+        """Whether anything is stored beyond id ``after``: a memory check, no query.
+
+        The sender calls this after every message the worker handles (every model chunk), so
+        the common answer, "nothing new", must not cost a database round trip.
+        """
+        return self._count > 0 and self._last_id > after
+
     def pending(self, limit: int, *, after: int = 0) -> list[Entry]:
         """Up to ``limit`` stored messages with ids above ``after``, oldest first."""
         with self._lock:
@@ -531,8 +539,8 @@ class OutboxSender:
             if not self._connected():
                 return len(confirmed)
         room = window - len(self._in_flight)
-        if room > 0:
-            after = self._in_flight[-1][0].id if self._in_flight else 0
+        after = self._in_flight[-1][0].id if self._in_flight else 0
+        if room > 0 and self._outbox.has_after(after):
             for entry in self._outbox.pending(room, after=after):
                 try:
                     handle = self._publish(entry.topic, entry.payload)

@@ -31,8 +31,6 @@ class BlobServer:
         self._publish = publish
         self._queue: queue.Queue[tuple[str, p.BlobRequest] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="gf-blobs", daemon=True)
-        self.bytes_sent = 0
-        self.chunks_sent = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -73,7 +71,5 @@ class BlobServer:
             for index in range(request.first, last):
                 data = os.pread(fd, request.chunk_size, index * request.chunk_size)
                 self._publish(p.blob_topic(device, request.sha256, index), data)
-                self.bytes_sent += len(data)
-                self.chunks_sent += 1
         finally:
             os.close(fd)

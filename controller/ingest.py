@@ -56,7 +56,6 @@ class Ingest:
         self._on_change = on_change
         self._thread = threading.Thread(target=self._run, name="gf-ingest", daemon=True)
         self.rejected = 0
-        self.written = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -156,7 +155,6 @@ class Ingest:
                             ["ok" if r["ok"] else "failed", r["error"], r["ts"], r["ref"]],
                         )
                 registry.touch(db, seen, now)
-            self.written += len(telemetry) + len(events) + len(replies)
         except Exception:
             log.exception("ingest batch of %d messages failed", len(batch))
         if changed:
