@@ -40,6 +40,7 @@ from agent.transfer import Download
 from agent.verify import (
     ManifestRejected,
     check_artifact,
+    check_expiry,
     check_golden,
     load_public_key,
     verify_manifest,
@@ -68,6 +69,7 @@ class Transfer:
 
     command: p.Deploy
     download: Download
+    manifest: p.Manifest | None  # verified when the deploy arrived; None: agent not enrolled
     next_progress: int = 1
 
 
@@ -367,7 +369,7 @@ class Agent:
 
     def _start_deploy(self, command: p.Deploy) -> None:
         try:
-            self._verified(command)
+            manifest = self._verified(command)
         except ManifestRejected as exc:
             self._reply(command.id, False, str(exc), reason=exc.reason)
             detail = {**exc.detail, "model": str(command.model)}
@@ -392,16 +394,16 @@ class Agent:
         if last_good is not None and last_good.sha256 == artifact.sha256:
             path = self.activation.artifact_path(last_good)
             if path.is_file():  # the previous model is still on disk: no transfer needed
-                self._activate_from_disk(command, path)
+                self._activate_from_disk(command, path, manifest)
                 return
         finished = self.activation.models_dir / f"{artifact.sha256}.{artifact.format.value}"
         if finished.is_file():  # downloaded and verified before a restart, never activated
             self.activation.save_pending(command, "staging")
-            self._activate_from_disk(command, finished)
+            self._activate_from_disk(command, finished, manifest)
             return
         current = self._transfer
         if current is not None and current.download.artifact.sha256 == artifact.sha256:
-            current.command = command  # a re-sent deploy: keep going, answer this id at the end
+            current.command, current.manifest = command, manifest  # re-sent: answer this id
             current.download.reset_in_flight()
             return
         if current is not None:
@@ -413,7 +415,7 @@ class Agent:
         except (OSError, OverflowError) as exc:
             self._fail_deploy(command, f"cannot write the download to {download.part}: {exc}")
             return
-        self._transfer = Transfer(command, download)
+        self._transfer = Transfer(command, download, manifest)
         self.activation.save_pending(command, "fetching")
         self._event(
             p.EventKind.DEPLOY_STARTED,
@@ -423,15 +425,15 @@ class Agent:
             resumed_chunks=have,
         )
 
-    def _activate_from_disk(self, command: p.Deploy, path: Path) -> None:
+    def _activate_from_disk(
+        self, command: p.Deploy, path: Path, manifest: p.Manifest | None
+    ) -> None:
         """Activate a model file already on disk: the last-good copy (a rollback), or a download
         that finished before a restart. It is staged like any new model."""
-        try:
-            model = load_model(path, command.artifact.format, threads=self.config.inference.threads)
-            self._stage(model, command)
-        except (ModelLoadError, InferenceError, ManifestRejected) as exc:
-            self._event(p.EventKind.MODEL_LOAD_FAILED, str(exc), model=str(command.model))
-            self._fail_deploy(command, f"the copy on disk does not pass staging: {exc}")
+        model = self._load_staged(
+            command, path, manifest, "the copy on disk does not pass staging: "
+        )
+        if model is None:
             return
         self._activate_loaded(command, model)
         self._reply(
@@ -505,20 +507,33 @@ class Agent:
             self._fail_deploy(command, f"cannot store the model: {exc}")
             return
         self.activation.save_pending(command, "staging")
-        try:
-            model = load_model(path, artifact.format, threads=self.config.inference.threads)
-            self._stage(model, command)
-        except (ModelLoadError, InferenceError, ManifestRejected) as exc:
-            path.unlink(missing_ok=True)
-            self._event(p.EventKind.MODEL_LOAD_FAILED, str(exc), model=str(command.model))
-            self._fail_deploy(command, str(exc))
+        model = self._load_staged(command, path, transfer.manifest)
+        if model is None:
+            path.unlink(missing_ok=True)  # a file that failed staging is never kept
             return
         self._activate_loaded(command, model)
         self._reply(command.id, True, status="activated", model=str(command.model))
 
-    def _stage(self, model: LoadedModel, command: p.Deploy) -> None:
-        """Run the manifest's golden cases when there is a manifest, else the zero-input test."""
-        manifest = self._verified(command)
+    def _load_staged(
+        self, command: p.Deploy, path: Path, manifest: p.Manifest | None, prefix: str = ""
+    ) -> LoadedModel | None:
+        """Load and stage ``path``; on failure report why and return None (nothing changes)."""
+        try:
+            model = load_model(path, command.artifact.format, threads=self.config.inference.threads)
+            self._stage(model, manifest)
+        except (ModelLoadError, InferenceError, ManifestRejected) as exc:
+            self._event(p.EventKind.MODEL_LOAD_FAILED, str(exc), model=str(command.model))
+            self._fail_deploy(command, f"{prefix}{exc}")
+            return None
+        return model
+
+    def _stage(self, model: LoadedModel, manifest: p.Manifest | None) -> None:
+        """Run the manifest's golden cases when there is a manifest, else the zero-input test.
+
+        The signature was checked when the deploy arrived; only expiry can change since.
+        """
+        if manifest is not None:
+            check_expiry(manifest, p.utcnow())
         if manifest is None or not manifest.golden:
             self._smoke_test(model)
             return

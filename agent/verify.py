@@ -195,7 +195,7 @@ def verify_manifest(
         )
     manifest_bytes = _signed_bytes(signed, public_keys)
     manifest = _parse(manifest_bytes)
-    _check_expiry(manifest, now)
+    check_expiry(manifest, now)
     _check_device_class(manifest, device_class)
     if not allow_older:
         _check_not_older(manifest.model, active)
@@ -244,7 +244,7 @@ def _parse(payload: bytes) -> Manifest:
         ) from exc
 
 
-def _check_expiry(manifest: Manifest, now: datetime) -> None:
+def check_expiry(manifest: Manifest, now: datetime) -> None:
     if manifest.expires is None:
         return
     expires = manifest.expires
