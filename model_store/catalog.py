@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +32,7 @@ from agent.protocol import (
     Task,
     TensorSignature,
 )
+from agent.runtime.base import LoadedModel, TensorSpec
 from model_store.errors import InvalidModel, ModelStoreError, VersionConflict
 
 SUFFIX_FORMATS = {".onnx": ModelFormat.ONNX, ".tflite": ModelFormat.TFLITE}
@@ -199,15 +201,22 @@ def read_signature(
     except ModelLoadError as exc:
         raise InvalidModel(str(exc)) from exc
     try:
-        inputs = tuple(
-            TensorSignature(name=s.name, dtype=s.dtype, shape=list(s.shape)) for s in model.inputs
-        )
-        outputs = tuple(
-            TensorSignature(name=s.name, dtype=s.dtype, shape=list(s.shape)) for s in model.outputs
-        )
+        return signature_of(model)
     finally:
         model.close()
-    return inputs, outputs
+
+
+def signature_of(
+    model: LoadedModel,
+) -> tuple[tuple[TensorSignature, ...], tuple[TensorSignature, ...]]:
+    """The input/output signature of a loaded model, as the wire contract writes it."""
+
+    def sigs(specs: Sequence[TensorSpec]) -> tuple[TensorSignature, ...]:
+        return tuple(
+            TensorSignature(name=s.name, dtype=s.dtype, shape=list(s.shape)) for s in specs
+        )
+
+    return sigs(model.inputs), sigs(model.outputs)
 
 
 def check_declared(

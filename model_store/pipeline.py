@@ -32,7 +32,9 @@ from agent.protocol import (
     Task,
     utcnow,
 )
-from model_store.catalog import Catalog, ModelVersion, Variant, now_iso, read_signature
+from agent.runtime import load_model
+from agent.runtime.base import LoadedModel
+from model_store.catalog import Catalog, ModelVersion, Variant, now_iso, signature_of
 from model_store.errors import ModelStoreError
 from model_store.signing import Signer
 from model_store.variants import BUILDERS
@@ -128,29 +130,19 @@ def _eligibility(
     return True, None
 
 
-def golden_cases(
-    path: Path, fmt: ModelFormat, info: ModelInfo, inputs: np.ndarray
-) -> list[GoldenCase]:
+def golden_cases(model: LoadedModel, info: ModelInfo, inputs: np.ndarray) -> list[GoldenCase]:
     """Inputs with this variant's own outputs, for the agent's smoke test before activation."""
-    from agent.runtime import load_model
-
-    model = load_model(path, fmt)
-    try:
-        cases = []
-        for sample in inputs[:GOLDEN_CASES]:
-            feed = sample[np.newaxis].astype(np.float32)
-            outputs = model.run({model.inputs[0].name: feed})
-            cases.append(
-                GoldenCase(
-                    inputs={info.input_name: feed.ravel().tolist()},
-                    outputs={
-                        k: np.asarray(v, np.float64).ravel().tolist() for k, v in outputs.items()
-                    },
-                )
+    cases = []
+    for sample in inputs[:GOLDEN_CASES]:
+        feed = sample[np.newaxis].astype(np.float32)
+        outputs = model.run({model.inputs[0].name: feed})
+        cases.append(
+            GoldenCase(
+                inputs={info.input_name: feed.ravel().tolist()},
+                outputs={k: np.asarray(v, np.float64).ravel().tolist() for k, v in outputs.items()},
             )
-        return cases
-    finally:
-        model.close()
+        )
+    return cases
 
 
 def compress(
@@ -318,7 +310,11 @@ def _sign(
         if samples is not None
         else np.random.default_rng(0).standard_normal((GOLDEN_CASES, *info.sample_shape))
     )
-    in_sigs, out_sigs = read_signature(variant.path, variant.format)
+    model = load_model(variant.path, variant.format)  # once, for signature and golden cases
+    try:
+        (in_sigs, out_sigs), golden = signature_of(model), golden_cases(model, info, inputs)
+    finally:
+        model.close()
     rtol, atol = TOLERANCES.get(variant.precision or "fp32", TOLERANCES["int8"])
     manifest = Manifest(
         model=variant.ref,
@@ -328,7 +324,7 @@ def _sign(
         technique=variant.technique or "source",
         inputs=list(in_sigs),
         outputs=list(out_sigs),
-        golden=golden_cases(variant.path, variant.format, info, inputs),
+        golden=golden,
         rtol=rtol,
         atol=atol,
         profile=variant.profile,
