@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -17,12 +19,15 @@ from controller.blobs import BlobServer
 from controller.db import open_db
 from controller.home import Home
 from controller.ingest import Ingest
-from controller.planning import is_planned, plan
+from controller.planning import is_planned, measured, plan
 from controller.reconcile import DeviceView, plan_deploys
+from controller.selection import Measured
 from device_configs.schema import DeviceProfile, ProfileError, load_profiles
 from model_store.catalog import Catalog
 
 log = logging.getLogger(__name__)
+
+TELEMETRY_REFRESH_S = 30.0  # how stale the plan's field figures may be
 
 
 class Controller:
@@ -67,6 +72,7 @@ class Controller:
         self.ingest = Ingest(home.database, self.blobs.request, on_change=self.reconcile_soon)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._profile_cache: dict[str, DeviceProfile] | None = None
+        self._measured: tuple[float, dict[tuple[str, str], Measured]] | None = None
         self._last_notes: dict[str, str] = {}
 
     def start(self) -> None:
@@ -114,7 +120,9 @@ class Controller:
         if job is not None:
             job.modify(next_run_time=p.utcnow())
 
-    def _resolve(self, views: list[DeviceView]) -> list[DeviceView]:
+    def _resolve(
+        self, views: list[DeviceView], rows: dict[str, dict[str, Any]] | None = None
+    ) -> list[DeviceView]:
         """Replace a planned desired version by the variant the plan picks for each device.
 
         A device with no variant that fits keeps its current model; the reason is recorded as
@@ -125,11 +133,18 @@ class Controller:
         ]
         if not planned:
             return views
-        rows = {r["id"]: r for r in registry.devices(self._db)}
-        profiles = self._profiles()
+        if rows is None:
+            rows = {r["id"]: r for r in registry.devices(self._db)}
+        planned_rows = [rows[v.id] for v in planned]
         choices = {
             item.device: item.decision
-            for item in plan(self._db, self._catalog, profiles, [rows[v.id] for v in planned])
+            for item in plan(
+                self._db,
+                self._catalog,
+                self._profiles(),
+                planned_rows,
+                telemetry=self._telemetry(),
+            )
         }
         resolved = []
         for view in views:
@@ -151,6 +166,14 @@ class Controller:
             )
             resolved.append(replace(view, desired_model=decision.chosen))
         return resolved
+
+    def _telemetry(self) -> dict[tuple[str, str], Measured]:
+        """Telemetry per (device class, variant), aggregated at most every TELEMETRY_REFRESH_S:
+        the query scans the whole telemetry table, and reconcile runs every couple of seconds."""
+        now = time.monotonic()
+        if self._measured is None or now - self._measured[0] > TELEMETRY_REFRESH_S:
+            self._measured = (now, measured(self._db))
+        return self._measured[1]
 
     def _profiles(self) -> dict[str, DeviceProfile]:
         if self._profile_cache is None:
@@ -189,8 +212,9 @@ class Controller:
             db = self._db
             formats = {m.id: m.format.value for m in self._catalog.all()}
             now = p.utcnow()
+            rows = {r["id"]: r for r in registry.devices(db)}
             decisions, _ = plan_deploys(
-                self._resolve(registry.views(db)),
+                self._resolve(registry.views(db, list(rows.values())), rows),
                 formats,
                 registry.last_deploys(db),
                 now,
@@ -198,7 +222,7 @@ class Controller:
             )
             for decision in decisions:
                 model = self._catalog.get(decision.model)
-                row = registry.get_device(db, decision.device)
+                row = rows[decision.device]
                 command = p.Deploy(
                     model=model.ref,
                     artifact=model.artifact(),

@@ -117,9 +117,14 @@ def plan(
     profiles: Mapping[str, DeviceProfile],
     device_rows: Sequence[Mapping[str, Any]],
     model: str | None = None,
+    telemetry: Mapping[tuple[str, str], Measured] | None = None,
 ) -> list[PlannedDevice]:
-    """Decide a variant for each device: of ``model``, or of the version it should run."""
-    telemetry = measured(db)
+    """Decide a variant for each device: of ``model``, or of the version it should run.
+
+    ``telemetry`` (from :func:`measured`) can be passed by a caller that plans repeatedly.
+    """
+    if telemetry is None:
+        telemetry = measured(db)
     cache: dict[str, list[Candidate]] = {}
     planned: list[PlannedDevice] = []
     # Each decision keeps a few dozen small objects alive; past ~5,000 devices the cyclic

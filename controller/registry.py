@@ -114,7 +114,8 @@ def set_desired(
             )
 
 
-def views(db: sqlite_utils.Database) -> list[DeviceView]:
+def views(db: sqlite_utils.Database, rows: list[dict[str, Any]] | None = None) -> list[DeviceView]:
+    """What reconcile needs of each device (from ``rows`` when the caller has read them)."""
     return [
         DeviceView(
             id=r["id"],
@@ -123,7 +124,7 @@ def views(db: sqlite_utils.Database) -> list[DeviceView]:
             desired_model=r["desired_model"],
             runtimes=frozenset(json.loads(r["runtimes"] or "[]")),
         )
-        for r in devices(db)
+        for r in (devices(db) if rows is None else rows)
     ]
 
 
