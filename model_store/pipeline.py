@@ -234,13 +234,12 @@ def compress(
             v for v in catalog.variants(version.id) if v.technique in ("source", "imported")
         ]
         steps = len(files) + len(existing)
-        for done, variant in enumerate(files):
-            progress("profile", done, steps, variant.variant)
-            assert variant.path is not None and variant.format is not None
+
+        def profiled(name: str, path: Path, fmt: ModelFormat) -> Profile | None:
             try:
-                profile = profiling.profile_variant(
-                    variant.path,
-                    variant.format,
+                return profiling.profile_variant(
+                    path,
+                    fmt,
                     info,
                     heldout,
                     reference_outputs,
@@ -248,7 +247,14 @@ def compress(
                     threshold=version.threshold,
                 )
             except ModelStoreError as exc:
-                report.failures.append((variant.variant, f"profiling failed: {exc}"))
+                report.failures.append((name, f"profiling failed: {exc}"))
+                return None
+
+        for done, variant in enumerate(files):
+            progress("profile", done, steps, variant.variant)
+            assert variant.path is not None and variant.format is not None
+            profile = profiled(variant.variant, variant.path, variant.format)
+            if profile is None:
                 continue
             eligible, reason = _eligibility(version, profile, variant.technique)
             stored = catalog.put_variant(
@@ -267,18 +273,8 @@ def compress(
             report.variants.append(_sign(catalog, signer, version, info, stored, heldout, building))
         for done, stored in enumerate(existing, start=len(files)):
             progress("profile", done, steps, stored.variant or "source")
-            try:
-                profile = profiling.profile_variant(
-                    stored.path,
-                    stored.format,
-                    info,
-                    heldout,
-                    reference_outputs,
-                    runs=latency_runs,
-                    threshold=version.threshold,
-                )
-            except ModelStoreError as exc:
-                report.failures.append((stored.variant or "source", f"profiling failed: {exc}"))
+            profile = profiled(stored.variant or "source", stored.path, stored.format)
+            if profile is None:
                 continue
             eligible, reason = _eligibility(version, profile, stored.technique or "")
             catalog.update_variant(

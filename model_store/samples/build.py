@@ -15,8 +15,6 @@ the TFLite model and the metadata JSON from the same trained weights.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import platform
 import sys
@@ -29,6 +27,7 @@ import numpy as np
 
 from agent.protocol import FaultKind
 from agent.sources.vibration import VibrationSimulator
+from model_store.samples.recipe import command_line, file_entry
 
 NAME = "vibration-ae"
 VERSION = "1.0.0"
@@ -332,11 +331,6 @@ def tflite_scores(model: bytes, windows: np.ndarray) -> np.ndarray:
     return result
 
 
-def _file_entry(path: Path) -> dict[str, Any]:
-    data = path.read_bytes()
-    return {"file": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
 def _summary(values: np.ndarray) -> dict[str, float]:
     return {
         "mean": round(float(values.mean()), 6),
@@ -379,14 +373,14 @@ def build(out: Path, with_tflite: bool) -> dict[str, Any]:
 
     onnx_path = out / f"{NAME}.onnx"
     onnx_path.write_bytes(onnx_model(sc, ae).SerializeToString())
-    files = {"onnx": _file_entry(onnx_path)}
+    files = {"onnx": file_entry(onnx_path)}
     log(f"wrote {onnx_path} ({files['onnx']['bytes']} bytes)")
 
     if with_tflite:
         tflite_path = out / f"{NAME}.tflite"
         model = tflite_model(sc, ae)
         tflite_path.write_bytes(model)
-        files["tflite"] = _file_entry(tflite_path)
+        files["tflite"] = file_entry(tflite_path)
         log(f"wrote {tflite_path} ({len(model)} bytes)")
         probe = generate(eval_fleet[:2], 16)
         probe = np.concatenate([probe, generate(eval_fleet[:2], 16, FaultKind.OUTER_RACE, 1.0)])
@@ -480,16 +474,9 @@ def build(out: Path, with_tflite: bool) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(
-        prog="python -m model_store.samples.build", description=__doc__.splitlines()[0]
+    return command_line(
+        "python -m model_store.samples.build", __doc__ or "", DEFAULT_OUT, build, argv
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
-    parser.add_argument(
-        "--tflite", action="store_true", help="also write the TFLite model (needs TensorFlow)"
-    )
-    args = parser.parse_args(argv)
-    build(args.out, args.tflite)
-    return 0
 
 
 if __name__ == "__main__":

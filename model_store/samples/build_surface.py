@@ -20,8 +20,6 @@ model (the same weights rebuilt in TensorFlow, imported only then) and the metad
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import platform
 import sys
@@ -33,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from model_store.samples.recipe import command_line, file_entry
 from model_store.samples.surface import CLASSES, SurfaceGenerator
 
 NAME = "surface-cnn"
@@ -346,11 +345,6 @@ def _max_relative_difference(got: np.ndarray, want: np.ndarray) -> float:
     return float((np.abs(got - want) / scale).max())
 
 
-def _file_entry(path: Path) -> dict[str, Any]:
-    data = path.read_bytes()
-    return {"file": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
 def build(out: Path, with_tflite: bool) -> dict[str, Any]:
     """Generate data, train, evaluate, and write the model files and metadata into ``out``."""
     from threadpoolctl import threadpool_limits
@@ -382,7 +376,7 @@ def build(out: Path, with_tflite: bool) -> dict[str, Any]:
         raise SystemExit(f"ONNX model disagrees with the reference computation ({diff:.2e})")
     onnx_path = out / f"{NAME}.onnx"
     onnx_path.write_bytes(model.SerializeToString())
-    files = {"onnx": _file_entry(onnx_path)}
+    files = {"onnx": file_entry(onnx_path)}
     log(f"wrote {onnx_path} ({files['onnx']['bytes']} bytes)")
 
     if with_tflite:
@@ -393,7 +387,7 @@ def build(out: Path, with_tflite: bool) -> dict[str, Any]:
         if diff > 1e-4:
             raise SystemExit(f"TFLite model disagrees with the reference computation ({diff:.2e})")
         tflite_path.write_bytes(flat)
-        files["tflite"] = _file_entry(tflite_path)
+        files["tflite"] = file_entry(tflite_path)
         log(f"wrote {tflite_path} ({len(flat)} bytes)")
     elif (out / f"{NAME}.tflite").exists():
         log(f"note: {NAME}.tflite was not rebuilt and may not match; rerun with --tflite")
@@ -469,16 +463,9 @@ def build(out: Path, with_tflite: bool) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(
-        prog="python -m model_store.samples.build_surface", description=__doc__.splitlines()[0]
+    return command_line(
+        "python -m model_store.samples.build_surface", __doc__ or "", DEFAULT_OUT, build, argv
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
-    parser.add_argument(
-        "--tflite", action="store_true", help="also write the TFLite model (needs TensorFlow)"
-    )
-    args = parser.parse_args(argv)
-    build(args.out, args.tflite)
-    return 0
 
 
 if __name__ == "__main__":
