@@ -212,6 +212,23 @@ class Artifact(Strict):
         return -(-self.size // self.chunk_size)
 
 
+class Tier(StrEnum):
+    """Which rung of the agent's fallback chain is answering, best first."""
+
+    ACTIVE = "active"  # the model the controller deployed
+    LAST_GOOD = "last_good"  # the one before it, kept on disk
+    FALLBACK = "fallback"  # a small variant the controller staged in advance
+    RULES = "rules"  # the rule baseline from the manifest: numpy only, no runtime
+    NONE = "none"  # nothing can answer (no model ever received)
+
+
+class Slot(StrEnum):
+    """Where a deployed artifact goes on the agent."""
+
+    ACTIVE = "active"  # verify, stage, and make it the active model
+    FALLBACK = "fallback"  # verify, stage, and keep it ready as the fallback tier
+
+
 class ActiveModel(Strict):
     """What an agent is running."""
 
@@ -246,6 +263,10 @@ class Birth(Envelope):
     last_good: ActiveModel | None = Field(
         default=None, description="The previous model, kept on disk for an instant rollback."
     )
+    fallback: ActiveModel | None = Field(
+        default=None, description="The small variant staged in advance as a fallback tier."
+    )
+    tier: Tier = Field(default=Tier.ACTIVE, description="The fallback tier serving now.")
 
 
 class Death(Envelope):
@@ -271,6 +292,9 @@ class Deploy(Envelope):
     )
     manifest: SignedManifest | None = Field(
         default=None, description="The controller-signed manifest; enrolled agents require it."
+    )
+    slot: Slot = Field(
+        default=Slot.ACTIVE, description="active: run it now; fallback: keep it ready."
     )
 
 
@@ -322,6 +346,8 @@ class EventKind(StrEnum):
     COMMAND_REJECTED = "command_rejected"
     INPUT_ERROR = "input_error"
     POWER_METER = "power_meter"  # a meter failed or skipped a window; the reading says which
+    TIER_CHANGED = "tier_changed"  # the fallback chain moved; detail: from, to, cause
+    FALLBACK_STAGED = "fallback_staged"  # a fallback variant is verified and ready on disk
 
 
 class Event(Envelope):
@@ -351,7 +377,7 @@ class TelemetryRecord(Strict):
     start: datetime = Field(description="Start of the window (UTC).")
     window_s: float = Field(gt=0, description="Length of the window in seconds.")
     model: ModelRef | None = Field(description="The model that served the window, if any.")
-    tier: str = Field(default="active", description="Which fallback tier produced results.")
+    tier: Tier = Field(default=Tier.ACTIVE, description="The fallback tier at the window's end.")
     inferences: int = Field(ge=0)
     errors: int = Field(ge=0)
     latency_p50_ms: float | None = None
@@ -377,7 +403,7 @@ class Result(Envelope):
     kind: Literal["result"] = "result"
     seq: int = Field(ge=0, description="Per-session inference counter.")
     model: ModelRef | None
-    tier: str = "active"
+    tier: Tier = Tier.ACTIVE
     latency_ms: float = Field(ge=0)
     outputs: dict[str, list[float]] = Field(description="Output name -> flattened values.")
     input_ts: datetime | None = Field(default=None, description="When the input was captured.")
