@@ -664,7 +664,7 @@ class Agent:
             now,
             cpu,
             serving.active.model if serving else None,
-            "active",
+            p.Tier.ACTIVE,
             reading.power_w,
             reading.energy_per_inference_j,
             reading.method,

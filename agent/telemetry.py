@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from agent.protocol import ModelRef, PowerMethod, TelemetryRecord
+from agent.protocol import ModelRef, PowerMethod, TelemetryRecord, Tier
 
 MAX_SAMPLES = 20_000  # latencies kept per window; beyond that every other one is dropped
 
@@ -56,7 +56,7 @@ class TelemetryWindow:
         now: datetime,
         cpu_s: float,
         model: ModelRef | None,
-        tier: str,
+        tier: Tier,
         power_w: float | None,
         energy_per_inference_j: float | None,
         method: PowerMethod,
