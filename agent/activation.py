@@ -3,14 +3,17 @@
 Layout under the agent's state directory::
 
     models/<sha256>.<onnx|tflite>    verified artifacts, immutable once renamed into place
+    models/<sha256>.manifest.json    the manifest each came with (its rules are the last tier)
     downloads/                       partial transfers (see agent.transfer)
-    active.json                      {"active": ..., "last_good": ...}, replaced by one rename
+    active.json                      {"active": ..., "last_good": ..., "fallback": ...},
+                                     replaced by one rename
     deploy.json                      the deploy in progress and its state (fetching, verifying,
                                      staging); gone once it is active or rejected
 
 Switching the active model writes the new pointer to a temp file, fsyncs it and renames it over
 ``active.json``: the device is always either on the old model or on the new one. The model that
-was active before becomes ``last_good``.
+was active before becomes ``last_good``. ``fallback`` is a small variant the controller staged in
+advance for the fallback chain (agent.fallback); it is never made active by a deploy.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from agent.protocol import ActiveModel, Deploy, Strict
+from agent.protocol import ActiveModel, Deploy, Manifest, Strict
 from agent.transfer import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,7 @@ class Pointer(Strict):
 
     active: ActiveModel | None = None
     last_good: ActiveModel | None = None
+    fallback: ActiveModel | None = None
 
 
 class Activation:
@@ -66,12 +70,45 @@ class Activation:
             return Pointer()
 
     def activate(self, model: ActiveModel) -> Pointer:
-        """Make ``model`` active; the previously active one becomes last-good."""
+        """Make ``model`` active; the previously active one becomes last-good.
+
+        The fallback stays unless it is a variant of another model (a different name).
+        """
         current = self.read()
         last_good = (
             current.active if current.active and current.active != model else current.last_good
         )
-        pointer = Pointer(active=model, last_good=last_good)
+        fallback = current.fallback
+        if fallback is not None and (
+            fallback.model.name != model.model.name or fallback.sha256 == model.sha256
+        ):
+            fallback = None
+        return self._write(Pointer(active=model, last_good=last_good, fallback=fallback))
+
+    def set_fallback(self, model: ActiveModel | None) -> Pointer:
+        """Keep ``model`` (staged, verified) as the fallback tier; the active one is unchanged."""
+        current = self.read()
+        return self._write(current.model_copy(update={"fallback": model}))
+
+    def save_manifest(self, sha256: str, manifest: Manifest) -> None:
+        """Keep the manifest a model came with (before its pointer is written)."""
+        path = self.models_dir / f"{sha256}.manifest.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(manifest.model_dump_json())
+        os.replace(tmp, path)
+
+    def manifest(self, model: ActiveModel) -> Manifest | None:
+        """The manifest kept for ``model``, or None (not enrolled, or unreadable: logged)."""
+        path = self.models_dir / f"{model.sha256}.manifest.json"
+        try:
+            return Manifest.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, ValidationError) as exc:
+            log.error("ignoring unreadable manifest %s (%s)", path, exc)
+            return None
+
+    def _write(self, pointer: Pointer) -> Pointer:
         tmp = self.pointer_path.with_suffix(".json.tmp")
         with tmp.open("w") as fh:
             fh.write(pointer.model_dump_json(indent=1))
@@ -111,11 +148,14 @@ class Activation:
 
     def _prune(self, pointer: Pointer) -> None:
         """Delete model files that are neither active nor last-good (devices have small disks)."""
-        keep = {self.artifact_path(m).name for m in (pointer.active, pointer.last_good) if m}
+        kept = [m for m in (pointer.active, pointer.last_good, pointer.fallback) if m]
+        keep = {self.artifact_path(m).name for m in kept}
+        keep |= {f"{m.sha256}.manifest.json" for m in kept}
         pending = self.load_pending()
         if pending is not None:  # a finished download waiting to be staged is not garbage
             deploy = pending[0]
             keep.add(f"{deploy.artifact.sha256}.{deploy.artifact.format.value}")
+            keep.add(f"{deploy.artifact.sha256}.manifest.json")
         for path in self.models_dir.iterdir():
             if path.name not in keep:
                 path.unlink(missing_ok=True)

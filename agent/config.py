@@ -136,6 +136,37 @@ class TelemetryConfig(Section):
     interval_s: float = Field(default=5.0, gt=0, description="Length of a telemetry window.")
 
 
+class FallbackConfig(Section):
+    """When the fallback chain moves down a tier, and when it tries to move back up.
+
+    Down: ``errors_to_fall`` failed inferences in a row, ``latency_breaches_to_fall``
+    inferences in a row over ``latency_budget_ms``, ``power_windows_to_fall`` telemetry windows
+    in a row over ``power_budget_w``, or more than ``restart_budget`` unclean restarts in a
+    row (a crash loop). Up: a probe of the next tier after ``probe_after_s`` below it; a probe
+    that falls again doubles the wait (up to ``probe_max_s``), one that lasts ``probe_confirm_s``
+    resets it.
+    """
+
+    errors_to_fall: int = Field(default=3, ge=1, description="Failed inferences in a row.")
+    latency_budget_ms: float | None = Field(
+        default=None, gt=0, description="Per-inference latency budget; none: not checked."
+    )
+    latency_breaches_to_fall: int = Field(default=5, ge=1)
+    power_budget_w: float | None = Field(
+        default=None, gt=0, description="Mean device power budget per window; none: unchecked."
+    )
+    power_windows_to_fall: int = Field(default=3, ge=1)
+    probe_after_s: float = Field(default=30.0, gt=0, description="Wait below before a probe.")
+    probe_max_s: float = Field(default=600.0, gt=0, description="Cap of the doubling wait.")
+    probe_confirm_s: float = Field(default=10.0, gt=0, description="A probe that lasts wins.")
+    restart_budget: int = Field(
+        default=3, ge=0, description="Unclean restarts in a row before starting a tier lower."
+    )
+    healthy_after_s: float = Field(
+        default=60.0, gt=0, description="Serving this long without a fall ends a crash loop."
+    )
+
+
 class AgentConfig(Section):
     """Everything the agent needs to run on one device."""
 
@@ -148,6 +179,7 @@ class AgentConfig(Section):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     power: PowerConfig = Field(default_factory=PowerConfig)
+    fallback: FallbackConfig = Field(default_factory=FallbackConfig)
     controller_keys: list[str] = Field(
         default_factory=list,
         description="Enrolled controller signing keys (hex, from keys/signing.pub). When set, "

@@ -48,9 +48,13 @@ Centroids (classifiers, on images ``[1, C, H, W]`` or signals)::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from agent.protocol import Manifest
+from agent.runtime.base import InferenceError, ModelLoadError, TensorSpec
 
 VERSION = 1
 ABSENT_LOGIT = -1e9  # finite, so it survives JSON; softmax makes it 0
@@ -153,3 +157,30 @@ def evaluate_rules(rules: dict[str, Any], sample: np.ndarray) -> np.ndarray:
         ]
         return np.asarray(logits, dtype=np.float32).reshape(shape)
     raise ValueError(f"unknown rules kind {rules.get('kind')!r}; expected thresholds or centroids")
+
+
+class RulesModel:
+    """The rule baseline behind the same interface as a loaded model file, so the inference loop
+    treats the last tier like any other. ``format`` and ``path`` name the model the rules came
+    with (its manifest), for messages."""
+
+    def __init__(self, manifest: Manifest, path: Path) -> None:
+        if manifest.rules is None:
+            raise ModelLoadError(f"the manifest of {manifest.model} has no rule baseline")
+        if not manifest.inputs or not manifest.outputs:
+            raise ModelLoadError(f"the manifest of {manifest.model} names no inputs or outputs")
+        self.rules = manifest.rules
+        self.format = manifest.artifact.format
+        self.path = path
+        self.inputs = tuple(TensorSpec(s.name, tuple(s.shape), s.dtype) for s in manifest.inputs)
+        self.outputs = tuple(TensorSpec(s.name, tuple(s.shape), s.dtype) for s in manifest.outputs)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            sample = feeds[self.inputs[0].name]
+            return {self.outputs[0].name: evaluate_rules(self.rules, sample)}
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            raise InferenceError(f"rule baseline from {self.path.name}: {exc}") from exc
+
+    def close(self) -> None:
+        """Nothing to release: the rules are a few numbers."""

@@ -7,7 +7,9 @@ Threads and who owns what:
   and swaps models, so a slow download never delays an inference;
 - the inference thread (``_infer``) reads the input source at the configured rate, runs the
   current model and cuts telemetry windows. A model swap is one reference assignment, so no
-  inference is dropped or fails while a new model is being activated.
+  inference is dropped or fails while a new model is being activated. It also feeds the
+  fallback ladder (agent.fallback) and moves down or probes up the chain as it says; a tier's
+  model is loaded on this thread, under ``_tier_lock``, which the worker takes to activate.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from agent import protocol as p
 from agent.activation import Activation
 from agent.config import AgentConfig, MqttInput
 from agent.errors import IntegrityError, TransferError
+from agent.fallback import Ladder, Move, RunRecord
 from agent.hardware import read_hardware
 from agent.link import MqttLink, Will
 from agent.outbox import Outbox, OutboxSender
 from agent.power.chain import MeterChain
+from agent.rules import RulesModel
 from agent.runtime import EXTRAS, available_formats, load_model
 from agent.runtime.base import InferenceError, LoadedModel, ModelLoadError
 from agent.sources import source_class
@@ -43,6 +47,7 @@ from agent.verify import (
     check_expiry,
     check_golden,
     load_public_key,
+    read_unsigned,
     verify_manifest,
 )
 from agent.version import __version__
@@ -57,10 +62,12 @@ OUTBOX_WINDOW = 32  # telemetry/event messages in flight; below the link's max_i
 
 @dataclass
 class Serving:
-    """The model the inference thread uses, swapped as a whole."""
+    """What the inference thread uses, swapped as a whole: a tier of the fallback chain and
+    the model file it runs (for the rules tier, the model whose manifest holds the rules)."""
 
-    model: LoadedModel
+    model: LoadedModel | RulesModel
     active: p.ActiveModel
+    tier: p.Tier = p.Tier.ACTIVE
 
 
 @dataclass
@@ -69,7 +76,7 @@ class Transfer:
 
     command: p.Deploy
     download: Download
-    manifest: p.Manifest | None  # verified when the deploy arrived; None: agent not enrolled
+    manifest: p.Manifest | None  # verified when the deploy arrived (enrolled agents); or None
     next_progress: int = 1
 
 
@@ -88,6 +95,9 @@ class Agent:
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=10_000)
         self._stop = threading.Event()
         self._serving: Serving | None = None
+        self.ladder = Ladder(config.fallback)
+        self.runs = RunRecord(config.state_dir / "runs.json", config.fallback)
+        self._tier_lock = threading.RLock()
         self._transfer: Transfer | None = None
         self._input_handlers: list[tuple[str, Any]] = []
         self._last_event: dict[str, float] = {}
@@ -191,6 +201,7 @@ class Agent:
             self.input_link.stop()
         for thread in getattr(self, "_threads", []):
             thread.join(timeout=5)
+        self.runs.end()  # a clean stop is not a crash: the next start is not in a crash loop
         if self._transfer is not None:
             self._transfer.download.close()
         if self.link is not None:
@@ -211,28 +222,133 @@ class Agent:
                 time.sleep(1.0)
 
     def _restore(self) -> None:
-        """Load the model that was active before the restart, or the last-good one."""
+        """Serve what was active before the restart, or the next tier that loads.
+
+        A crash loop (more unclean restarts in a row than the budget) or a death while probing
+        starts the chain lower; see agent.fallback.RunRecord.
+        """
+        floor, cause = self.runs.begin()
+        with self._tier_lock:
+            self.ladder.hold_s = self.runs.hold_s
+            self._refresh_tiers()
+            move = self.ladder.start(time.monotonic(), floor, cause)
+            self._enter_tier(move, previous=None)
+
+    # -- the fallback chain ---------------------------------------------------------------------
+
+    def _tier_models(self) -> dict[p.Tier, p.ActiveModel]:
+        """The model file behind each file tier, skipping copies of a better tier."""
         pointer = self.activation.read()
-        for candidate in (pointer.active, pointer.last_good):
-            if candidate is None:
-                continue
+        models: dict[p.Tier, p.ActiveModel] = {}
+        seen: set[str] = set()
+        for tier, ref in (
+            (p.Tier.ACTIVE, pointer.active),
+            (p.Tier.LAST_GOOD, pointer.last_good),
+            (p.Tier.FALLBACK, pointer.fallback),
+        ):
+            if ref is not None and ref.sha256 not in seen:
+                models[tier] = ref
+                seen.add(ref.sha256)
+        return models
+
+    def _rules_source(self) -> tuple[p.ActiveModel, p.Manifest] | None:
+        """The best-tier model whose kept manifest carries a rule baseline."""
+        for ref in self._tier_models().values():
+            manifest = self.activation.manifest(ref)
+            if manifest is not None and manifest.rules is not None:
+                return ref, manifest
+        return None
+
+    def _refresh_tiers(self) -> None:
+        """Tell the ladder which tiers exist now (after a restart, activation or staging)."""
+        available = set(self._tier_models())
+        if self._rules_source() is not None:
+            available.add(p.Tier.RULES)
+        self.ladder.available = available
+
+    def _load_tier(self, tier: p.Tier) -> Serving:
+        """Load and smoke-test what serves at ``tier``; ModelLoadError/InferenceError if not."""
+        if tier is p.Tier.RULES:
+            source = self._rules_source()
+            if source is None:
+                raise ModelLoadError("no manifest with a rule baseline is kept on this device")
+            ref, manifest = source
+            path = self.activation.models_dir / f"{ref.sha256}.manifest.json"
+            model: LoadedModel | RulesModel = RulesModel(manifest, path)
+        else:
+            ref = self._tier_models()[tier]
+            current = self._serving
+            if (
+                current is not None
+                and current.active.sha256 == ref.sha256
+                and current.tier is not p.Tier.RULES
+            ):
+                return Serving(current.model, ref, tier)  # already loaded
+            model = load_model(
+                self.activation.artifact_path(ref),
+                ref.format,
+                threads=self.config.inference.threads,
+            )
+        self._smoke_test(model)
+        return Serving(model, ref, tier)
+
+    def _enter_tier(self, move: Move | None, previous: Serving | None) -> None:
+        """Serve the ladder's tier, falling further while a tier cannot load; report the move.
+
+        Called with ``_tier_lock`` held, by the inference thread (and once at start).
+        """
+        causes = [move.cause] if move is not None else []
+        while self.ladder.tier is not p.Tier.NONE:
+            tier = self.ladder.tier
             try:
-                model = load_model(
-                    self.activation.artifact_path(candidate),
-                    candidate.format,
-                    threads=self.config.inference.threads,
-                )
-            except ModelLoadError as exc:
-                log.error("cannot load %s from disk: %s", candidate.model, exc)
+                serving = self._load_tier(tier)
+            except (ModelLoadError, InferenceError, KeyError) as exc:
+                reason = f"{tier.value} cannot serve: {exc}"
+                log.error(reason)
+                if self.ladder.unusable(tier, reason, time.monotonic()) is None:
+                    self.ladder.tier = p.Tier.NONE
+                causes.append(reason)
                 continue
-            if candidate is not pointer.active:
-                log.warning("serving the last-good model %s instead", candidate.model)
-            self._serving = Serving(model, candidate)
+            self._serving = serving
+            break
+        else:
+            self._serving = None
+        now_tier = self.ladder.tier
+        was = previous.tier if previous is not None else p.Tier.ACTIVE
+        if move is None and now_tier is was:
             return
+        model = self._serving.active.model if self._serving else None
+        self._event(
+            p.EventKind.TIER_CHANGED,
+            f"serving {now_tier.value}"
+            + (f" ({model})" if model else "")
+            + f" instead of {was.value}: {'; then '.join(causes) or 'no model can serve'}",
+            **{"from": was.value, "to": now_tier.value, "cause": "; then ".join(causes)},
+            model=str(model) if model else None,
+            probe=bool(move and move.probe),
+        )
+        if self.link is not None and self.link.connected.is_set():
+            topic, payload = self._birth()
+            self.link.publish(topic, payload, qos=1, retain=True)
+
+    def _apply(self, move: Move | None) -> None:
+        """Apply a ladder decision from the inference thread; note probes for crash recovery."""
+        if move is None:
+            return
+        previous = self._serving
+        self.runs.probe(move.to if move.probe else None, self.ladder.hold_s)
+        self._enter_tier(move, previous)
+        if not move.probe:
+            self._last_fall = time.monotonic()
 
     # -- MQTT ---------------------------------------------------------------------------------
 
+    def _active_model(self) -> p.ActiveModel | None:
+        """The deployed active model (what the controller deployed), whatever tier serves."""
+        return self.activation.read().active or (self._serving.active if self._serving else None)
+
     def _birth(self) -> tuple[str, bytes]:
+        pointer = self.activation.read()
         birth = p.Birth(
             session=self.session,
             agent_version=__version__,
@@ -240,8 +356,10 @@ class Agent:
             labels=self.config.labels,
             runtimes=self.runtimes,
             hardware=self.hardware,
-            active=self._serving.active if self._serving else None,
-            last_good=self.activation.read().last_good,
+            active=self._active_model(),
+            last_good=pointer.last_good,
+            fallback=pointer.fallback,
+            tier=self.ladder.tier,
         )
         return p.topic(self.device, p.Channel.STATE), p.encode(birth)
 
@@ -350,18 +468,20 @@ class Agent:
             self._start_deploy(command)
 
     def _verified(self, command: p.Deploy) -> p.Manifest | None:
-        """The deploy's manifest after every check an enrolled agent makes (None: not enrolled).
+        """The deploy's manifest after every check an enrolled agent makes; an agent that is not
+        enrolled reads it unverified (None when there is none).
 
         Raises ManifestRejected with the reason; nothing is downloaded before this passes.
         """
         if not self.controller_keys:
-            return None
+            return None if command.manifest is None else read_unsigned(command.manifest)
+        active = self.activation.read().active
         manifest = verify_manifest(
             command.manifest,
             self.controller_keys,
             now=p.utcnow(),
             device_class=self.config.device_class,
-            active=self._serving.active.model if self._serving else None,
+            active=active.model if active else None,
             allow_older=command.rollback,
         )
         check_artifact(manifest, command.artifact, model=command.model)
@@ -384,13 +504,32 @@ class Agent:
             self._reply(command.id, False, reason)
             self._event(p.EventKind.DEPLOY_FAILED, reason, model=str(command.model))
             return
-        if self._serving and self._serving.active.sha256 == artifact.sha256:
-            if self._serving.active.model != command.model:
-                self._activate_loaded(command, self._serving.model)
+        pointer = self.activation.read()
+        if command.slot is p.Slot.FALLBACK:
+            if pointer.fallback is not None and pointer.fallback.sha256 == artifact.sha256:
+                self.activation.clear_pending()
+                self._reply(command.id, True, status="already staged as fallback")
+                return
+            if pointer.active is not None and pointer.active.sha256 == artifact.sha256:
+                self._reply(
+                    command.id,
+                    False,
+                    f"{command.model} is the active model; a fallback must be another variant",
+                )
+                return
+        elif pointer.active is not None and pointer.active.sha256 == artifact.sha256:
+            serving = self._serving
+            if (
+                pointer.active.model != command.model
+                and serving is not None
+                and serving.tier is p.Tier.ACTIVE
+                and not isinstance(serving.model, RulesModel)
+            ):  # the same file under another name: rename it, nothing to load
+                self._activate_loaded(command, serving.model, manifest)
             self.activation.clear_pending()
             self._reply(command.id, True, status="already active", model=str(command.model))
             return
-        last_good = self.activation.read().last_good
+        last_good = pointer.last_good
         if last_good is not None and last_good.sha256 == artifact.sha256:
             path = self.activation.artifact_path(last_good)
             if path.is_file():  # the previous model is still on disk: no transfer needed
@@ -435,13 +574,19 @@ class Agent:
         )
         if model is None:
             return
-        self._activate_loaded(command, model)
-        self._reply(
-            command.id,
-            True,
-            status="activated from the local copy",
-            model=str(command.model),
-        )
+        self._install(command, model, manifest, "from the local copy")
+
+    def _install(
+        self, command: p.Deploy, model: LoadedModel, manifest: p.Manifest | None, how: str = ""
+    ) -> None:
+        """Put a staged model in its slot (active, or kept ready as the fallback) and answer."""
+        if command.slot is p.Slot.FALLBACK:
+            self._keep_fallback(command, model, manifest)
+            status = "staged as fallback"
+        else:
+            self._activate_loaded(command, model, manifest)
+            status = "activated"
+        self._reply(command.id, True, status=f"{status} {how}".strip(), model=str(command.model))
 
     def _pump(self) -> None:
         """Worker-thread housekeeping after every message or timeout: the outbox, then chunks
@@ -511,8 +656,7 @@ class Agent:
         if model is None:
             path.unlink(missing_ok=True)  # a file that failed staging is never kept
             return
-        self._activate_loaded(command, model)
-        self._reply(command.id, True, status="activated", model=str(command.model))
+        self._install(command, model, transfer.manifest)
 
     def _load_staged(
         self, command: p.Deploy, path: Path, manifest: p.Manifest | None, prefix: str = ""
@@ -552,14 +696,55 @@ class Agent:
             if not np.all(np.isfinite(value)):
                 raise InferenceError(f"smoke test: output {name!r} is not finite on a zero input")
 
-    def _activate_loaded(self, command: p.Deploy, model: LoadedModel) -> None:
+    def _keep_fallback(
+        self, command: p.Deploy, model: LoadedModel, manifest: p.Manifest | None
+    ) -> None:
+        """Keep a staged variant on disk as the fallback tier; it is loaded only when needed."""
+        ref = p.ActiveModel(
+            model=command.model, sha256=command.artifact.sha256, format=command.artifact.format
+        )
+        model.close()
+        if manifest is not None:
+            self.activation.save_manifest(ref.sha256, manifest)
+        with self._tier_lock:
+            self.activation.set_fallback(ref)
+            self.activation.clear_pending()
+            self.ladder.broken.discard(p.Tier.FALLBACK)
+            self._refresh_tiers()
+        self._event(
+            p.EventKind.FALLBACK_STAGED,
+            f"{command.model} staged as the fallback tier",
+            model=str(command.model),
+            size=command.artifact.size,
+        )
+        assert self.link is not None
+        topic, payload = self._birth()
+        self.link.publish(topic, payload, qos=1, retain=True)
+
+    def _activate_loaded(
+        self, command: p.Deploy, model: LoadedModel, manifest: p.Manifest | None
+    ) -> None:
         active = p.ActiveModel(
             model=command.model, sha256=command.artifact.sha256, format=command.artifact.format
         )
-        self.activation.activate(active)
-        self.activation.clear_pending()
-        previous = self._serving
-        self._serving = Serving(model, active)
+        if manifest is not None:
+            self.activation.save_manifest(active.sha256, manifest)
+        with self._tier_lock:
+            self.activation.activate(active)
+            self.activation.clear_pending()
+            previous = self._serving
+            self._serving = Serving(model, active)
+            self.ladder.reset(time.monotonic())
+            self._refresh_tiers()
+        if previous is not None and previous.tier is not p.Tier.ACTIVE:
+            self._event(
+                p.EventKind.TIER_CHANGED,
+                f"serving active ({command.model}) instead of {previous.tier.value}: "
+                "a new model was activated",
+                **{"from": previous.tier.value, "to": "active", "cause": "new model activated"},
+                model=str(command.model),
+                probe=False,
+            )
         self._event(
             p.EventKind.ACTIVATED,
             f"{command.model} active" + (f" (was {previous.active.model})" if previous else ""),
@@ -573,7 +758,8 @@ class Agent:
     def _fail_deploy(self, command: p.Deploy, reason: str) -> None:
         """Reject the deploy: the active model stays, the reason goes to the controller."""
         self.activation.clear_pending()
-        current = self._serving.active.model if self._serving else None
+        active = self._active_model()
+        current = active.model if active else None
         message = (
             f"deploy of {command.model} failed: {reason}; still running {current or 'no model'}"
         )
@@ -588,16 +774,44 @@ class Agent:
         window = TelemetryWindow(p.utcnow(), self._cpu_s())
         next_report = time.monotonic() + interval
         next_tick = time.monotonic()
+        started = self._last_fall = time.monotonic()
+        healthy = False
         assert self.source is not None
         while not self._stop.is_set():
             reading = self.source.read(timeout=min(period, 0.5))
             serving = self._serving
-            if reading is not None and serving is not None:
-                self._infer_once(serving, reading, window)
+            move: Move | None = None
             now = time.monotonic()
-            if now >= next_report:
+            with self._tier_lock:
+                if reading is not None and serving is not None:
+                    outcome = self._infer_once(serving, reading, window)
+                    if self._serving is serving:  # not swapped by an activation meanwhile
+                        move = (
+                            self.ladder.succeeded(outcome, now)
+                            if isinstance(outcome, float)
+                            else self.ladder.failed(outcome, now)
+                        )
+                was_probing = self.ladder.probing
+                move = move or self.ladder.tick(now)
+                if was_probing and not self.ladder.probing and move is None:
+                    self.runs.probe(None, self.ladder.hold_s)  # the probe lasted: it stays up
+            if now >= next_report or move is not None:
+                # cut the window at every move, so each record has the one tier that served it
                 next_report = now + interval
-                self._report(window, serving)
+                power = self._report(window, serving)
+                with self._tier_lock:
+                    if move is None and self._serving is serving:
+                        move = self.ladder.power(power, now)
+            if move is not None:
+                with self._tier_lock:
+                    self._apply(move)
+            if move is not None and not move.probe:
+                healthy = False
+            if not healthy and now - max(started, self._last_fall) >= (
+                self.config.fallback.healthy_after_s
+            ):
+                healthy = True
+                self.runs.healthy()
             next_tick += period
             delay = next_tick - time.monotonic()
             if delay > 0:
@@ -605,7 +819,8 @@ class Agent:
             else:
                 next_tick = time.monotonic()  # behind: skip ticks rather than build a backlog
 
-    def _infer_once(self, serving: Serving, reading: Any, window: TelemetryWindow) -> None:
+    def _infer_once(self, serving: Serving, reading: Any, window: TelemetryWindow) -> float | str:
+        """Run one inference and publish its result: its latency in ms, or why it failed."""
         spec = serving.model.inputs[0]
         try:
             feed = reading.values.reshape(
@@ -613,29 +828,25 @@ class Agent:
             )
         except ValueError:
             window.error()
-            self._event(
-                p.EventKind.INPUT_ERROR,
+            reason = (
                 f"input has {reading.values.size} values; model {serving.active.model} expects "
-                f"shape {spec.shape}. Check the input source's window size.",
-                throttle="input-shape",
+                f"shape {spec.shape}. Check the input source's window size."
             )
-            return
+            self._event(p.EventKind.INPUT_ERROR, reason, throttle="input-shape")
+            return reason
         t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
         try:
             outputs = serving.model.run({spec.name: feed})
         except InferenceError as exc:
             window.error()
             self._event(p.EventKind.INFERENCE_ERROR, str(exc), throttle="inference")
-            return
+            return str(exc)
         latency_ms = (time.perf_counter_ns() - t0) / 1e6
         if not all(np.all(np.isfinite(v)) for v in outputs.values()):
             window.error()
-            self._event(
-                p.EventKind.INFERENCE_ERROR,
-                f"model {serving.active.model} returned NaN or infinity; result withheld",
-                throttle="non-finite",
-            )
-            return
+            reason = f"model {serving.active.model} returned NaN or infinity; result withheld"
+            self._event(p.EventKind.INFERENCE_ERROR, reason, throttle="non-finite")
+            return reason
         window.observe(latency_ms, (time.thread_time_ns() - c0) / 1e9)
         seq = self.inference_seq
         self.inference_seq += 1
@@ -643,6 +854,7 @@ class Agent:
             result = p.Result(
                 seq=seq,
                 model=serving.active.model,
+                tier=serving.tier,
                 latency_ms=latency_ms,
                 outputs={
                     k: np.asarray(v, dtype=np.float64).ravel().tolist() for k, v in outputs.items()
@@ -650,11 +862,13 @@ class Agent:
                 input_ts=reading.ts,
             )
             self._publish(p.Channel.RESULTS, result, qos=0)
+        return latency_ms
 
     def _cpu_s(self) -> float:
         return time.process_time()  # user + system time of all the agent's threads
 
-    def _report(self, window: TelemetryWindow, serving: Serving | None) -> None:
+    def _report(self, window: TelemetryWindow, serving: Serving | None) -> float | None:
+        """Cut the telemetry window (its tier is the one that served it); return its power."""
         now, cpu = p.utcnow(), self._cpu_s()
         window_s = max((now - window.start).total_seconds(), 1e-6)
         reading = self.meter.read(
@@ -664,7 +878,7 @@ class Agent:
             now,
             cpu,
             serving.active.model if serving else None,
-            p.Tier.ACTIVE,
+            serving.tier if serving else p.Tier.NONE,
             reading.power_w,
             reading.energy_per_inference_j,
             reading.method,
@@ -677,6 +891,7 @@ class Agent:
                 throttle="power-meter",
                 method=reading.method.value,
             )
+        return reading.power_w
 
 
 def run_agent(config: AgentConfig, stop: threading.Event) -> int:

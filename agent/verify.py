@@ -230,6 +230,13 @@ def _signed_bytes(signed: SignedManifest, public_keys: Sequence[bytes]) -> bytes
     return data
 
 
+def read_unsigned(signed: SignedManifest) -> Manifest:
+    """The manifest of an agent that is not enrolled: parsed, not verified (it trusts the
+    controller for everything anyway); it still gives staging its golden cases and the
+    fallback chain its rules. ManifestRejected if it cannot be read."""
+    return _parse(signed.payload.encode("utf-8"))
+
+
 def _parse(payload: bytes) -> Manifest:
     try:
         return Manifest.model_validate_json(payload)
