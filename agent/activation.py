@@ -5,8 +5,8 @@ Layout under the agent's state directory::
     models/<sha256>.<onnx|tflite>    verified artifacts, immutable once renamed into place
     models/<sha256>.manifest.json    the manifest each came with (its rules are the last tier)
     downloads/                       partial transfers (see agent.transfer)
-    active.json                      {"active": ..., "last_good": ..., "fallback": ...},
-                                     replaced by one rename
+    active.json                      {"active": ..., "last_good": ..., "fallback": ...,
+                                     "preloaded": ...}, replaced by one rename
     deploy.json                      the deploy in progress and its state (fetching, verifying,
                                      staging); gone once it is active or rejected
 
@@ -14,6 +14,8 @@ Switching the active model writes the new pointer to a temp file, fsyncs it and 
 ``active.json``: the device is always either on the old model or on the new one. The model that
 was active before becomes ``last_good``. ``fallback`` is a small variant the controller staged in
 advance for the fallback chain (agent.fallback); it is never made active by a deploy.
+``preloaded`` is a model fetched and staged ahead of its activation (a ``slot=preload`` deploy,
+for maintenance windows): kept on disk until an active deploy of the same file activates it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Pointer(Strict):
     active: ActiveModel | None = None
     last_good: ActiveModel | None = None
     fallback: ActiveModel | None = None
+    preloaded: ActiveModel | None = None
 
 
 class Activation:
@@ -72,7 +75,8 @@ class Activation:
     def activate(self, model: ActiveModel) -> Pointer:
         """Make ``model`` active; the previously active one becomes last-good.
 
-        The fallback stays unless it is a variant of another model (a different name).
+        The fallback stays unless it is a variant of another model (a different name); the
+        preloaded model stays unless it is the one being activated.
         """
         current = self.read()
         last_good = (
@@ -83,12 +87,23 @@ class Activation:
             fallback.model.name != model.model.name or fallback.sha256 == model.sha256
         ):
             fallback = None
-        return self._write(Pointer(active=model, last_good=last_good, fallback=fallback))
+        preloaded = current.preloaded
+        if preloaded is not None and preloaded.sha256 == model.sha256:
+            preloaded = None
+        return self._write(
+            Pointer(active=model, last_good=last_good, fallback=fallback, preloaded=preloaded)
+        )
 
     def set_fallback(self, model: ActiveModel | None) -> Pointer:
         """Keep ``model`` (staged, verified) as the fallback tier; the active one is unchanged."""
         current = self.read()
         return self._write(current.model_copy(update={"fallback": model}))
+
+    def set_preloaded(self, model: ActiveModel | None) -> Pointer:
+        """Keep ``model`` (staged, verified) on disk until it is activated; the one preloaded
+        before it, if any, is pruned unless another slot holds it."""
+        current = self.read()
+        return self._write(current.model_copy(update={"preloaded": model}))
 
     def save_manifest(self, sha256: str, manifest: Manifest) -> None:
         """Keep the manifest a model came with (before its pointer is written)."""
@@ -147,8 +162,9 @@ class Activation:
         self.pending_path.unlink(missing_ok=True)
 
     def _prune(self, pointer: Pointer) -> None:
-        """Delete model files that are neither active nor last-good (devices have small disks)."""
-        kept = [m for m in (pointer.active, pointer.last_good, pointer.fallback) if m]
+        """Delete model files no slot of the pointer holds (devices have small disks)."""
+        slots = (pointer.active, pointer.last_good, pointer.fallback, pointer.preloaded)
+        kept = [m for m in slots if m]
         keep = {self.artifact_path(m).name for m in kept}
         keep |= {f"{m.sha256}.manifest.json" for m in kept}
         pending = self.load_pending()

@@ -165,6 +165,11 @@ class FallbackConfig(Section):
     healthy_after_s: float = Field(
         default=60.0, gt=0, description="Serving this long without a fall ends a crash loop."
     )
+    staging_latency_factor: float = Field(
+        default=20.0,
+        gt=1,
+        description="Staging rejects a model slower than this many times its profiled p50.",
+    )
 
 
 class AgentConfig(Section):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,14 +133,28 @@ class Ladder:
         self.broken.add(tier)
         if tier != self.tier:
             return None
-        return self._fall(now, reason)
+        move = self._fall(now, reason)
+        if move is not None:
+            return move
+        usable = self.usable()  # nothing below: the nearest tier above beats no answer at all
+        above = [t for t in usable if ORDER.index(t) < ORDER.index(tier)]
+        if not above:
+            self.tier = Tier.NONE
+            return None
+        self._enter(above[-1], now)
+        return Move(above[-1], reason)
 
     def tick(self, now: float) -> Move | None:
         """Confirm a probe that lasted, or start one when the hold below has passed."""
-        if self.probing and now - self.since >= self.policy.probe_confirm_s:
+        if self.probing:
+            if now - self.since < self.policy.probe_confirm_s:
+                return None  # one probe at a time
             self.probing = False
             self.hold_s = self.policy.probe_after_s
         usable = self.usable()
+        if self.tier is Tier.NONE and usable:  # something became usable (a deploy, a staging)
+            self._enter(usable[0], now)
+            return Move(usable[0], f"{usable[0].value} can serve again")
         if self.tier not in usable:
             return None
         above = [t for t in usable if ORDER.index(t) < ORDER.index(self.tier)]
@@ -190,10 +205,18 @@ class RunRecord:
         running, probing = False, None
         try:
             raw = json.loads(self.path.read_text())
-            running = bool(raw.get("running"))
-            self.unclean = int(raw.get("unclean", 0))
-            probing = Tier(raw["probing"]) if raw.get("probing") else None
-            self.hold_s = float(raw.get("hold_s", self.policy.probe_after_s))
+            # parse every field before using any: a half-read record is not "ignored"
+            read = (
+                bool(raw.get("running")),
+                int(raw.get("unclean", 0)),
+                Tier(raw["probing"]) if raw.get("probing") else None,
+                float(raw.get("hold_s", self.policy.probe_after_s)),
+            )
+            running, self.unclean, probing, self.hold_s = read
+            self.unclean = max(self.unclean, 0)
+            if not math.isfinite(self.hold_s):  # a hand-edited record must not probe every tick
+                self.hold_s = self.policy.probe_after_s
+            self.hold_s = min(max(self.hold_s, self.policy.probe_after_s), self.policy.probe_max_s)
         except FileNotFoundError:
             pass
         except (OSError, ValueError, TypeError, AttributeError) as exc:

@@ -3,6 +3,8 @@
 - subscriptions are made in ``on_connect``, so a reconnect resubscribes;
 - an optional retained birth is published on every connect, with a last will set before it;
 - reconnects back off exponentially up to a cap (paho's own reconnect loop);
+- a QoS 1 message stays with paho until its PUBACK and is sent again after a reconnect; the
+  handle ``publish`` returns says so, so the outbox does not send it a second time;
 - TCP_NODELAY on the socket, so small request/response exchanges are not held back;
 - refused credentials are fatal and stop the loop instead of hammering the broker;
 - the message callback only hands ``(topic, payload)`` to a handler that must enqueue; any
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import BrokerAuthError
@@ -41,6 +43,36 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
+
+
+class Delivery:
+    """What :meth:`MqttLink.publish` returns: paho's ``MQTTMessageInfo`` and what paho will do.
+
+    ``resent_on_reconnect``: paho keeps an unacknowledged QoS 1/2 message and sends it again by
+    itself after a reconnect, so a caller with its own resend logic (the agent's outbox sender)
+    must not send it a second time.
+    """
+
+    __slots__ = ("info", "resent_on_reconnect")
+
+    def __init__(self, info: mqtt.MQTTMessageInfo, qos: int) -> None:
+        self.info = info
+        self.resent_on_reconnect = qos > 0
+
+    @property
+    def mid(self) -> int:
+        return self.info.mid
+
+    @property
+    def rc(self) -> MQTTErrorCode:
+        return self.info.rc
+
+    def is_published(self) -> bool:
+        """True once the broker has acknowledged it; RuntimeError/ValueError if it never will."""
+        return self.info.is_published()
+
+    def wait_for_publish(self, timeout: float | None = None) -> None:
+        self.info.wait_for_publish(timeout)
 
 
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -125,11 +157,15 @@ class MqttLink:
         if self.connected.is_set():
             self._client.subscribe(topic, qos)
 
-    def publish(
-        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
-    ) -> mqtt.MQTTMessageInfo:
-        """Queue a message; the returned info says when the broker has acknowledged it."""
-        return self._client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Delivery:
+        """Queue a message; the returned handle says when the broker has acknowledged it."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN:
+            # Published in the moment between losing the socket and noticing it: paho keeps the
+            # message and sends it after the reconnect, but its info would report a failure for
+            # ever, and the outbox would send it again. It is queued, not failed.
+            info.rc = mqtt.MQTT_ERR_SUCCESS
+        return Delivery(info, qos)
 
     # -- paho callbacks (network thread) -----------------------------------------------------
 

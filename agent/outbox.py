@@ -7,7 +7,8 @@ dropped is counted by reason (``size``: over the size bound; ``age``: too old; `
 not be stored, e.g. a full disk; ``rejected``: the MQTT client refused it), and the counts
 survive restarts. :class:`OutboxSender` replays the outbox oldest first with at most
 ``window`` messages awaiting their PUBACK, and deletes a message only once the broker has
-confirmed it; after a reconnect it resends the unconfirmed ones in order. Duplicates are
+confirmed it; after a reconnect it resends, in order, the unconfirmed ones that the MQTT
+client does not resend by itself. Duplicates are
 possible by design: the controller de-duplicates telemetry on (session, seq), and events
 carry unique ids.
 
@@ -24,6 +25,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +117,8 @@ class Outbox:
         self._dropped = dict.fromkeys(DROP_REASONS, 0)
         self._dirty = False  # counters changed since they were last written
         self._warned: dict[str, float] = {}
+        self._puts: Counter[str] = Counter()  # messages offered per topic, by this object
+        self._dropped_at_open = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -123,6 +127,7 @@ class Outbox:
         with self._lock:
             if self._db is None:
                 self._attach(recovering=False)
+                self._dropped_at_open = sum(self._dropped.values())
 
     def close(self) -> None:
         """Write pending counters and close; unsent messages stay for the next open."""
@@ -139,6 +144,7 @@ class Outbox:
         """Append one message; drop the oldest (counted) to stay within the bounds."""
         size = len(topic.encode()) + len(payload)
         with self._lock:
+            self._puts[topic] += 1
             if self._db is None:
                 self._drop("disk", 1)
                 self._warn("closed", "outbox %s is not open; dropped a message", self.path)
@@ -227,6 +233,18 @@ class Outbox:
         """Messages dropped for any reason, over the life of the file."""
         with self._lock:
             return sum(self._dropped.values())
+
+    @property
+    def dropped_since_open(self) -> int:
+        """Messages dropped for any reason since :meth:`open` (this run of the agent)."""
+        with self._lock:
+            return sum(self._dropped.values()) - self._dropped_at_open
+
+    def puts(self, topic: str) -> int:
+        """Messages offered on ``topic`` through this object (stored or dropped): what the agent
+        produced in this run, for the account it gives when it stops."""
+        with self._lock:
+            return self._puts[topic]
 
     def stats(self) -> dict[str, Any]:
         """Pending count and bytes, drops by reason, the oldest message's age, durability."""
@@ -478,9 +496,17 @@ class Outbox:
 
 
 class PublishHandle(Protocol):
-    """What a publish returns (paho's ``MQTTMessageInfo`` is one)."""
+    """What a publish returns (paho's ``MQTTMessageInfo`` is one; so is the link's Delivery).
+
+    A handle may also have a true attribute ``resent_on_reconnect``: the MQTT client keeps the
+    message until its PUBACK and sends it again itself after a reconnect (paho does, for QoS 1).
+    """
 
     def is_published(self) -> bool: ...
+
+
+def _client_resends(handle: PublishHandle) -> bool:
+    return bool(getattr(handle, "resent_on_reconnect", False))
 
 
 class OutboxSender:
@@ -489,6 +515,18 @@ class OutboxSender:
     ``publish(topic, payload)`` must send with QoS 1 and return a handle whose
     ``is_published()`` turns true on the PUBACK; ``connected()`` says whether the link is up.
     Call :meth:`pump` often from one thread, and :meth:`reset` when the link (re)connects.
+
+    After a disconnect, unconfirmed messages are sent again from the oldest, except those whose
+    handle says the client resends them itself (``resent_on_reconnect``): the sender keeps
+    waiting for their PUBACK. Sending those too put every message of a stalled link on the wire
+    twice after the reconnect, once from paho and once from here (tests/faults/test_network_cut).
+
+    :meth:`hold` and :meth:`release` follow the controller's presence (agent.protocol
+    ControllerState): while held nothing new is sent, and what the broker confirms is kept in
+    the outbox, because a broker that restarted without persistence confirms messages that no
+    subscriber receives. :meth:`release` then acks them (the controller's subscription never
+    lapsed) or sends everything unacknowledged again from the oldest (it lapsed; the controller
+    de-duplicates on (session, seq)).
     """
 
     def __init__(
@@ -502,6 +540,25 @@ class OutboxSender:
         self._connected = connected
         self._in_flight: list[tuple[Entry, PublishHandle]] = []
         self._resend = threading.Event()
+        self._lock = threading.Lock()
+        self._held = False
+        self._release: bool | None = None  # pending release: whether the subscription lapsed
+        self._limbo: list[int] = []  # confirmed by the broker while held
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def hold(self) -> None:
+        """The controller may not be subscribed: send nothing new (safe from any thread)."""
+        with self._lock:
+            self._held, self._release = True, None
+
+    def release(self, lapsed: bool) -> None:
+        """The controller is subscribed; ``lapsed``: its subscription lapsed while held."""
+        with self._lock:
+            if self._held:
+                self._held, self._release = False, lapsed
 
     @property
     def in_flight(self) -> int:
@@ -516,27 +573,48 @@ class OutboxSender:
         """Ack what the broker confirmed, then send what fits the window; return acks."""
         if window < 1:
             raise ValueError("window must be at least 1")
+        with self._lock:
+            held, released, self._release = self._held, self._release, None
+        if released is not None:
+            if released:  # what the broker confirmed went nowhere: all again from the oldest
+                self._limbo.clear()
+                self._in_flight = []
+            else:
+                self._outbox.ack(self._limbo)
+                self._limbo.clear()
         confirmed: list[int] = []
         waiting: list[tuple[Entry, PublishHandle]] = []
-        broken = False
+        first_broken: int | None = None
         for entry, handle in self._in_flight:
             try:
                 done = handle.is_published()
             except (RuntimeError, ValueError) as exc:
                 # paho: the message was never queued (or not while connected): send it again.
                 log.debug("outbox: resending message %d: %s", entry.id, exc)
-                done, broken = False, True
+                done = False
+                if first_broken is None:
+                    first_broken = len(waiting)
             if done:
                 confirmed.append(entry.id)
             else:
                 waiting.append((entry, handle))
-        self._outbox.ack(confirmed)
+        if held:
+            self._limbo.extend(confirmed)
+        else:
+            self._outbox.ack(confirmed)
         self._in_flight = waiting
-        if broken or self._resend.is_set() or not self._connected():
-            # Start again from the oldest unconfirmed message, so the order holds.
+        connected = self._connected() and not held
+        if first_broken is not None or self._resend.is_set() or not connected:
+            # Start again from the oldest unconfirmed message the client will not resend by
+            # itself, so the order holds and nothing goes out twice.
             self._resend.clear()
-            self._in_flight = []
-            if not self._connected():
+            keep = 0
+            for _, handle in waiting:
+                if keep == first_broken or not _client_resends(handle):
+                    break
+                keep += 1
+            self._in_flight = waiting[:keep]
+            if not connected:
                 return len(confirmed)
         room = window - len(self._in_flight)
         after = self._in_flight[-1][0].id if self._in_flight else 0

@@ -83,6 +83,10 @@ def check_device_id(device: str) -> str:
     return device
 
 
+# Retained by the controller: whether it is connected and subscribed (ControllerState).
+CONTROLLER_TOPIC = "gf/controller/v1/state"
+
+
 def topic(device: str, channel: Channel) -> str:
     """The topic of one JSON channel of one device, e.g. ``gf/v1/press-1/cmd``."""
     if channel is Channel.BLOB:
@@ -227,6 +231,8 @@ class Slot(StrEnum):
 
     ACTIVE = "active"  # verify, stage, and make it the active model
     FALLBACK = "fallback"  # verify, stage, and keep it ready as the fallback tier
+    PRELOAD = "preload"  # verify, stage, keep it on disk; a later active deploy of the same
+    #                      artifact activates it at once (maintenance windows: fetch any time)
 
 
 class ActiveModel(Strict):
@@ -267,6 +273,9 @@ class Birth(Envelope):
         default=None, description="The small variant staged in advance as a fallback tier."
     )
     tier: Tier = Field(default=Tier.ACTIVE, description="The fallback tier serving now.")
+    preloaded: ActiveModel | None = Field(
+        default=None, description="Fetched and staged, waiting for an activation window."
+    )
 
 
 class Death(Envelope):
@@ -294,7 +303,9 @@ class Deploy(Envelope):
         default=None, description="The controller-signed manifest; enrolled agents require it."
     )
     slot: Slot = Field(
-        default=Slot.ACTIVE, description="active: run it now; fallback: keep it ready."
+        default=Slot.ACTIVE,
+        description="active: run it now; fallback: keep it ready as a tier; preload: keep it "
+        "on disk until an active deploy of it.",
     )
 
 
@@ -324,6 +335,22 @@ class InjectFault(Envelope):
     severity: float = Field(default=1.0, ge=0.0, le=10.0)
 
 
+class ControllerState(Envelope):
+    """Controller -> agents, retained on CONTROLLER_TOPIC: is the controller subscribed?
+
+    A broker restarted without persistence forgets the controller's subscriptions; telemetry an
+    agent replays before the controller is back would be acknowledged by the broker and handed
+    to nobody. So an agent that has seen this message holds its outbox until the controller is
+    online again, and resends what the broker acknowledged meanwhile unless ``since`` shows the
+    controller's connection never lapsed (the pattern of Sparkplug's primary host state).
+    """
+
+    kind: Literal["controller_state"] = "controller_state"
+    online: bool
+    session: str = Field(min_length=1, max_length=64)
+    since: datetime = Field(description="When this connection of the controller began.")
+
+
 class Reply(Envelope):
     """Agent -> controller: the outcome of one command, echoing its id in ``ref``."""
 
@@ -348,6 +375,7 @@ class EventKind(StrEnum):
     POWER_METER = "power_meter"  # a meter failed or skipped a window; the reading says which
     TIER_CHANGED = "tier_changed"  # the fallback chain moved; detail: from, to, cause
     FALLBACK_STAGED = "fallback_staged"  # a fallback variant is verified and ready on disk
+    PRELOADED = "preloaded"  # a model is verified and staged on disk, not yet active
 
 
 class Event(Envelope):
@@ -472,6 +500,13 @@ class Fidelity(Strict):
     )
 
 
+# The name each format's latency is reported under in Profile.latency.
+LATENCY_KEYS: dict[ModelFormat, str] = {
+    ModelFormat.ONNX: "onnxruntime",
+    ModelFormat.TFLITE: "litert",
+}
+
+
 class Profile(Strict):
     """What was measured of one variant on the controller's host."""
 
@@ -535,6 +570,7 @@ Message = Annotated[
     | Deploy
     | Ping
     | InjectFault
+    | ControllerState
     | Reply
     | Event
     | TelemetryBatch

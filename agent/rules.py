@@ -176,8 +176,15 @@ class RulesModel:
         self.outputs = tuple(TensorSpec(s.name, tuple(s.shape), s.dtype) for s in manifest.outputs)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.inputs[0]
         try:
-            sample = feeds[self.inputs[0].name]
+            sample = np.asarray(feeds[spec.name], dtype=np.float64)
+            # the statistics accept any shape: check it here, as a model file's runtime would
+            if len(sample.shape) != len(spec.shape) or any(
+                d is not None and d > 0 and d != n
+                for d, n in zip(spec.shape, sample.shape, strict=True)
+            ):
+                raise ValueError(f"input {spec.name!r} has shape {sample.shape}, not {spec.shape}")
             return {self.outputs[0].name: evaluate_rules(self.rules, sample)}
         except (KeyError, ValueError, TypeError, IndexError) as exc:
             raise InferenceError(f"rule baseline from {self.path.name}: {exc}") from exc

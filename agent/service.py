@@ -15,10 +15,12 @@ Threads and who owns what:
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ import numpy as np
 from paho.mqtt.client import topic_matches_sub
 
 from agent import protocol as p
-from agent.activation import Activation
+from agent.activation import Activation, Pointer
 from agent.config import AgentConfig, MqttInput
 from agent.errors import IntegrityError, TransferError
 from agent.fallback import Ladder, Move, RunRecord
@@ -46,6 +48,7 @@ from agent.verify import (
     check_artifact,
     check_expiry,
     check_golden,
+    check_latency,
     load_public_key,
     read_unsigned,
     verify_manifest,
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 CHUNK_TIMEOUT_S = 5.0  # re-ask for chunks that have not arrived after this long
 PROGRESS_STEPS = 4  # deploy_progress events per transfer
 EVENT_REPEAT_S = 60.0  # the same recurring error is reported at most once per this period
+STAGING_TIMED_RUNS = 5  # runs on zeros whose median staging compares with the profile
 OUTBOX_WINDOW = 32  # telemetry/event messages in flight; below the link's max_inflight (64)
 
 
@@ -98,6 +102,8 @@ class Agent:
         self.ladder = Ladder(config.fallback)
         self.runs = RunRecord(config.state_dir / "runs.json", config.fallback)
         self._tier_lock = threading.RLock()
+        self._controller_path = config.state_dir / "controller"
+        self._controller_since: datetime | None = None  # the controller connection last seen
         self._transfer: Transfer | None = None
         self._input_handlers: list[tuple[str, Any]] = []
         self._last_event: dict[str, float] = {}
@@ -111,6 +117,7 @@ class Agent:
     def start(self) -> None:
         """Restore the active model, connect, and start the worker and inference threads."""
         self.activation.prepare()
+        self._controller_since = self._load_controller_since()
         self.outbox.open()
         self.meter.start()
         self._restore()
@@ -130,6 +137,7 @@ class Agent:
                 (p.topic(self.device, p.Channel.CMD), 1),
                 (p.blob_subscription(self.device), 1),
                 (p.topic(self.device, p.Channel.STATE), 1),
+                (p.CONTROLLER_TOPIC, 1),
             ],
             will=Will(
                 p.topic(self.device, p.Channel.STATE),
@@ -153,6 +161,8 @@ class Agent:
             lambda topic, payload: link.publish(topic, payload, qos=1),
             link.connected.is_set,
         )
+        if self._controller_since is not None:  # a controller was seen: wait until it is back
+            self.sender.hold()
         self.link.start()
         self._threads = [
             threading.Thread(target=self._guard, args=(self._work,), name="gf-worker", daemon=True),
@@ -207,8 +217,31 @@ class Agent:
         if self.link is not None:
             death = p.Death(session=self.session, reason="agent stopped")
             if self.sender is not None:
-                self.sender.pump(OUTBOX_WINDOW)  # hand what is confirmed to the outbox
+                # Deliver what is buffered while the broker is there (bounded, 3 s: a stop must
+                # not hang); what is left stays in the outbox for the next start.
+                deadline = time.monotonic() + 3.0
+                self.sender.pump(OUTBOX_WINDOW)
+                while (
+                    (self.sender.in_flight or self.outbox.stats()["pending"])
+                    and self.link.connected.is_set()
+                    and time.monotonic() < deadline
+                ):
+                    time.sleep(0.02)
+                    self.sender.pump(OUTBOX_WINDOW)
             self.link.stop(last=(p.topic(self.device, p.Channel.STATE), p.encode(death)))
+        # The agent's own account, for the operator to compare with what the controller stored:
+        # one telemetry record per batch, numbered 0..N-1 in this session.
+        records = self.outbox.puts(p.topic(self.device, p.Channel.TELEMETRY))
+        log.info(
+            "agent stopped: session %s produced %d telemetry records (seq %s) and %d events; "
+            "%d dropped from the outbox, %d still in it for the next start",
+            self.session,
+            records,
+            f"0..{records - 1}" if records else "none",
+            self.outbox.puts(p.topic(self.device, p.Channel.EVENTS)),
+            self.outbox.dropped_since_open,
+            self.outbox.stats()["pending"],
+        )
         self.outbox.close()
 
     def _guard(self, target: Any) -> None:
@@ -315,8 +348,8 @@ class Agent:
             self._serving = None
         now_tier = self.ladder.tier
         was = previous.tier if previous is not None else p.Tier.ACTIVE
-        if move is None and now_tier is was:
-            return
+        if not causes and (previous is None or now_tier is was):
+            return  # nothing moved (or a start with no model at all: nothing to report)
         model = self._serving.active.model if self._serving else None
         self._event(
             p.EventKind.TIER_CHANGED,
@@ -360,6 +393,7 @@ class Agent:
             last_good=pointer.last_good,
             fallback=pointer.fallback,
             tier=self.ladder.tier,
+            preloaded=pointer.preloaded,
         )
         return p.topic(self.device, p.Channel.STATE), p.encode(birth)
 
@@ -368,8 +402,56 @@ class Agent:
             self._transfer.download.reset_in_flight()
         if self.sender is not None:
             self.sender.reset()  # resend what the broker never acknowledged, oldest first
+            if self._controller_since is not None:
+                self.sender.hold()  # until the retained ControllerState says it is subscribed
+
+    def _controller_state(self, payload: bytes) -> None:
+        """Follow the controller's presence (paho's thread; see protocol.ControllerState)."""
+        try:
+            state = p.decode(payload)
+        except p.ProtocolError as exc:
+            log.warning("ignored controller state: %s", exc)
+            return
+        if not isinstance(state, p.ControllerState) or self.sender is None:
+            return
+        if not state.online:
+            log.info("controller offline: holding telemetry and events on disk")
+            self.sender.hold()
+            return
+        lapsed = self._controller_since is not None and state.since != self._controller_since
+        if state.since != self._controller_since:
+            self._controller_since = state.since
+            self._save_controller_since(state.since)
+        if self.sender.held:
+            log.info(
+                "controller online%s: sending what was held",
+                " again after a lapse; resending what the broker took meanwhile" if lapsed else "",
+            )
+        self.sender.release(lapsed)
+
+    def _load_controller_since(self) -> datetime | None:
+        try:
+            return datetime.fromisoformat(self._controller_path.read_text().strip())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.error("ignoring unreadable %s (%s)", self._controller_path, exc)
+            return None
+
+    def _save_controller_since(self, since: datetime) -> None:
+        try:
+            tmp = self._controller_path.with_suffix(".tmp")
+            tmp.write_text(since.isoformat())
+            os.replace(tmp, self._controller_path)
+        except OSError as exc:  # a full disk must not stop anything
+            log.error(
+                "cannot record the controller's presence in %s: %s", self._controller_path, exc
+            )
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == p.CONTROLLER_TOPIC:
+            self._controller_state(payload)
+            return
         for sub, handler in self._input_handlers:
             if topic_matches_sub(sub, topic):
                 handler(payload)
@@ -505,6 +587,8 @@ class Agent:
             self._event(p.EventKind.DEPLOY_FAILED, reason, model=str(command.model))
             return
         pointer = self.activation.read()
+        if command.slot is p.Slot.PRELOAD and self._preload_answered(command, pointer):
+            return
         if command.slot is p.Slot.FALLBACK:
             if pointer.fallback is not None and pointer.fallback.sha256 == artifact.sha256:
                 self.activation.clear_pending()
@@ -554,7 +638,7 @@ class Agent:
         except (OSError, OverflowError) as exc:
             self._fail_deploy(command, f"cannot write the download to {download.part}: {exc}")
             return
-        self._transfer = Transfer(command, download, manifest)
+        transfer = self._transfer = Transfer(command, download, manifest)
         self.activation.save_pending(command, "fetching")
         self._event(
             p.EventKind.DEPLOY_STARTED,
@@ -563,6 +647,9 @@ class Agent:
             model=str(command.model),
             resumed_chunks=have,
         )
+        if download.complete:  # killed after the last chunk, before the file was verified
+            self._transfer = None
+            self._finish_deploy(transfer)
 
     def _activate_from_disk(
         self, command: p.Deploy, path: Path, manifest: p.Manifest | None
@@ -583,6 +670,9 @@ class Agent:
         if command.slot is p.Slot.FALLBACK:
             self._keep_fallback(command, model, manifest)
             status = "staged as fallback"
+        elif command.slot is p.Slot.PRELOAD:
+            self._keep_preloaded(command, model, manifest)
+            status = "preloaded"
         else:
             self._activate_loaded(command, model, manifest)
             status = "activated"
@@ -621,6 +711,13 @@ class Agent:
                 model=str(transfer.command.model),
             )
             return
+        except OSError as exc:
+            # A full (NoSpaceError says how full and what to do) or failing disk: give the space
+            # back, keep serving the active model, and tell the controller.
+            self._transfer = None
+            transfer.download.discard()
+            self._fail_deploy(transfer.command, f"cannot store the download: {exc}")
+            return
         done = transfer.download.received * PROGRESS_STEPS // transfer.download.artifact.chunk_count
         if done >= transfer.next_progress and not transfer.download.complete:
             transfer.next_progress = done + 1
@@ -648,7 +745,7 @@ class Agent:
             self._fail_deploy(command, str(exc))
             return
         except OSError as exc:
-            transfer.download.close()
+            transfer.download.discard()  # close() could fail again the same way (a full disk)
             self._fail_deploy(command, f"cannot store the model: {exc}")
             return
         self.activation.save_pending(command, "staging")
@@ -680,18 +777,35 @@ class Agent:
             check_expiry(manifest, p.utcnow())
         if manifest is None or not manifest.golden:
             self._smoke_test(model)
-            return
-        shapes = {
-            s.name: tuple(d if isinstance(d, int) and d > 0 else 1 for d in s.shape)
-            for s in model.inputs
-        }
-        check_golden(manifest, model.run, shapes)
+        else:
+            shapes = {
+                s.name: tuple(d if isinstance(d, int) and d > 0 else 1 for d in s.shape)
+                for s in model.inputs
+            }
+            check_golden(manifest, model.run, shapes)
+        feed = self._zero_feed(model)
+        times = []
+        for _ in range(STAGING_TIMED_RUNS):
+            t0 = time.perf_counter()
+            model.run(feed)
+            times.append((time.perf_counter() - t0) * 1e3)
+        check_latency(
+            manifest,
+            model.format,
+            float(np.median(times)),
+            factor=self.config.fallback.staging_latency_factor,
+            budget_ms=self.config.fallback.latency_budget_ms,
+        )
+
+    @staticmethod
+    def _zero_feed(model: LoadedModel | RulesModel) -> dict[str, np.ndarray]:
+        spec = model.inputs[0]
+        shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in spec.shape)
+        return {spec.name: np.zeros(shape, dtype=spec.dtype)}
 
     def _smoke_test(self, model: LoadedModel) -> None:
         """Run the model once on zeros: it must load, accept its input and return finite numbers."""
-        spec = model.inputs[0]
-        shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in spec.shape)
-        outputs = model.run({spec.name: np.zeros(shape, dtype=spec.dtype)})
+        outputs = model.run(self._zero_feed(model))
         for name, value in outputs.items():
             if not np.all(np.isfinite(value)):
                 raise InferenceError(f"smoke test: output {name!r} is not finite on a zero input")
@@ -706,14 +820,56 @@ class Agent:
         model.close()
         if manifest is not None:
             self.activation.save_manifest(ref.sha256, manifest)
+        self.activation.set_fallback(ref)  # disk writes outside the lock inference takes
+        self.activation.clear_pending()
         with self._tier_lock:
-            self.activation.set_fallback(ref)
-            self.activation.clear_pending()
             self.ladder.broken.discard(p.Tier.FALLBACK)
             self._refresh_tiers()
         self._event(
             p.EventKind.FALLBACK_STAGED,
             f"{command.model} staged as the fallback tier",
+            model=str(command.model),
+            size=command.artifact.size,
+        )
+        assert self.link is not None
+        topic, payload = self._birth()
+        self.link.publish(topic, payload, qos=1, retain=True)
+
+    def _preload_answered(self, command: p.Deploy, pointer: Pointer) -> bool:
+        """Answer a preload of what is already active or preloaded (True), or leave it (False)."""
+        sha256 = command.artifact.sha256
+        if pointer.active is not None and pointer.active.sha256 == sha256:
+            status = "already active"
+        elif pointer.preloaded is not None and pointer.preloaded.sha256 == sha256:
+            status = "already preloaded"
+            if pointer.preloaded.model != command.model:  # the same file under another name
+                self.activation.set_preloaded(
+                    pointer.preloaded.model_copy(update={"model": command.model})
+                )
+                assert self.link is not None
+                self.link.publish(*self._birth(), qos=1, retain=True)
+        else:
+            return False
+        self.activation.clear_pending()
+        self._reply(command.id, True, status=status, model=str(command.model))
+        return True
+
+    def _keep_preloaded(
+        self, command: p.Deploy, model: LoadedModel, manifest: p.Manifest | None
+    ) -> None:
+        """Keep a staged model on disk, not active, until an active deploy of the same file
+        (a maintenance window opened) activates it from there without another transfer."""
+        ref = p.ActiveModel(
+            model=command.model, sha256=command.artifact.sha256, format=command.artifact.format
+        )
+        model.close()
+        if manifest is not None:
+            self.activation.save_manifest(ref.sha256, manifest)
+        self.activation.set_preloaded(ref)
+        self.activation.clear_pending()
+        self._event(
+            p.EventKind.PRELOADED,
+            f"{command.model} preloaded: verified and kept on disk until it is activated",
             model=str(command.model),
             size=command.artifact.size,
         )
@@ -729,9 +885,9 @@ class Agent:
         )
         if manifest is not None:
             self.activation.save_manifest(active.sha256, manifest)
+        self.activation.activate(active)  # fsyncs: outside the lock the inference thread takes
+        self.activation.clear_pending()
         with self._tier_lock:
-            self.activation.activate(active)
-            self.activation.clear_pending()
             previous = self._serving
             self._serving = Serving(model, active)
             self.ladder.reset(time.monotonic())

@@ -5,13 +5,22 @@ at its offset in ``<sha256>.part``; a sidecar ``<sha256>.chunks`` records which 
 disk (written after the data is fsynced), so a restart or a reconnect only asks for what is
 missing. The finished file is checked against the announced sha256 and size before it is
 renamed into place; nothing unverified is ever loaded.
+
+A full disk is a :class:`NoSpaceError` (an ``OSError`` with ENOSPC) whose message says how much
+the download still needs, how much is free and what to do; it is raised by :meth:`Download.open`
+when the rest of the artifact cannot fit, and by :meth:`Download.accept` when a write fails for
+lack of space. The caller then discards the partial file (:meth:`Download.discard`), which
+gives the space back (tests/faults/test_disk_full.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +46,34 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+class NoSpaceError(OSError):
+    """The disk that holds a download is full; ``str()`` is the whole message for an operator."""
+
+    def __init__(self, directory: Path, needed: int, free: int | None) -> None:
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+        self.directory, self.needed, self.free = directory, needed, free
+        self.message = (
+            f"the disk holding {directory} is full: the model needs {needed:,} more bytes"
+            + (f" and {free:,} are free" if free is not None else "")
+            + ". Free space on that disk (other files, or models this device no longer needs) "
+            "and deploy again"
+        )
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def free_bytes(directory: Path) -> int | None:
+    """Free space for an unprivileged writer in ``directory``, or None if it cannot be read."""
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
 class Download:
     """One artifact being assembled in ``directory``; survives process restarts."""
 
@@ -59,17 +96,37 @@ class Download:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def open(self) -> int:
-        """Create or resume the partial file; return how many chunks are already on disk."""
+        """Create or resume the partial file; return how many chunks are already on disk.
+
+        NoSpaceError (nothing is left on disk) if the rest of the artifact cannot fit: refusing
+        now beats failing halfway through the transfer.
+        """
         self.part.parent.mkdir(parents=True, exist_ok=True)
         self._received = self._load_sidecar() if self.part.exists() else set()
+        free = free_bytes(self.part.parent)
+        if free is not None and free < self._missing_bytes():
+            needed = self._missing_bytes()
+            self.discard()
+            raise NoSpaceError(self.part.parent, needed, free)
         self._fh = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            os.ftruncate(self._fh, self.artifact.size)
-        except (OSError, OverflowError):
-            os.close(self._fh)
-            self._fh = None
+            os.ftruncate(self._fh, self.artifact.size)  # sparse where the filesystem allows
+        except OSError as exc:
+            self.discard()
+            if exc.errno in NO_SPACE:  # a filesystem without sparse files (FAT on an SD card)
+                raise self._no_space() from exc
+            raise
+        except OverflowError:
+            self.discard()
             raise
         return len(self._received)
+
+    def _missing_bytes(self) -> int:
+        """Bytes still to be written (the last chunk may be short; close enough for a check)."""
+        return max(self.artifact.size - len(self._received) * self.artifact.chunk_size, 0)
+
+    def _no_space(self) -> NoSpaceError:
+        return NoSpaceError(self.part.parent, self._missing_bytes(), free_bytes(self.part.parent))
 
     def _load_sidecar(self) -> set[int]:
         try:
@@ -101,12 +158,15 @@ class Download:
         self._fh = None
 
     def discard(self) -> None:
-        """Forget everything fetched so far (after an integrity failure)."""
+        """Forget everything fetched so far and give its disk space back (after an integrity
+        failure, a full disk, a failed deploy); never raises for a file already gone."""
         if self._fh is not None:
-            os.close(self._fh)
+            with contextlib.suppress(OSError):
+                os.close(self._fh)
             self._fh = None
-        for path in (self.part, self.sidecar):
-            path.unlink(missing_ok=True)
+        for path in (self.part, self.sidecar, self.sidecar.with_suffix(".chunks.tmp")):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
         self._received.clear()
         self._in_flight.clear()
 
@@ -152,7 +212,11 @@ class Download:
         self._in_flight.clear()
 
     def accept(self, index: int, data: bytes) -> bool:
-        """Write chunk ``index``; return False for a duplicate. TransferError if it cannot fit."""
+        """Write chunk ``index``; return False for a duplicate.
+
+        TransferError if the chunk does not fit the artifact; NoSpaceError if the disk is full;
+        another OSError if the disk fails otherwise. After an OSError, :meth:`discard`.
+        """
         if self._fh is None:
             raise TransferError("download is not open")
         count = self.artifact.chunk_count
@@ -171,11 +235,21 @@ class Download:
         self._in_flight.pop(index, None)
         if index in self._received:
             return False
-        os.pwrite(self._fh, data, index * size)
-        self._received.add(index)
-        self._unsynced += 1
-        if self._unsynced >= SIDECAR_EVERY or self._clock() - self._saved_at >= SIDECAR_PERIOD_S:
-            self._save_sidecar()
+        try:
+            written = 0
+            while written < len(data):  # a nearly full disk may take part of a write
+                written += os.pwrite(self._fh, data[written:], index * size + written)
+            self._received.add(index)
+            self._unsynced += 1
+            if (
+                self._unsynced >= SIDECAR_EVERY
+                or self._clock() - self._saved_at >= SIDECAR_PERIOD_S
+            ):
+                self._save_sidecar()
+        except OSError as exc:
+            if exc.errno in NO_SPACE:
+                raise self._no_space() from exc
+            raise
         return True
 
     def finish(self, destination: Path) -> Path:

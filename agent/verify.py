@@ -28,7 +28,14 @@ import numpy as np
 from pydantic import ValidationError
 
 from agent.errors import AgentError
-from agent.protocol import Artifact, Manifest, ModelRef, SignedManifest
+from agent.protocol import (
+    LATENCY_KEYS,
+    Artifact,
+    Manifest,
+    ModelFormat,
+    ModelRef,
+    SignedManifest,
+)
 
 PUBLIC_KEY_BYTES = 32
 INSTALL_HINT = "pip install 'greenfleet[agent]'"
@@ -55,6 +62,7 @@ class RejectReason(StrEnum):
     OVERSIZED = "oversized"
     NAN_OUTPUT = "nan_output"
     GOLDEN_MISMATCH = "golden_mismatch"
+    TOO_SLOW = "too_slow"
 
 
 class ManifestRejected(AgentError):
@@ -362,6 +370,47 @@ def check_golden(
         produced = run(feeds)
         for name, expected_values in case.outputs.items():
             _compare_output(manifest, number, name, produced.get(name), expected_values)
+
+
+STAGING_LATENCY_FLOOR_MS = 5.0  # below this a model is never "far too slow", whatever the ratio
+
+
+def check_latency(
+    manifest: Manifest | None,
+    fmt: ModelFormat,
+    measured_ms: float,
+    *,
+    factor: float,
+    budget_ms: float | None,
+) -> None:
+    """Reject a staged model whose median latency here is over the device's latency budget, or
+    far beyond (``factor`` times) what the manifest's profile measured on the controller's host.
+
+    The factor is generous because the profile host is usually faster than the device; it
+    catches a model that is the wrong one for this hardware, not a slow CPU.
+    """
+    if budget_ms is not None and measured_ms > budget_ms:
+        raise ManifestRejected(
+            RejectReason.TOO_SLOW,
+            f"staging: median latency {measured_ms:.1f} ms is over this device's latency budget "
+            f"of {budget_ms:g} ms (fallback.latency_budget_ms); deploy a smaller variant",
+            measured_ms=round(measured_ms, 3),
+            budget_ms=budget_ms,
+        )
+    profile = manifest.profile if manifest is not None else None
+    profiled = profile.latency.get(LATENCY_KEYS[fmt]) if profile is not None else None
+    if profile is None or profiled is None:
+        return
+    limit = max(factor * profiled.p50_ms, STAGING_LATENCY_FLOOR_MS)
+    if measured_ms > limit:
+        raise ManifestRejected(
+            RejectReason.TOO_SLOW,
+            f"staging: median latency {measured_ms:.1f} ms is over {factor:g}x the "
+            f"{profiled.p50_ms:.2f} ms profiled on {profile.host or 'the controller'} "
+            f"(limit {limit:.1f} ms); this variant does not suit this device",
+            measured_ms=round(measured_ms, 3),
+            profiled_ms=profiled.p50_ms,
+        )
 
 
 def _golden_inputs(

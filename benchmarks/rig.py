@@ -7,12 +7,14 @@ these run on is shared and noisy, so only ratios against a same-run baseline are
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,6 +23,7 @@ from typing import Any, TypedDict
 
 import yaml
 
+from agent import protocol as p
 from agent.link import MqttLink
 from controller.broker import Mosquitto
 
@@ -172,3 +175,145 @@ def peak_rss_kib(pid: int) -> int:
     if found is None:
         raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
     return int(found.group(1))
+
+
+class BenchController:
+    """The controller's half of one device's wire contract, for benchmarks that drive a real
+    agent without the controller: publishes commands, serves the agent's chunk requests from
+    ``blobs`` (a thread of its own, QoS 1, as the controller's blob server does), and records
+    replies, events, telemetry and results with their monotonic arrival times.
+
+    The network thread only appends raw payloads (results arrive hundreds of times a second);
+    the caller decodes them. Replies and births are decoded on arrival, they are rare.
+    """
+
+    def __init__(self, port: int, device: str, client_id: str) -> None:
+        self.device = device
+        self.blobs: dict[str, bytes] = {}
+        self.results: list[tuple[float, bytes]] = []
+        self.events: list[tuple[float, bytes]] = []
+        self.telemetry: list[tuple[float, bytes]] = []
+        self.births: list[tuple[float, p.Birth]] = []
+        self.chunks_served = 0
+        self._replies: dict[str, tuple[float, p.Reply]] = {}
+        self._arrived = threading.Condition()
+        self._requests: queue.Queue[p.BlobRequest | None] = queue.Queue()
+        self._channels = {
+            p.topic(device, channel): channel
+            for channel in (
+                p.Channel.STATE,
+                p.Channel.REPLY,
+                p.Channel.EVENTS,
+                p.Channel.TELEMETRY,
+                p.Channel.RESULTS,
+                p.Channel.BLOB_REQ,
+            )
+        }
+        self._link = MqttLink(
+            client_id=client_id,
+            host="127.0.0.1",
+            port=port,
+            on_message=self._on_message,
+            subscriptions=[(t, 1) for t in self._channels],
+            clean_session=True,
+            max_inflight=256,
+        )
+        self._server = threading.Thread(target=self._serve, name="bench-blobs", daemon=True)
+
+    def __enter__(self) -> BenchController:
+        self._server.start()
+        self._link.start()
+        if not self._link.connected.wait(10):
+            raise RuntimeError("bench controller could not connect to the broker")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._requests.put(None)
+        self._server.join(timeout=5)
+        self._link.stop()
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        now = time.monotonic()
+        channel = self._channels.get(topic)
+        if channel is p.Channel.RESULTS:
+            self.results.append((now, payload))
+        elif channel is p.Channel.TELEMETRY:
+            self.telemetry.append((now, payload))
+        elif channel is p.Channel.EVENTS:
+            self.events.append((now, payload))
+        elif channel is p.Channel.BLOB_REQ:
+            request = p.decode(payload)
+            if isinstance(request, p.BlobRequest):
+                self._requests.put(request)
+        elif channel in (p.Channel.REPLY, p.Channel.STATE):
+            message = p.decode(payload)
+            with self._arrived:
+                if isinstance(message, p.Reply):
+                    self._replies[message.ref] = (now, message)
+                elif isinstance(message, p.Birth):
+                    self.births.append((now, message))
+                self._arrived.notify_all()
+
+    def _serve(self) -> None:
+        while (request := self._requests.get()) is not None:
+            data = self.blobs.get(request.sha256)
+            if data is None:
+                continue
+            size = request.chunk_size
+            for index in range(request.first, request.first + request.count):
+                chunk = data[index * size : (index + 1) * size]
+                if chunk:
+                    self._link.publish(
+                        p.blob_topic(self.device, request.sha256, index), chunk, qos=1
+                    )
+                    self.chunks_served += 1
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        self._link.publish(topic, payload, qos=qos)
+
+    def deploy(
+        self,
+        data: bytes,
+        model: str,
+        *,
+        fmt: p.ModelFormat = p.ModelFormat.ONNX,
+        slot: p.Slot = p.Slot.ACTIVE,
+        chunk_size: int = p.DEFAULT_CHUNK_SIZE,
+    ) -> tuple[str, float]:
+        """Offer ``data`` as ``model`` (NAME:VERSION) and send the Deploy; return its id and
+        the monotonic time it was handed to paho."""
+        sha = hashlib.sha256(data).hexdigest()
+        self.blobs[sha] = data
+        command = p.Deploy(
+            model=p.ModelRef.parse(model),
+            artifact=p.Artifact(sha256=sha, size=len(data), format=fmt, chunk_size=chunk_size),
+            slot=slot,
+        )
+        payload = p.encode(command)
+        sent = time.monotonic()
+        self._link.publish(p.topic(self.device, p.Channel.CMD), payload, qos=1)
+        return command.id, sent
+
+    def reply(self, ref: str, timeout: float = 30.0) -> tuple[float, p.Reply]:
+        """The reply to command ``ref`` and its arrival time; TimeoutError if none comes."""
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while ref not in self._replies:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no reply to command {ref} in {timeout:.0f} s")
+                self._arrived.wait(remaining)
+            return self._replies[ref]
+
+    def wait_birth(
+        self, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 30.0
+    ) -> p.Birth:
+        """The agent's first birth (retained or new); raise if the agent dies or stays silent."""
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while not self.births:
+                check_alive(process, log_path)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"agent {self.device} sent no birth in {timeout:.0f} s")
+                self._arrived.wait(0.1)
+            return self.births[0][1]

@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, str] = {
     "agent_memory": "benchmarks.agent_memory",
     "variants": "benchmarks.variants",
     "planning": "benchmarks.planning",
+    "resilience": "benchmarks.resilience",
 }
 
 

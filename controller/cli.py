@@ -19,11 +19,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from agent.protocol import ModelRef, ProtocolError
-from controller import model_commands, plan_commands, registry, views
+from controller import model_commands, plan_commands, registry, rollout_commands, views
 from controller.db import open_db
 from controller.errors import ControllerError, InvalidRequest
 from controller.home import Home
-from controller.output import console, emit, fleet_table
+from controller.output import console, emit, fleet_table, tier_text
 from model_store.catalog import Catalog
 from model_store.errors import ModelStoreError
 
@@ -49,6 +49,17 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
             f"{hw.get('memory_mb')} MiB, {hw.get('os')}; flags {','.join(hw.get('cpu_flags', []))}"
         )
         console.print(f"agent {detail['agent_version']}, runtimes {','.join(detail['runtimes'])}")
+        since = f" (since {detail['tier_at']})" if detail["tier_at"] else ""
+        console.print(
+            f"tier {tier_text(detail['tier'])}{since}; "
+            f"last-good {detail['last_good_model'] or '-'}; "
+            f"fallback {detail['fallback_model'] or '-'}"
+        )
+        if detail.get("preloaded_model"):
+            console.print(
+                f"preloaded {detail['preloaded_model']}: on the device, activated when its "
+                "maintenance window opens"
+            )
         for m in detail["hardware_check"]:
             colour = "red" if m["severity"] == "error" else "yellow"
             console.print(f"[{colour}]{m['severity']}[/]: {escape(m['message'])}")
@@ -56,8 +67,21 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
             console.print(f"hardware matches the {detail['device_class']} profile")
         table = Table("time", "event", "message", title="recent events", title_justify="left")
         for e in detail["recent_events"]:
-            table.add_row(e["ts"], e["event"], e["message"])
+            table.add_row(e["ts"], e["event"], escape(e["message"]))
         console.print(table)
+        if detail["recent_tier_changes"]:
+            changes = Table(
+                "time", "from", "to", "cause", title="recent tier changes", title_justify="left"
+            )
+            for e in detail["recent_tier_changes"]:
+                d = e["detail"]
+                changes.add_row(
+                    e["ts"],
+                    tier_text(d.get("from")),
+                    tier_text(d.get("to")),
+                    escape(str(d.get("cause") or e["message"])),
+                )
+            console.print(changes)
 
     emit(args, detail, render)
     return 0
@@ -234,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(devices, "list", cmd_devices_list, "list devices with their latest telemetry", True)
     show = add(devices, "show", cmd_devices_show, "show one device", True)
     show.add_argument("id")
+    rollout_commands.register_devices(devices, add)
 
     models = sub.add_parser("models", help="the model catalog").add_subparsers(
         dest="sub", required=True
@@ -254,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to", help="NAME:VERSION[+VARIANT] instead of the last-good model")
     add(sub, "status", cmd_status, "fleet summary, devices and recent events", True)
     plan_commands.register(sub, add)
+    rollout_commands.register(sub, add)
 
     ctl = sub.add_parser("controller", help="the controller daemon").add_subparsers(
         dest="sub", required=True

@@ -1,7 +1,8 @@
 """The controller's own settings: ``$GREENFLEET_HOME/controller.yaml`` (optional).
 
 Only what the database cannot know lives here: the carbon intensity of each site's grid, used
-to turn kWh into CO2e. A missing file means the defaults; a bad one is an error naming the key.
+to turn kWh into CO2e, and each site's maintenance windows (controller.windows): when its devices
+may switch models. A missing file means the defaults; a bad one is an error naming the key.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controller.errors import InvalidRequest
+from controller.windows import Window
 
 # IEA's 2023 world-average electricity carbon intensity is about 480 g CO2/kWh; an operator
 # should set each site's own figure (its utility's or the national grid's).
@@ -21,7 +23,12 @@ DEFAULT_GRID_G_PER_KWH = 480.0
 class SiteConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    grid_g_co2e_per_kwh: float = Field(ge=0, description="Grid carbon intensity, g CO2e/kWh.")
+    grid_g_co2e_per_kwh: float | None = Field(
+        default=None, ge=0, description="Grid carbon intensity, g CO2e/kWh (default: the fleet's)."
+    )
+    maintenance: list[Window] = Field(
+        default_factory=list, description="When devices may activate a model; none: any time."
+    )
 
 
 class ControllerConfig(BaseModel):
@@ -32,7 +39,14 @@ class ControllerConfig(BaseModel):
 
     def grid_intensity(self, site: str | None) -> float:
         config = self.sites.get(site or "")
-        return config.grid_g_co2e_per_kwh if config else self.default_grid_g_co2e_per_kwh
+        if config is None or config.grid_g_co2e_per_kwh is None:
+            return self.default_grid_g_co2e_per_kwh
+        return config.grid_g_co2e_per_kwh
+
+    def windows(self, site: str | None) -> list[Window]:
+        """The maintenance windows of ``site``; empty (always open) for a site not listed."""
+        config = self.sites.get(site or "")
+        return config.maintenance if config else []
 
 
 def load_controller_config(path: Path) -> ControllerConfig:
@@ -45,6 +59,7 @@ def load_controller_config(path: Path) -> ControllerConfig:
         raise InvalidRequest(f"{path} is not valid YAML: {exc}") from exc
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
         )
         raise InvalidRequest(f"invalid controller config {path}: {problems}") from exc

@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent import protocol as p
-from agent.link import MqttLink
+from agent.link import MqttLink, Will
 from controller import registry
 from controller.blobs import BlobServer
+from controller.config import ControllerConfig, load_controller_config
 from controller.db import open_db
+from controller.errors import InvalidRequest
 from controller.home import Home
 from controller.ingest import Ingest
-from controller.planning import is_planned, measured, plan
-from controller.reconcile import DeviceView, plan_deploys
+from controller.planning import fallbacks, is_planned, measured, plan
+from controller.reconcile import DeployDecision, DeviceView, plan_deploys, plan_fallback_deploys
+from controller.rollouts_job import RolloutsJob
 from controller.selection import Measured
+from controller.windows import describe, inside, next_opening
 from device_configs.schema import DeviceProfile, ProfileError, load_profiles
 from model_store.catalog import Catalog
 
@@ -49,6 +54,7 @@ class Controller:
         self.reconcile_interval_s = reconcile_interval_s
         self.resend_after = resend_after
         self._reconcile_lock = threading.Lock()
+        self.session = p.new_id()[:16]
         self.link = MqttLink(
             client_id=client_id,
             host=host,
@@ -67,16 +73,22 @@ class Controller:
                 )
             ],
             max_inflight=256,
+            # presence for agents (protocol.ControllerState): published after the subscriptions
+            # on every connect, so "online" always means "subscribed on this connection"
+            birth=self._presence,
+            will=Will(p.CONTROLLER_TOPIC, self._presence(online=False)[1]),
         )
         self.blobs = BlobServer(self._resolve_blob, self._publish_chunk)
         self.ingest = Ingest(home.database, self.blobs.request, on_change=self.reconcile_soon)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._profile_cache: dict[str, DeviceProfile] | None = None
         self._measured: tuple[float, dict[tuple[str, str], Measured]] | None = None
-        self._last_notes: dict[str, str] = {}
+        self._last_notes: dict[tuple[str, str], str] = {}
+        self._config: tuple[bytes | None, ControllerConfig] | None = None
 
     def start(self) -> None:
         self.home.prepare()
+        self._controller_config()  # a bad controller.yaml stops the start, naming the key
         self._db = open_db(self.home.database)  # reconcile's own connection
         self._catalog = Catalog(self._db, self.home.store)
         self.blobs.start()
@@ -90,6 +102,16 @@ class Controller:
             max_instances=1,
             coalesce=True,
         )
+        # rollouts live in SQLite: this job picks up where a killed controller stopped
+        self._rollouts = RolloutsJob(open_db(self.home.database), self._controller_config)
+        self.scheduler.add_job(
+            self.advance_rollouts,
+            "interval",
+            seconds=self.reconcile_interval_s,
+            id="rollouts",
+            max_instances=1,
+            coalesce=True,
+        )
         self.scheduler.start()
         log.info(
             "controller started; home %s, broker %s:%s",
@@ -98,9 +120,13 @@ class Controller:
             self.link.port,
         )
 
+    def _presence(self, online: bool = True) -> tuple[str, bytes]:
+        state = p.ControllerState(online=online, session=self.session, since=p.utcnow())
+        return p.CONTROLLER_TOPIC, p.encode(state)
+
     def stop(self) -> None:
         self.scheduler.shutdown(wait=False)
-        self.link.stop()
+        self.link.stop(last=self._presence(online=False))
         self.ingest.stop()
         self.blobs.stop()
 
@@ -115,10 +141,18 @@ class Controller:
         return path if path.is_file() else None
 
     def reconcile_soon(self) -> None:
-        """A device changed state: reconcile now instead of at the next tick."""
-        job = self.scheduler.get_job("reconcile")
-        if job is not None:
-            job.modify(next_run_time=p.utcnow())
+        """A device changed state: reconcile (and advance rollouts) now, not at the next tick."""
+        for job_id in ("rollouts", "reconcile"):
+            job = self.scheduler.get_job(job_id)
+            if job is not None:
+                job.modify(next_run_time=p.utcnow())
+
+    def advance_rollouts(self) -> None:
+        """One decision for every live rollout; reconcile sends what it changed right away."""
+        if self._rollouts.tick(p.utcnow()):
+            job = self.scheduler.get_job("reconcile")
+            if job is not None:
+                job.modify(next_run_time=p.utcnow())
 
     def _resolve(
         self, views: list[DeviceView], rows: dict[str, dict[str, Any]] | None = None
@@ -167,6 +201,95 @@ class Controller:
             resolved.append(replace(view, desired_model=decision.chosen))
         return resolved
 
+    def _with_fallbacks(
+        self, views: list[DeviceView], rows: dict[str, dict[str, Any]]
+    ) -> list[DeviceView]:
+        """Set the fallback variant of every online device that runs its desired model.
+
+        Only those can be sent one (reconcile.plan_fallback_deploys), so the others are not
+        worth the catalog reads at every tick. The choice is recorded as a controller event
+        on the device when it changes.
+        """
+        ready = [
+            v for v in views if v.online and v.desired_model and v.active_model == v.desired_model
+        ]
+        if not ready:
+            return views
+        choices = fallbacks(
+            self._catalog,
+            self._profiles(),
+            [(rows[v.id], v.desired_model or "") for v in ready],
+        )
+        out = []
+        for view in views:
+            choice = choices.get(view.id)
+            if choice is None:
+                out.append(view)
+                continue
+            if choice.chosen is None:
+                message, key = f"no fallback variant: {choice.reason}", f"none: {choice.reason}"
+            else:
+                message, key = f"{choice.chosen}: {choice.reason}", choice.chosen
+            self._note(view.id, "fallback_planned", message, key=key, topic="fallback")
+            out.append(replace(view, desired_fallback=choice.chosen))
+        return out
+
+    def _controller_config(self) -> ControllerConfig:
+        """controller.yaml, parsed again when its content changes (a small read per pass).
+
+        At start a bad file is an error (InvalidRequest, naming the key); later, a bad edit is
+        logged and the last good settings stay in force.
+        """
+        path = self.home.config
+        try:
+            stamp: bytes | None = path.read_bytes()
+        except FileNotFoundError:
+            stamp = None
+        except OSError as exc:
+            if self._config is None:
+                raise InvalidRequest(f"cannot read {path}: {exc}") from exc
+            log.error("cannot read %s (%s); keeping the settings read before", path, exc)
+            return self._config[1]
+        if self._config is not None and self._config[0] == stamp:
+            return self._config[1]
+        try:
+            config = load_controller_config(path)
+        except InvalidRequest as exc:
+            if self._config is None:
+                raise
+            log.error("%s; keeping the settings read before", exc)
+            self._config = (stamp, self._config[1])
+            return self._config[1]
+        if self._config is not None:
+            log.info("read %s again", path)
+        self._config = (stamp, config)
+        return config
+
+    def _with_windows(
+        self, views: list[DeviceView], rows: dict[str, dict[str, Any]], now: datetime
+    ) -> list[DeviceView]:
+        """Mark the devices outside their site's maintenance window (the ``site`` label), which
+        may fetch their desired model but not activate it. An explicit rollback does not wait:
+        it is a repair, not a change."""
+        config = self._controller_config()
+        out = []
+        for view in views:
+            row = rows[view.id]
+            if (
+                not config.sites
+                or view.desired_model in (None, view.active_model)
+                or row.get("desired_rollback")
+            ):
+                out.append(view)
+                continue
+            windows = config.windows(json.loads(row["labels"] or "{}").get("site"))
+            if inside(windows, now):
+                out.append(view)
+                continue
+            opens = describe(next_opening(windows, now))
+            out.append(replace(view, may_activate=False, window_opens=opens))
+        return out
+
     def _telemetry(self) -> dict[tuple[str, str], Measured]:
         """Telemetry per (device class, variant), aggregated at most every TELEMETRY_REFRESH_S:
         the query scans the whole telemetry table, and reconcile runs every couple of seconds."""
@@ -184,11 +307,12 @@ class Controller:
                 self._profile_cache = {}
         return self._profile_cache
 
-    def _note(self, device: str, event: str, message: str, key: str) -> None:
-        """Record a controller-side event for a device when ``key`` (what it is about) changes."""
-        if self._last_notes.get(device) == key:
+    def _note(self, device: str, event: str, message: str, key: str, topic: str = "plan") -> None:
+        """Record a controller-side event for a device when ``key`` (what it says about
+        ``topic``: the plan, the fallback) changes."""
+        if self._last_notes.get((device, topic)) == key:
             return
-        self._last_notes[device] = key
+        self._last_notes[(device, topic)] = key
         log.info("%s: %s", device, message)
         with self._db.conn:
             self._db.table("events").insert(
@@ -205,7 +329,8 @@ class Controller:
             )
 
     def reconcile(self) -> int:
-        """Send Deploy to every online device whose desired model differs from its active one."""
+        """Send Deploy to every online device whose desired model differs from its active one,
+        and a fallback-slot Deploy to those that run it but lack their fallback variant."""
         if not self.link.connected.is_set():
             return 0
         with self._reconcile_lock:
@@ -213,36 +338,61 @@ class Controller:
             formats = {m.id: m.format.value for m in self._catalog.all()}
             now = p.utcnow()
             rows = {r["id"]: r for r in registry.devices(db)}
-            decisions, _ = plan_deploys(
-                self._resolve(registry.views(db, list(rows.values())), rows),
+            resolved = self._with_fallbacks(
+                self._resolve(registry.views(db, list(rows.values())), rows), rows
+            )
+            resolved = self._with_windows(resolved, rows, now)
+            last_active = registry.last_deploys(db, p.Slot.ACTIVE.value)
+            decisions, skips = plan_deploys(
+                resolved,
                 formats,
-                registry.last_deploys(db),
+                last_active,
+                now,
+                resend_after=self.resend_after,
+                last_preloads=registry.last_deploys(db, p.Slot.PRELOAD.value),
+            )
+            for skip in skips:
+                if "maintenance window" in skip.reason:
+                    self._note(skip.device, "window_wait", skip.reason, skip.reason, "window")
+            staging, _ = plan_fallback_deploys(
+                resolved,
+                formats,
+                last_active,
+                registry.last_deploys(db, p.Slot.FALLBACK.value),
                 now,
                 resend_after=self.resend_after,
             )
-            for decision in decisions:
-                model = self._catalog.get(decision.model)
-                row = rows[decision.device]
-                command = p.Deploy(
-                    model=model.ref,
-                    artifact=model.artifact(),
-                    rollback=bool(row.get("desired_rollback")),
-                    manifest=model.manifest,
-                )
-                with db.conn:
-                    db.table("deployments").insert(
-                        {
-                            "id": command.id,
-                            "device": decision.device,
-                            "model": decision.model,
-                            "sha256": model.sha256,
-                            "sent_at": registry.iso(now),
-                            "status": "sent",
-                            "error": None,
-                            "replied_at": None,
-                        },
-                        pk="id",
-                    )
-                self.link.publish(p.topic(decision.device, p.Channel.CMD), p.encode(command), qos=1)
-                log.info("sent deploy of %s to %s", decision.model, decision.device)
-            return len(decisions)
+            for decision in [*decisions, *staging]:
+                self._send(decision, rows[decision.device], now)
+            return len(decisions) + len(staging)
+
+    def _send(self, decision: DeployDecision, row: dict[str, Any], now: datetime) -> None:
+        """Record a Deploy in the deployments table, then publish it (QoS 1)."""
+        db = self._db
+        model = self._catalog.get(decision.model)
+        slot = p.Slot(decision.slot)
+        command = p.Deploy(
+            model=model.ref,
+            artifact=model.artifact(),
+            # a fallback is a variant of the version the device already runs: never older
+            rollback=slot is not p.Slot.FALLBACK and bool(row.get("desired_rollback")),
+            manifest=model.manifest,
+            slot=slot,
+        )
+        with db.conn:
+            db.table("deployments").insert(
+                {
+                    "id": command.id,
+                    "device": decision.device,
+                    "model": decision.model,
+                    "sha256": model.sha256,
+                    "sent_at": registry.iso(now),
+                    "status": "sent",
+                    "error": None,
+                    "replied_at": None,
+                    "slot": slot.value,
+                },
+                pk="id",
+            )
+        self.link.publish(p.topic(decision.device, p.Channel.CMD), p.encode(command), qos=1)
+        log.info("sent %s deploy of %s to %s", slot.value, decision.model, decision.device)

@@ -159,10 +159,86 @@ def _m3_rollback(db: sqlite_utils.Database) -> None:
     devices.add_column("desired_rollback", int)
 
 
+def _m4_fallback_tier(db: sqlite_utils.Database) -> None:
+    """Devices report a staged fallback variant and the tier serving now; deploys name a slot.
+
+    ``tier_at`` is the agent's timestamp of the newest tier report, so an older report that
+    arrives later (telemetry replayed after a reconnect) cannot overwrite a newer one. Deploys
+    sent before this migration all went to the active slot.
+    """
+    devices = db.table("devices")
+    devices.add_column("fallback_model", str)
+    devices.add_column("fallback_sha256", str)
+    devices.add_column("tier", str)
+    devices.add_column("tier_at", str)
+    db.table("deployments").add_column("slot", str, not_null_default="active")
+    db.table("deployments").create_index(["device", "slot", "sent_at"])
+
+
+def _m5_preload(db: sqlite_utils.Database) -> None:
+    """Devices report a model fetched and staged ahead of its maintenance window (preloaded)."""
+    devices = db.table("devices")
+    devices.add_column("preloaded_model", str)
+    devices.add_column("preloaded_sha256", str)
+
+
+def _m6_rollouts(db: sqlite_utils.Database) -> None:
+    """Staged rollouts (controller.rollout) and their members; devices can be pinned.
+
+    ``gates`` holds the gate results of the rollout's last decision (for ``rollout show`` and
+    ``watch``); ``extra`` holds any state field this schema has no column for, as JSON.
+    Rollout events go to the events table, their rollout id in the new ``rollout`` column.
+    """
+    db.table("rollouts").create(
+        {
+            "id": str,
+            "model": str,
+            "spec": str,  # RolloutSpec JSON
+            "status": str,
+            "wave": int,
+            "waves": int,
+            "wave_started": str,
+            "soak_started": str,
+            "metrics_since": str,
+            "reason": str,
+            "created": str,
+            "updated": str,
+            "gates": str,
+            "extra": str,
+        },
+        pk="id",
+        not_null={"id"},
+    )
+    db.table("rollouts").create_index(["status"])
+    db.table("rollout_members").create(
+        {
+            "rollout": str,
+            "device": str,
+            "wave": int,
+            "previous_model": str,
+            "status": str,
+            "since": str,
+            "reason": str,
+            "extra": str,
+        },
+        pk=("rollout", "device"),
+        foreign_keys=[("rollout", "rollouts", "id")],
+    )
+    db.table("rollout_members").create_index(["device"])
+    devices = db.table("devices")
+    devices.add_column("pinned", int, not_null_default=0)
+    devices.add_column("pin_reason", str)
+    db.table("events").add_column("rollout", str)
+    db.table("events").create_index(["rollout", "ts"])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m1_initial,
     _m2_variants,
     _m3_rollback,
+    _m4_fallback_tier,
+    _m5_preload,
+    _m6_rollouts,
 ]
 
 

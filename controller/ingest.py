@@ -5,6 +5,9 @@ bounded queue (blocking the network thread when full, which pushes back on the b
 of growing memory). One thread drains the queue and writes up to ``BATCH`` messages per
 transaction. Telemetry rows are keyed (device, session, seq), so a replayed record is ignored.
 Blob requests are not written: they go straight to the blob server.
+
+Births, telemetry and tier_changed events each name the agent's fallback tier; the newest of
+them (by the agent's own timestamps) is kept on the device row as its current tier.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,29 @@ def telemetry_rows(device: str, batch: p.TelemetryBatch, received: str) -> list[
         )
         rows.append(row)
     return rows
+
+
+def reported_tier(message: p.TelemetryBatch | p.Event) -> tuple[datetime, str] | None:
+    """The tier a telemetry batch or a tier_changed event reports, and as of when."""
+    if isinstance(message, p.TelemetryBatch):
+        ends = [
+            (registry.as_utc(r.start) + timedelta(seconds=r.window_s), r) for r in message.records
+        ]
+        end, last = max(ends, key=lambda item: item[0])
+        return end, last.tier.value
+    if message.event is p.EventKind.TIER_CHANGED:
+        try:
+            return registry.as_utc(message.ts), p.Tier(str(message.detail.get("to"))).value
+        except ValueError:
+            log.warning("tier_changed event %s names no known tier: %s", message.id, message.detail)
+    return None
+
+
+def _newer(
+    tiers: dict[str, tuple[datetime, str]], device: str, found: tuple[datetime, str] | None
+) -> None:
+    if found is not None and (device not in tiers or tiers[device][0] <= found[0]):
+        tiers[device] = found
 
 
 class Ingest:
@@ -92,6 +119,7 @@ class Ingest:
         telemetry: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
         replies: list[dict[str, Any]] = []
+        tiers: dict[str, tuple[datetime, str]] = {}
         seen: set[str] = set()
         changed = False
         try:
@@ -116,7 +144,9 @@ class Ingest:
                         changed |= registry.apply_death(db, device, message, now)
                     elif isinstance(message, p.TelemetryBatch):
                         telemetry.extend(telemetry_rows(device, message, received))
+                        _newer(tiers, device, reported_tier(message))
                     elif isinstance(message, p.Event):
+                        _newer(tiers, device, reported_tier(message))
                         events.append(
                             {
                                 "id": message.id,
@@ -154,6 +184,8 @@ class Ingest:
                             "WHERE id = ?",
                             ["ok" if r["ok"] else "failed", r["error"], r["ts"], r["ref"]],
                         )
+                for device, (at, tier) in tiers.items():
+                    registry.note_tier(db, device, tier, at)
                 registry.touch(db, seen, now)
         except Exception:
             log.exception("ingest batch of %d messages failed", len(batch))

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -35,6 +36,23 @@ def energy_mj(joules: float | None) -> str:
     return "-" if joules is None else f"{joules * 1000:.3f}"
 
 
+# How each fallback tier looks in tables: anything below the active model is worth a glance.
+TIER_STYLE = {
+    "active": "green",
+    "last_good": "yellow",
+    "fallback": "yellow",
+    "rules": "red",
+    "none": "red",
+}
+
+
+def tier_text(tier: Any) -> str:
+    """A tier name for a rich table, coloured by how far down the fallback chain it is."""
+    if not tier:
+        return "-"
+    return f"[{TIER_STYLE.get(str(tier), 'white')}]{escape(str(tier))}[/]"
+
+
 def fleet_table(rows: list[dict[str, Any]], title: str = "fleet") -> Table:
     table = Table(title=title, title_justify="left")
     for col, justify in (
@@ -43,6 +61,7 @@ def fleet_table(rows: list[dict[str, Any]], title: str = "fleet") -> Table:
         ("labels", "left"),
         ("state", "left"),
         ("active", "left"),
+        ("tier", "left"),
         ("desired", "left"),
         ("inf/s", "right"),
         ("p50 ms", "right"),
@@ -61,6 +80,7 @@ def fleet_table(rows: list[dict[str, Any]], title: str = "fleet") -> Table:
             ",".join(f"{k}={v}" for k, v in r["labels"].items()),
             "[green]online[/]" if r["online"] else "[red]offline[/]",
             r["active_model"] or "-",
+            tier_text(r.get("tier")),
             r["desired_model"] or "-",
             fmt(rate, 1),
             fmt(r["latency_p50_ms"], 3),

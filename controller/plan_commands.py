@@ -16,7 +16,7 @@ from controller.db import open_db
 from controller.energy import energy_report, totals
 from controller.errors import InvalidRequest
 from controller.output import console, emit, fmt
-from controller.planning import baseline_per_class, fleet_saving, measured, plan
+from controller.planning import baseline_per_class, fallbacks, fleet_saving, measured, plan
 from device_configs.schema import load_profiles
 from model_store.catalog import Catalog
 
@@ -34,12 +34,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         rows = [r for r in rows if r["id"] in wanted]
     if args.model:
         catalog.version(args.model)
-    planned = plan(db, catalog, load_profiles(), rows, args.model)
+    profiles = load_profiles()
+    planned = plan(db, catalog, profiles, rows, args.model)
     if not planned:
         raise InvalidRequest(
             "nothing to plan: no device has a desired model; pass --model NAME:VERSION"
         )
     fleet = fleet_saving(planned)
+    by_id = {r["id"]: r for r in rows}
+    spare = fallbacks(  # the small variant each device keeps staged for its fallback tier
+        catalog,
+        profiles,
+        [(by_id[i.device], i.decision.chosen) for i in planned if i.decision.chosen],
+    )
     data: dict[str, Any] = {
         "devices": [
             {
@@ -59,6 +66,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     for v, e in item.decision.runners_up
                 ],
                 "ruled_out": [{"variant": v, "why": w} for v, w in item.decision.ruled_out],
+                "fallback": spare[item.device].chosen if item.device in spare else None,
+                "fallback_reason": spare[item.device].reason if item.device in spare else None,
             }
             for item in planned
         ],
@@ -92,6 +101,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         console.print(table)
         if args.verbose:
             for d in data["devices"]:
+                if d["fallback_reason"]:
+                    console.print(
+                        f"  {d['device']}: fallback {d['fallback'] or 'none'}: "
+                        f"{escape(d['fallback_reason'])}"
+                    )
                 for r in d["ruled_out"]:
                     console.print(f"  {d['device']}: {r['variant']} ruled out: {escape(r['why'])}")
         if fleet is not None:

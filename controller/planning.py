@@ -20,8 +20,10 @@ from controller.selection import (
     Candidate,
     Decision,
     DeviceNeeds,
+    FallbackDecision,
     Measured,
     estimate,
+    select_fallback,
     select_variant,
 )
 from device_configs.schema import DeviceProfile
@@ -52,6 +54,7 @@ def candidate(variant: Variant) -> Candidate:
         eligible=variant.eligible,
         reason=variant.reason,
         is_reference=variant.variant == "fp32",
+        macs=profile.macs if profile else None,
     )
 
 
@@ -177,6 +180,32 @@ def _plan_rows(
             }
             decision = select_variant(needs, cache[version], by_variant)
         planned.append(PlannedDevice(row["id"], row["device_class"], version, decision))
+
+
+def fallbacks(
+    catalog: Catalog,
+    profiles: Mapping[str, DeviceProfile],
+    targets: Sequence[tuple[Mapping[str, Any], str]],
+) -> dict[str, FallbackDecision]:
+    """The fallback variant of each ``(device row, active variant id)``, by device id.
+
+    The candidates are the variants of the active variant's model version (a pinned
+    ``name:version+variant`` included), read once per version.
+    """
+    cache: dict[str, list[Candidate]] = {}
+    out: dict[str, FallbackDecision] = {}
+    for row, active in targets:
+        needs = device_needs(row, profiles.get(row["device_class"]))
+        if needs is None:
+            out[row["id"]] = FallbackDecision(
+                row["id"], None, f"unknown device class {row['device_class']!r}"
+            )
+            continue
+        version = active.partition("+")[0]
+        if version not in cache:
+            cache[version] = candidates(catalog, version)
+        out[row["id"]] = select_fallback(needs, cache[version], active)
+    return out
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,15 @@ The database holds each device's desired model; an agent reports what it runs in
 Where they differ and the device is online, the controller sends Deploy, then waits: it re-sends
 after ``resend_after`` if nothing changed (the agent resumes a transfer from where it was), and
 after a failure reply it waits ``retry_failed_after`` so a broken model does not loop.
+
+Once a device runs its desired model, the controller also stages a smaller variant on it as the
+agent's fallback tier (:func:`plan_fallback_deploys`): a Deploy with ``slot=fallback``, under the
+same resend and retry rules, tracked separately from the active deploys.
+
+A device outside its site's maintenance window (controller.windows) may fetch but not switch:
+it gets the desired model with ``slot=preload`` (kept on disk, not activated), again under the
+same rules and tracked per slot, and the active deploy once the window opens, which the agent
+then serves from its local copy without a second transfer.
 """
 
 from __future__ import annotations
@@ -22,6 +31,11 @@ class DeviceView:
     active_model: str | None
     desired_model: str | None
     runtimes: frozenset[str]
+    fallback_model: str | None = None  # what the agent reports staged as its fallback tier
+    desired_fallback: str | None = None  # what the controller chose for it (None: nothing)
+    may_activate: bool = True  # inside its site's maintenance window (or the site has none)
+    preloaded_model: str | None = None  # what the agent reports fetched, waiting for a window
+    window_opens: str | None = None  # when the next window opens, for people
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +51,7 @@ class LastDeploy:
 class DeployDecision:
     device: str
     model: str
+    slot: str = "active"  # agent.protocol.Slot: "active", "fallback" or "preload"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +67,14 @@ def plan_deploys(
     now: datetime,
     resend_after: timedelta = timedelta(seconds=30),
     retry_failed_after: timedelta = timedelta(minutes=5),
+    last_preloads: Mapping[str, LastDeploy] | None = None,
 ) -> tuple[list[DeployDecision], list[Skip]]:
-    """Decide which devices get a Deploy now, and say why the others with a gap do not."""
+    """Decide which devices get a Deploy now, and say why the others with a gap do not.
+
+    A device outside its maintenance window (``may_activate`` false) gets a preload instead,
+    unless it already reports the desired model preloaded; ``last_preloads`` are the newest
+    preload deploys per device, under the same resend and retry rules as ``last_deploys``.
+    """
     deploys: list[DeployDecision] = []
     skips: list[Skip] = []
     for device in devices:
@@ -70,11 +91,80 @@ def plan_deploys(
         if fmt not in device.runtimes:
             skips.append(Skip(device.id, f"device has no {fmt} runtime for {desired}"))
             continue
-        last = last_deploys.get(device.id)
+        slot, what, last = "active", "deploy", last_deploys.get(device.id)
+        if not device.may_activate:
+            if device.preloaded_model == desired:
+                opens = device.window_opens or "its next opening"
+                skips.append(
+                    Skip(
+                        device.id,
+                        f"{desired} preloaded; waiting for the maintenance window at {opens}",
+                    )
+                )
+                continue
+            slot, what, last = "preload", "preload", (last_preloads or {}).get(device.id)
         if last is not None and last.model == desired:
             wait = retry_failed_after if last.status == "failed" else resend_after
             if now - last.sent_at < wait:
-                skips.append(Skip(device.id, f"deploy of {desired} {last.status}; waiting"))
+                skips.append(Skip(device.id, f"{what} of {desired} {last.status}; waiting"))
                 continue
-        deploys.append(DeployDecision(device.id, desired))
+        deploys.append(DeployDecision(device.id, desired, slot))
+    return deploys, skips
+
+
+def plan_fallback_deploys(
+    devices: list[DeviceView],
+    model_formats: Mapping[str, str],
+    last_active: Mapping[str, LastDeploy],
+    last_fallback: Mapping[str, LastDeploy],
+    now: datetime,
+    resend_after: timedelta = timedelta(seconds=30),
+    retry_failed_after: timedelta = timedelta(minutes=5),
+) -> tuple[list[DeployDecision], list[Skip]]:
+    """Decide which devices get their fallback variant staged now (``slot=fallback``).
+
+    Only a device that already runs its desired model gets one, and not while an active deploy
+    may still be in flight: the agent transfers one artifact at a time and a new deploy
+    supersedes the one under way, so a fallback sent early would cancel the model that matters.
+    An active deploy whose model the birth already reports active is finished (only its reply
+    may be on the way), so it does not hold the fallback back. ``last_active`` and
+    ``last_fallback`` are the newest deploys of each slot per device.
+    """
+    deploys: list[DeployDecision] = []
+    skips: list[Skip] = []
+    for device in devices:
+        wanted = device.desired_fallback
+        if wanted is None or wanted == device.fallback_model:
+            continue
+        if not device.online:
+            skips.append(Skip(device.id, "offline; will stage the fallback when it reconnects"))
+            continue
+        if device.desired_model is None or device.active_model != device.desired_model:
+            skips.append(
+                Skip(device.id, f"fallback {wanted} waits until {device.desired_model} is active")
+            )
+            continue
+        active = last_active.get(device.id)
+        if (
+            active is not None
+            and active.status == "sent"
+            and active.model != device.active_model  # reported active: done, the reply is due
+            and now - active.sent_at < resend_after
+        ):
+            skips.append(Skip(device.id, f"active deploy of {active.model} in flight; waiting"))
+            continue
+        fmt = model_formats.get(wanted)
+        if fmt is None:
+            skips.append(Skip(device.id, f"fallback model {wanted} is not in the catalog"))
+            continue
+        if fmt not in device.runtimes:
+            skips.append(Skip(device.id, f"device has no {fmt} runtime for fallback {wanted}"))
+            continue
+        last = last_fallback.get(device.id)
+        if last is not None and last.model == wanted:
+            wait = retry_failed_after if last.status == "failed" else resend_after
+            if now - last.sent_at < wait:
+                skips.append(Skip(device.id, f"fallback deploy of {wanted} {last.status}; waiting"))
+                continue
+        deploys.append(DeployDecision(device.id, wanted, "fallback"))
     return deploys, skips

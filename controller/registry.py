@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from contextlib import nullcontext
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlite_utils
 
-from agent.protocol import Birth, Death, ProtocolError, check_device_id
+from agent.protocol import Birth, Death, ProtocolError, check_device_id, new_id
 from controller.errors import InvalidRequest, NotFound
 from controller.reconcile import DeviceView, LastDeploy
 
 
 def iso(ts: datetime) -> str:
     return ts.isoformat(timespec="milliseconds")
+
+
+def as_utc(ts: datetime) -> datetime:
+    """``ts`` in UTC; a timestamp without a zone (a foreign sender) is taken to be UTC."""
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def iso_utc(ts: datetime) -> str:
+    """``iso`` in UTC, so that stored agent timestamps compare correctly as text."""
+    return iso(as_utc(ts))
 
 
 def apply_birth(db: sqlite_utils.Database, device: str, birth: Birth, now: datetime) -> None:
@@ -32,6 +43,10 @@ def apply_birth(db: sqlite_utils.Database, device: str, birth: Birth, now: datet
         "active_model": str(birth.active.model) if birth.active else None,
         "active_sha256": birth.active.sha256 if birth.active else None,
         "last_good_model": str(birth.last_good.model) if birth.last_good else None,
+        "fallback_model": str(birth.fallback.model) if birth.fallback else None,
+        "fallback_sha256": birth.fallback.sha256 if birth.fallback else None,
+        "preloaded_model": str(birth.preloaded.model) if birth.preloaded else None,
+        "preloaded_sha256": birth.preloaded.sha256 if birth.preloaded else None,
         "last_seen": iso(now),
     }
     if not existing:
@@ -39,6 +54,22 @@ def apply_birth(db: sqlite_utils.Database, device: str, birth: Birth, now: datet
     elif not existing[0]["online"] or existing[0]["session"] != birth.session:
         row["state_changed"] = iso(now)
     db.table("devices").upsert(row, pk="id")
+    note_tier(db, device, birth.tier.value, birth.ts)
+
+
+def note_tier(db: sqlite_utils.Database, device: str, tier: str, at: datetime) -> None:
+    """Record the tier a device reported at ``at`` (its own clock) unless a newer report is in.
+
+    Births, telemetry and tier_changed events all name the tier, and they do not arrive in
+    the order they were made: after a reconnect the agent publishes its birth first and then
+    replays buffered telemetry, so the newest report wins, not the last to arrive.
+    """
+    stamp = iso_utc(at)
+    db.execute(
+        "UPDATE devices SET tier = ?, tier_at = ? "
+        "WHERE id = ? AND (tier_at IS NULL OR tier_at <= ?)",
+        [tier, stamp, device, stamp],
+    )
 
 
 def apply_death(db: sqlite_utils.Database, device: str, death: Death, now: datetime) -> bool:
@@ -79,15 +110,16 @@ def get_device(db: sqlite_utils.Database, device: str) -> dict[str, Any]:
     return rows[0]
 
 
+def matches(row: dict[str, Any], selector: dict[str, str]) -> bool:
+    """Whether a device row's labels (and ``class``, its device class) include the selector."""
+    labels = json.loads(row["labels"] or "{}")
+    labels.setdefault("class", row["device_class"])
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
 def matching(db: sqlite_utils.Database, selector: dict[str, str]) -> list[str]:
     """Ids of devices whose labels include every ``key=value`` of the selector."""
-    found = []
-    for row in devices(db):
-        labels = json.loads(row["labels"] or "{}")
-        labels.setdefault("class", row["device_class"])
-        if all(labels.get(k) == v for k, v in selector.items()):
-            found.append(row["id"])
-    return found
+    return [row["id"] for row in devices(db) if matches(row, selector)]
 
 
 def set_desired(
@@ -107,11 +139,41 @@ def set_desired(
                 f"no device {device!r}; a device appears once its agent has connected "
                 "(see `greenfleet devices list`)"
             )
-    with db.conn:
+    # inside a caller's transaction (a rollout step), the caller commits, all or nothing
+    with nullcontext() if db.conn.in_transaction else db.conn:
         for device in device_ids:
             db.table("devices").update(
                 device, {"desired_model": model, "desired_rollback": int(rollback)}
             )
+
+
+def set_pinned(
+    db: sqlite_utils.Database, device: str, pinned: bool, reason: str, now: datetime
+) -> dict[str, Any]:
+    """Pin a device (rollouts skip it and show it as skipped) or unpin it; a change is
+    recorded as an event on the device. Returns the device row as it was before."""
+    row = get_device(db, device)
+    if bool(row.get("pinned")) == pinned and (row.get("pin_reason") or "") == (
+        reason if pinned else ""
+    ):
+        return row
+    with db.conn:
+        db.table("devices").update(
+            device, {"pinned": int(pinned), "pin_reason": reason if pinned else None}
+        )
+        db.table("events").insert(
+            {
+                "id": new_id(),
+                "device": device,
+                "ts": iso(now),
+                "session": "controller",
+                "event": "device_pinned" if pinned else "device_unpinned",
+                "message": ("pinned" if pinned else "unpinned") + (f": {reason}" if reason else ""),
+                "detail": json.dumps({"reason": reason}),
+            },
+            pk="id",
+        )
+    return row
 
 
 def views(db: sqlite_utils.Database, rows: list[dict[str, Any]] | None = None) -> list[DeviceView]:
@@ -123,15 +185,20 @@ def views(db: sqlite_utils.Database, rows: list[dict[str, Any]] | None = None) -
             active_model=r["active_model"],
             desired_model=r["desired_model"],
             runtimes=frozenset(json.loads(r["runtimes"] or "[]")),
+            fallback_model=r.get("fallback_model"),
+            preloaded_model=r.get("preloaded_model"),
         )
         for r in (devices(db) if rows is None else rows)
     ]
 
 
-def last_deploys(db: sqlite_utils.Database) -> dict[str, LastDeploy]:
+def last_deploys(db: sqlite_utils.Database, slot: str = "active") -> dict[str, LastDeploy]:
+    """The newest deploy per device into ``slot`` (agent.protocol.Slot): each slot keeps its
+    own resend and retry clock, so staging a fallback never looks like a new active deploy."""
     rows = db.execute(
-        "SELECT device, model, sent_at, status FROM deployments d WHERE sent_at = "
-        "(SELECT MAX(sent_at) FROM deployments WHERE device = d.device)"
+        "SELECT device, model, sent_at, status FROM deployments d WHERE slot = ? AND sent_at = "
+        "(SELECT MAX(sent_at) FROM deployments WHERE device = d.device AND slot = ?)",
+        [slot, slot],
     ).fetchall()
     return {
         device: LastDeploy(model, datetime.fromisoformat(sent_at), status)

@@ -11,6 +11,7 @@ each other candidate out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -59,6 +60,7 @@ class Candidate:
     eligible: bool
     reason: str | None = None
     is_reference: bool = False  # the fp32 baseline savings are measured against
+    macs: int | None = None  # multiply-accumulates per inference, from the profile
 
 
 @dataclass(frozen=True)
@@ -261,4 +263,74 @@ def select_variant(
         ruled_out=tuple(ruled_out),
         reference=reference,
         estimates=estimates,
+    )
+
+
+@dataclass(frozen=True)
+class FallbackDecision:
+    """The variant a device keeps staged as its fallback tier, or None, and why."""
+
+    device: str
+    chosen: str | None
+    reason: str
+
+
+def footprint(device: DeviceNeeds, candidate: Candidate) -> tuple[float, float, float]:
+    """How heavy a variant is on ``device``: file size, then MACs, then predicted latency.
+
+    The fallback tier serves when the active model broke the latency or power budget, errored,
+    or crash-looped; what makes it likely to survive there is being small and cheap to run.
+    Unknown MACs or latency sort last.
+    """
+    guess = estimate(device, candidate, None)
+    return (
+        float(candidate.size_bytes),
+        float(candidate.macs) if candidate.macs is not None else math.inf,
+        guess.latency_ms if guess is not None else math.inf,
+    )
+
+
+def select_fallback(
+    device: DeviceNeeds, candidates: Sequence[Candidate], active: str
+) -> FallbackDecision:
+    """The smallest variant ``device`` can run that is strictly lighter than ``active``.
+
+    ``candidates`` are the variants of the version ``active`` belongs to. The hard constraints
+    are select_variant's (eligibility, runtime, precision, storage, memory); the latency
+    budget and energy are not, because the fallback tier only has to answer, and cheaper than
+    the active one. A variant no lighter than the active one would not help when the active
+    one is too slow or too hungry, so then there is no fallback (None) and the agent goes
+    straight from last-good to the rule baseline. The rule baseline itself is never chosen:
+    it has no file (size 0); the agent gets it in every manifest.
+    """
+    by_id = {c.id: c for c in candidates}
+    current = by_id.get(active)
+    if current is None:
+        return FallbackDecision(
+            device.id, None, f"the active {active} is not a variant of its model version"
+        )
+    ceiling = footprint(device, current)
+    lighter: list[tuple[tuple[float, float, float], str]] = []
+    skipped: list[str] = []
+    for candidate in candidates:
+        if candidate.id == active or candidate.size_bytes <= 0:
+            continue
+        problem = constraint(device, candidate)
+        if problem is not None:
+            skipped.append(f"{candidate.id}: {problem}")
+            continue
+        weight = footprint(device, candidate)
+        if weight < ceiling:
+            lighter.append((weight, candidate.id))
+    if not lighter:
+        why = f"no runnable variant is smaller than the active {active}"
+        return FallbackDecision(
+            device.id, None, why + ("; " + "; ".join(skipped) if skipped else "")
+        )
+    (size, macs, _), chosen = min(lighter)
+    detail = f"{size / 1024:.0f} KiB" + ("" if math.isinf(macs) else f", {macs:,.0f} MACs")
+    return FallbackDecision(
+        device.id,
+        chosen,
+        f"smallest variant it can run ({detail}; active {current.size_bytes / 1024:.0f} KiB)",
     )

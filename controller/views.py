@@ -37,6 +37,8 @@ def fleet(db: sqlite_utils.Database) -> list[dict[str, Any]]:
                 "agent_version": row["agent_version"],
                 "runtimes": json.loads(row["runtimes"] or "[]"),
                 "active_model": row["active_model"],
+                "tier": row.get("tier"),
+                "fallback_model": row.get("fallback_model"),
                 "desired_model": row["desired_model"],
                 "last_seen": row["last_seen"],
                 "inferences": t.get("inferences"),
@@ -72,21 +74,59 @@ def hardware_mismatches(row: dict[str, Any]) -> list[dict[str, str]]:
     ]
 
 
-def device_detail(db: sqlite_utils.Database, device: str, events: int = 10) -> dict[str, Any]:
+def event_text(event: str, message: str, detail: dict[str, Any]) -> str:
+    """An event's message, or for a tier change without one, ``from -> to: cause``."""
+    if message or event != "tier_changed":
+        return message
+    return f"{detail.get('from', '?')} -> {detail.get('to', '?')}: {detail.get('cause', '')}"
+
+
+def _events(rows: Any) -> list[dict[str, Any]]:
+    out = []
+    for e in rows:
+        detail = json.loads(e["detail"] or "{}")
+        out.append(
+            {
+                "ts": e["ts"],
+                "event": e["event"],
+                "message": event_text(e["event"], e["message"], detail),
+                "detail": detail,
+            }
+        )
+    return out
+
+
+def device_detail(
+    db: sqlite_utils.Database, device: str, events: int = 10, tier_changes: int = 5
+) -> dict[str, Any]:
+    """Everything ``devices show`` prints about one device.
+
+    Tier changes are listed on their own as well: deploy progress events can push them out of
+    the recent events, and they are what explains a device answering from a fallback tier.
+    """
     row = registry.get_device(db, device)
     detail = next(d for d in fleet(db) if d["id"] == device)
     detail["hardware"] = json.loads(row["hardware"] or "{}")
     detail["hardware_check"] = hardware_mismatches(row)
     detail["session"] = row["session"]
     detail["first_seen"] = row["first_seen"]
-    detail["recent_events"] = [
-        {"ts": e["ts"], "event": e["event"], "message": e["message"]}
-        for e in db.table("events").rows_where(
-            "device = ?", [device], order_by="ts DESC", limit=events
+    detail["last_good_model"] = row.get("last_good_model")
+    detail["fallback_sha256"] = row.get("fallback_sha256")
+    detail["tier_at"] = row.get("tier_at")
+    detail["preloaded_model"] = row.get("preloaded_model")
+    detail["recent_events"] = _events(
+        db.table("events").rows_where("device = ?", [device], order_by="ts DESC", limit=events)
+    )
+    detail["recent_tier_changes"] = _events(
+        db.table("events").rows_where(
+            "device = ? AND event = 'tier_changed'",
+            [device],
+            order_by="ts DESC",
+            limit=tier_changes,
         )
-    ]
+    )
     detail["recent_deployments"] = [
-        {k: d[k] for k in ("model", "sent_at", "status", "error")}
+        {k: d[k] for k in ("model", "slot", "sent_at", "status", "error")}
         for d in db.table("deployments").rows_where(
             "device = ?", [device], order_by="sent_at DESC", limit=5
         )

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.protocol import Fidelity, LatencyStats, ModelFormat, Profile, Task
+from agent.protocol import LATENCY_KEYS, Fidelity, LatencyStats, ModelFormat, Profile, Task
 from agent.runtime import ModelRuntimeError, available_formats, load_model
 from model_store.errors import InvalidModel, ModelStoreError
 
@@ -42,11 +42,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The name each format's latency is reported under.
-RUNTIMES: dict[ModelFormat, str] = {
-    ModelFormat.ONNX: "onnxruntime",
-    ModelFormat.TFLITE: "litert",
-}
+RUNTIMES = LATENCY_KEYS  # the name each format's latency is reported under
 
 LATENCY_SAMPLES = 64  # held-out inputs cycled through when timing; more adds nothing but setup
 MEMORY_RUNS = 5

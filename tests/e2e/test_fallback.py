@@ -303,3 +303,53 @@ def test_fallback_variant_then_rules_then_a_crash_loop_starts_lower(
             wait_result(probe, device, expected, since)
         event = ctl.event(p.EventKind.TIER_CHANGED, since, "crash loop")
         assert "2 unclean restarts in a row" in event.detail["cause"]
+
+
+def test_staging_refuses_a_model_over_the_latency_budget_and_the_old_one_serves_on(
+    mosquitto: Mosquitto,
+    processes: Processes,
+    probe_factory: Callable[..., Probe],
+    tmp_path: Path,
+) -> None:
+    policy = {"latency_budget_ms": 1.0}
+    with fallback_agent(mosquitto, processes, probe_factory, tmp_path, policy) as agent:
+        _, _, probe, ctl, _ = agent
+        deploy(ctl, model(None, "fast"), "1.0.0")
+        # 1000 chained 512x512 MatMuls sharing one weight: 262 M multiply-adds (milliseconds
+        # on any CPU, against a 10 us model and a 1 ms budget) in a 1 MiB file
+        rng = np.random.default_rng(0)
+        w = (rng.standard_normal((N, N)) * 0.04).astype(np.float32)
+        weight = helper.make_tensor("w", TensorProto.FLOAT, [N, N], w.tobytes(), True)
+        steps = 1000
+        nodes = [
+            helper.make_node("MatMul", ["window" if i == 0 else f"h{i}", "w"], [f"h{i + 1}"])
+            for i in range(steps)
+        ]
+        nodes.append(helper.make_node("ReduceMean", [f"h{steps}"], ["score"], axes=[1]))
+        graph = helper.make_graph(
+            nodes,
+            "slow",
+            [helper.make_tensor_value_info("window", TensorProto.FLOAT, [1, N])],
+            [helper.make_tensor_value_info("score", TensorProto.FLOAT, [1, 1])],
+            [weight],
+        )
+        slow = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        slow.ir_version = 8
+        data = slow.SerializeToString()
+        ctl.blobs[hashlib.sha256(data).hexdigest()] = data
+        since = probe.mark()
+        command = p.Deploy(
+            model=p.ModelRef(name="vibration-ae", version="2.0.0"),
+            artifact=p.Artifact(
+                sha256=hashlib.sha256(data).hexdigest(),
+                size=len(data),
+                format=p.ModelFormat.ONNX,
+                chunk_size=CHUNK,
+            ),
+        )
+        reply = ctl.reply_to(ctl.command(command), timeout=60)
+        assert not reply.ok
+        assert "over this device's latency budget of 1 ms" in (reply.error or "")
+        event = ctl.event(p.EventKind.MODEL_LOAD_FAILED, since)
+        assert "latency budget" in event.message
+        ctl.serving("vibration-ae:1.0.0")

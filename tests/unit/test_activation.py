@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 from agent import protocol as p
@@ -44,3 +45,37 @@ def test_an_unreadable_pending_record_is_dropped_not_fatal(tmp_path: Path) -> No
     store.pending_path.write_text("{not json")
     assert store.load_pending() is None
     assert not store.pending_path.exists()
+
+
+def test_a_preloaded_model_is_kept_until_it_is_activated(tmp_path: Path) -> None:
+    store = Activation(tmp_path)
+    store.prepare()
+    (store.models_dir / f"{SHA[0]}.onnx").write_bytes(b"x")
+    store.activate(active(0))
+    for i in (1, 2):
+        (store.models_dir / f"{SHA[i]}.onnx").write_bytes(b"x")
+        store.save_manifest(SHA[i], manifest(i))
+    pointer = store.set_preloaded(active(1))
+    assert (pointer.active, pointer.preloaded) == (active(0), active(1))
+    kept = sorted(path.name for path in store.models_dir.iterdir())
+    assert kept == sorted([f"{SHA[0]}.onnx", f"{SHA[1]}.onnx", f"{SHA[1]}.manifest.json"]), (
+        "the preloaded file and its manifest stay, 2 is pruned"
+    )
+    assert store.activate(active(3)).preloaded == active(1), "another model: still preloaded"
+    assert Activation(tmp_path).read().preloaded == active(1), "survives a restart"
+    pointer = store.activate(active(1))
+    assert (pointer.active, pointer.last_good, pointer.preloaded) == (active(1), active(3), None)
+    assert (store.models_dir / f"{SHA[1]}.manifest.json").exists()
+
+
+def manifest(i: int) -> p.Manifest:
+    return p.Manifest(
+        model=active(i).model,
+        artifact=p.Artifact(sha256=SHA[i], size=1, format=p.ModelFormat.ONNX),
+        task=p.Task.ANOMALY,
+        precision="fp32",
+        technique="reference",
+        inputs=[],
+        outputs=[],
+        created=datetime(2026, 11, 26, tzinfo=UTC),
+    )

@@ -150,3 +150,57 @@ def test_an_ineligible_variant_is_not_deployed_without_force(
     assert main(["deploy", "vib:1.0.0", "--device", "gw-1"]) == 1
     assert "not eligible: AUC 0.80 is below the accuracy floor" in capsys.readouterr().err
     assert main(["deploy", "vib:1.0.0", "--device", "gw-1", "--force"]) == 0
+
+
+def test_devices_show_the_tier_and_the_staged_fallback(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = open_db(home / "greenfleet.db")
+    hw = p.HardwareFacts(arch="aarch64", cores=4, memory_mb=4096, os="Linux", python="3.11")
+    small = p.ActiveModel(
+        model=p.ModelRef(name="vib", version="1.0.0+int8-dynamic"),
+        sha256="c" * 64,
+        format=p.ModelFormat.ONNX,
+    )
+    birth = p.Birth(
+        session="s",
+        agent_version="0.1.0",
+        device_class="rpi4",
+        runtimes=[p.ModelFormat.ONNX],
+        hardware=hw,
+        fallback=small,
+        tier=p.Tier.FALLBACK,
+    )
+    registry.apply_birth(db, "gw-1", birth, datetime.now(UTC))
+    change = p.Event(
+        event=p.EventKind.TIER_CHANGED,
+        session="s",
+        detail={"from": "last_good", "to": "fallback", "cause": "power budget breached"},
+    )
+    db.table("events").insert(
+        {
+            "id": change.id,
+            "device": "gw-1",
+            "ts": registry.iso(change.ts),
+            "session": "s",
+            "event": "tier_changed",
+            "message": "",
+            "detail": json.dumps(change.detail),
+        }
+    )
+    capsys.readouterr()
+    assert main(["devices", "list"]) == 0
+    table = capsys.readouterr().out
+    assert "tier" in table and "fallback" in table
+    assert main(["devices", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["tier"] == "fallback"
+    assert main(["devices", "show", "gw-1"]) == 0
+    shown = capsys.readouterr().out
+    assert "tier fallback" in shown and "fallback vib:1.0.0+int8-dynamic" in shown
+    assert "recent tier changes" in shown and "power budget breached" in shown
+    assert main(["devices", "show", "gw-1", "--json"]) == 0
+    detail = json.loads(capsys.readouterr().out)
+    assert (detail["tier"], detail["fallback_model"]) == ("fallback", "vib:1.0.0+int8-dynamic")
+    (listed,) = detail["recent_tier_changes"]
+    assert listed["detail"]["cause"] == "power budget breached"
+    assert listed["message"] == "last_good -> fallback: power budget breached"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -28,7 +30,7 @@ HW = p.HardwareFacts(arch="aarch64", cores=4, memory_mb=4096, os="Linux", python
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Catalog]:
     home = tmp_path_factory.mktemp("plan")
-    db = open_db(home / "g.db")
+    db = open_db(home / "greenfleet.db")  # the Home layout, for the CLI
     catalog = Catalog(db, home / "store")
     catalog.add(
         SAMPLES / "vibration-ae.onnx",
@@ -163,3 +165,97 @@ def test_reconcile_deploys_the_plan_and_tells_a_device_with_no_fit_why(
     assert db.table("events").count_where("session = 'controller'") == 2, (
         "said once, not every tick"
     )
+
+
+def test_reconcile_stages_a_smaller_fallback_once_the_active_model_runs(
+    fleet: tuple[object, Catalog], tmp_path: Path
+) -> None:
+    import threading
+    from types import SimpleNamespace
+
+    import sqlite_utils
+
+    from controller.daemon import Controller
+    from controller.home import Home
+    from controller.planning import fallbacks
+
+    db = cast(sqlite_utils.Database, fleet[0])
+    catalog = fleet[1]
+    sent: list[tuple[str, object]] = []
+    controller = Controller(Home(tmp_path / "home"))
+    controller._db, controller._catalog = db, catalog  # the seams start() would open
+    connected = threading.Event()
+    connected.set()
+    controller.link = SimpleNamespace(  # type: ignore[assignment]
+        connected=connected,
+        publish=lambda topic, payload, qos: sent.append((topic, p.decode_command(payload))),
+    )
+
+    def deploys() -> list[p.Deploy]:
+        found = [d for t, d in sent if t == p.topic("pi-2", p.Channel.CMD)]
+        sent.clear()
+        return [d for d in found if isinstance(d, p.Deploy)]
+
+    def born(active: str, fallback: str | None = None) -> None:
+        def model(ref: str) -> p.ActiveModel:
+            v = catalog.get(ref)
+            return p.ActiveModel(model=v.ref, sha256=v.sha256, format=v.format)
+
+        birth = p.Birth(
+            session="s",
+            agent_version="0.1.0",
+            device_class="rpi4",
+            runtimes=[p.ModelFormat.ONNX, p.ModelFormat.TFLITE],
+            hardware=HW,
+            active=model(active) if active else None,
+            fallback=model(fallback) if fallback else None,
+        )
+        registry.apply_birth(db, "pi-2", birth, NOW)
+
+    reference = "vib:1.0.0+fp32"
+    born("")
+    registry.set_desired(db, ["pi-2"], reference)  # pinned: the largest variant
+    controller.reconcile()
+    (active,) = deploys()
+    assert (active.model, active.slot) == (p.ModelRef.parse(reference), p.Slot.ACTIVE)
+    controller.reconcile()
+    assert deploys() == [], "no fallback while the active deploy is in flight"
+
+    born(reference)  # the agent activated it
+    choice = fallbacks(catalog, load_profiles(), [(registry.get_device(db, "pi-2"), reference)])
+    small = choice["pi-2"].chosen
+    assert small is not None and catalog.get(small).size < catalog.get(reference).size
+    controller.reconcile()
+    (staged,) = deploys()
+    assert (str(staged.model), staged.slot, staged.rollback) == (small, p.Slot.FALLBACK, False)
+    assert staged.manifest is not None and staged.artifact.sha256 == catalog.get(small).sha256
+    row = next(db.table("deployments").rows_where("id = ?", [staged.id]))
+    assert (row["slot"], row["status"]) == ("fallback", "sent")
+    controller.reconcile()
+    assert deploys() == [], "not re-sent at every tick"
+
+    born(reference, fallback=small)  # staged: nothing more to do
+    controller.reconcile()
+    assert deploys() == []
+    notes = list(db.table("events").rows_where("device = 'pi-2' AND event = 'fallback_planned'"))
+    assert len(notes) == 1 and notes[0]["message"].startswith(small)
+
+
+def test_plan_names_each_devices_fallback(
+    fleet: tuple[object, Catalog], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from controller.cli import main
+
+    _, catalog = fleet
+    home = str(catalog.store.parent)
+    capsys.readouterr()
+    assert main(["--home", home, "plan", "--model", "vib:1.0.0", "--json"]) == 0
+    rows = {d["device"]: d for d in json.loads(capsys.readouterr().out)["devices"]}
+    pi, tpu = rows["pi-1"], rows["tpu-1"]
+    assert pi["chosen"] and pi["fallback_reason"]
+    if pi["fallback"] is not None:
+        assert pi["fallback"] != pi["chosen"] and pi["fallback"].startswith("vib:1.0.0+")
+        assert catalog.get(pi["fallback"]).size < catalog.get(pi["chosen"]).size
+    assert (tpu["chosen"], tpu["fallback"], tpu["fallback_reason"]) == (None, None, None)
+    assert main(["--home", home, "plan", "--model", "vib:1.0.0", "-v"]) == 0
+    assert "pi-1: fallback " in capsys.readouterr().out

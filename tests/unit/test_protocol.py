@@ -86,6 +86,7 @@ EXAMPLES: dict[str, BaseModel] = {
         id="m6", ts=TS, seq=42, model=REF, latency_ms=0.21, outputs={"score": [0.41]}, input_ts=TS
     ),
     "blob_request": p.BlobRequest(id="m7", ts=TS, sha256=SHA, first=8, count=8, chunk_size=262144),
+    "controller_state": p.ControllerState(id="m9", ts=TS, online=True, session="c1", since=TS),
     "reading": p.SensorReading(id="m8", ts=TS, values=[0.1, -0.2, 0.3], sample_rate_hz=12800.0),
 }
 

@@ -6,10 +6,16 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from controller.reconcile import DeployDecision, DeviceView, LastDeploy, plan_deploys
+from controller.reconcile import (
+    DeployDecision,
+    DeviceView,
+    LastDeploy,
+    plan_deploys,
+    plan_fallback_deploys,
+)
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
-FORMATS = {"m:1": "onnx", "m:2": "onnx", "t:1": "tflite"}
+FORMATS = {"m:1": "onnx", "m:2": "onnx", "t:1": "tflite", "m:2+small": "onnx", "m:2+tfl": "tflite"}
 
 
 def dev(
@@ -46,3 +52,87 @@ def test_plan_deploys(
         assert len(skips) == 1 and skip_reason in skips[0].reason
     else:
         assert skips == []
+
+
+def ready(
+    active: str | None = "m:2",
+    desired: str | None = "m:2",
+    fallback: str | None = None,
+    wanted: str | None = "m:2+small",
+    online: bool = True,
+) -> DeviceView:
+    """A device that runs (or not) its desired model, with a fallback chosen for it."""
+    return DeviceView("d", online, active, desired, frozenset({"onnx"}), fallback, wanted)
+
+
+def sent(model: str, ago_s: float, status: str = "sent") -> LastDeploy:
+    return LastDeploy(model, NOW - timedelta(seconds=ago_s), status)
+
+
+@pytest.mark.parametrize(
+    "device, last_active, last_fallback, expect_deploy, skip_reason",
+    [
+        pytest.param(ready(), None, None, True, None, id="stage"),
+        pytest.param(ready(), sent("m:2", 600, "ok"), None, True, None, id="after-active-ok"),
+        pytest.param(ready(fallback="m:2+small"), None, None, False, None, id="already-staged"),
+        pytest.param(ready(fallback="m:1+small"), None, None, True, None, id="stale-fallback"),
+        pytest.param(ready(wanted=None), None, None, False, None, id="no-fallback-chosen"),
+        pytest.param(ready(online=False), None, None, False, "offline", id="offline"),
+        pytest.param(ready(active="m:1"), None, None, False, "waits until m:2", id="not-active"),
+        pytest.param(ready(active=None), None, None, False, "waits until", id="nothing-active"),
+        pytest.param(ready(desired=None), None, None, False, "waits until", id="no-intent"),
+        pytest.param(ready(), sent("m:3", 5), None, False, "in flight", id="active-in-flight"),
+        pytest.param(ready(), sent("m:3", 31), None, True, None, id="active-reply-lost"),
+        pytest.param(ready(), sent("m:2", 5), None, True, None, id="active-done-reply-due"),
+        pytest.param(ready(), sent("m:2", 5, "failed"), None, True, None, id="active-failed"),
+        pytest.param(ready(wanted="x:9"), None, None, False, "not in the catalog", id="unknown"),
+        pytest.param(ready(wanted="m:2+tfl"), None, None, False, "no tflite", id="no-runtime"),
+        pytest.param(
+            ready(), None, sent("m:2+small", 10), False, "fallback deploy", id="wait-resend"
+        ),
+        pytest.param(ready(), None, sent("m:2+small", 31), True, None, id="resend"),
+        pytest.param(
+            ready(), None, sent("m:2+small", 60, "ok"), True, None, id="ok-but-not-reported"
+        ),
+        pytest.param(
+            ready(), None, sent("m:2+small", 120, "failed"), False, "failed", id="failed-backoff"
+        ),
+        pytest.param(ready(), None, sent("m:2+small", 360, "failed"), True, None, id="retry"),
+        pytest.param(ready(), None, sent("m:1+small", 1), True, None, id="new-choice"),
+    ],
+)
+def test_plan_fallback_deploys(
+    device: DeviceView,
+    last_active: LastDeploy | None,
+    last_fallback: LastDeploy | None,
+    expect_deploy: bool,
+    skip_reason: str | None,
+) -> None:
+    deploys, skips = plan_fallback_deploys(
+        [device],
+        FORMATS,
+        {"d": last_active} if last_active else {},
+        {"d": last_fallback} if last_fallback else {},
+        NOW,
+    )
+    wanted = device.desired_fallback or ""
+    assert deploys == ([DeployDecision("d", wanted, "fallback")] if expect_deploy else [])
+    if skip_reason:
+        assert len(skips) == 1 and skip_reason in skips[0].reason
+    else:
+        assert skips == []
+
+
+def test_active_and_fallback_deploys_never_go_out_together() -> None:
+    """Whatever the state, a device gets at most one of the two in a pass: the fallback only
+    once the active model is the desired one, and the active deploy only before."""
+    devices = [
+        ready(active=a, desired=d, fallback=f)
+        for a in ("m:1", "m:2", None)
+        for d in ("m:1", "m:2", None)
+        for f in ("m:2+small", None)
+    ]
+    for device in devices:
+        active, _ = plan_deploys([device], FORMATS, {}, NOW)
+        staged, _ = plan_fallback_deploys([device], FORMATS, {}, {}, NOW)
+        assert not (active and staged), device

@@ -107,3 +107,90 @@ def test_ingest_writes_batches_dedups_replays_and_survives_garbage(tmp_path: Pat
     assert [(d, r.first) for d, r in blob_requests] == [("d1", 0)]
     row = views.fleet(db)[0]
     assert (row["id"], row["online"], row["inferences"]) == ("d1", True, 10)
+
+
+def test_ingest_stores_fallback_and_the_newest_tier_report(tmp_path: Path) -> None:
+    """Birth, telemetry and tier_changed all name the tier; the newest by the agent's clock
+    wins, so telemetry replayed after a reconnect cannot turn the clock back."""
+    path = tmp_path / "g.db"
+    open_db(path)
+    sha = "b" * 64
+    small = p.ActiveModel(
+        model=p.ModelRef(name="m", version="1+int8"), sha256=sha, format=p.ModelFormat.ONNX
+    )
+    staged = birth("s1").model_copy(update={"fallback": small, "tier": p.Tier.LAST_GOOD, "ts": NOW})
+
+    def record(seq: int, start: datetime, tier: p.Tier) -> p.TelemetryRecord:
+        return p.TelemetryRecord(
+            seq=seq,
+            start=start,
+            window_s=10.0,
+            model=None,
+            tier=tier,
+            inferences=0,
+            errors=0,
+            cpu_s=0.0,
+        )
+
+    def tier_event(at: datetime, to: str) -> p.Event:
+        return p.Event(
+            event=p.EventKind.TIER_CHANGED,
+            session="s1",
+            ts=at,
+            detail={"from": "active", "to": to, "cause": "3 latency budget breaches"},
+        )
+
+    def run(*messages: tuple[p.Channel, p.Envelope]) -> None:
+        ingest = Ingest(path, lambda d, r: None)
+        ingest.start()
+        for channel, message in messages:
+            ingest.offer(p.topic("d1", channel), p.encode(message))
+        ingest.stop()
+
+    run((p.Channel.STATE, staged))
+    db = open_db(path)
+    row = registry.get_device(db, "d1")
+    assert (row["fallback_model"], row["fallback_sha256"]) == ("m:1+int8", sha)
+    assert row["tier"] == "last_good"
+    # a tier change after the birth, then telemetry from before the birth replayed late
+    later = NOW + timedelta(seconds=30)
+    old = p.TelemetryBatch(
+        session="s0", records=[record(0, NOW - timedelta(minutes=5), p.Tier.RULES)]
+    )
+    run((p.Channel.EVENTS, tier_event(later, "fallback")), (p.Channel.TELEMETRY, old))
+    assert registry.get_device(db, "d1")["tier"] == "fallback"
+    # newer telemetry: the last window of the batch counts, and the table keeps every record
+    newer = p.TelemetryBatch(
+        session="s1",
+        records=[
+            record(0, later, p.Tier.FALLBACK),
+            record(1, later + timedelta(seconds=10), p.Tier.ACTIVE),
+        ],
+    )
+    run((p.Channel.TELEMETRY, newer), (p.Channel.EVENTS, tier_event(later, "nonsense")))
+    assert registry.get_device(db, "d1")["tier"] == "active"
+    assert [r["tier"] for r in db["telemetry"].rows_where(order_by="start")] == [
+        "rules",
+        "fallback",
+        "active",
+    ]
+    shown = views.device_detail(db, "d1")
+    assert (shown["tier"], shown["fallback_model"]) == ("active", "m:1+int8")
+    assert [e["message"] for e in shown["recent_tier_changes"]] == [
+        "active -> nonsense: 3 latency budget breaches",
+        "active -> fallback: 3 latency budget breaches",
+    ]
+    # the agent restarts without its fallback staged (a wiped disk): the controller sees it
+    run((p.Channel.STATE, birth("s2").model_copy(update={"ts": later + timedelta(minutes=1)})))
+    row = registry.get_device(db, "d1")
+    assert (row["fallback_model"], row["tier"]) == (None, "active")
+
+
+def test_last_deploys_keep_one_clock_per_slot(tmp_path: Path) -> None:
+    db = open_db(tmp_path / "g.db")
+    for i, (model, slot) in enumerate((("m:2", None), ("m:2+small", "fallback"))):
+        row = {"id": f"c{i}", "device": "d1", "model": model, "sha256": "x", "status": "ok"}
+        row["sent_at"] = registry.iso(NOW + timedelta(seconds=i))
+        db.table("deployments").insert({**row, **({"slot": slot} if slot else {})})
+    assert registry.last_deploys(db)["d1"].model == "m:2", "rows before m4 were active deploys"
+    assert registry.last_deploys(db, "fallback")["d1"].model == "m:2+small"

@@ -11,6 +11,7 @@ from controller.selection import (
     Candidate,
     DeviceNeeds,
     Measured,
+    select_fallback,
     select_variant,
 )
 
@@ -140,3 +141,72 @@ def test_a_missing_speed_factor_counts_as_the_slowest() -> None:
     decision = select_variant(no_fp32, [FP32], {})
     assert decision.estimate is not None
     assert decision.estimate.latency_ms == pytest.approx(0.20 * 17.0)
+
+
+# ------------------------------------------------------------------------- fallback variant
+
+TINY_BAD = Candidate("m:1+tiny", "onnx", "int8", 8_000, 1.0, {"onnxruntime": 0.01}, False, "AUC")
+RULES = Candidate("m:1+rules", "onnx", "fp32", 0, None, {}, True)  # no file: never a fallback
+HUNGRY = Candidate("m:1+hungry", "onnx", "fp32", 40_000, 900.0, {"onnxruntime": 0.01}, True)
+SAME_A = Candidate("m:1+a", "onnx", "fp32", 100_000, 4.0, {"onnxruntime": 0.04}, True, macs=900)
+SAME_B = Candidate("m:1+b", "onnx", "fp32", 100_000, 4.0, {"onnxruntime": 0.09}, True, macs=500)
+SAME_C = Candidate("m:1+c", "onnx", "fp32", 100_000, 4.0, {"onnxruntime": 0.02}, True, macs=500)
+ALL = [FP32, INT8, STUDENT, TFLITE, PRUNED]
+
+
+@pytest.mark.parametrize(
+    "device, variants, active, expected, why",
+    [
+        pytest.param(PI, ALL, "m:1+int8", "m:1+student", "smallest", id="smallest-other"),
+        pytest.param(PI, ALL, "m:1+fp32", "m:1+student", "51 KiB", id="from-the-reference"),
+        pytest.param(PI, ALL, "m:1+student", None, "smaller than the active", id="active-is-min"),
+        pytest.param(
+            PI, [FP32, TFLITE], "m:1+tflite", None, "smaller than the active", id="same-size"
+        ),
+        pytest.param(
+            replace(PI, runtimes=frozenset({"onnx"})),
+            [FP32, replace(TFLITE, size_bytes=10_000), INT8],
+            "m:1+fp32",
+            "m:1+int8",
+            "smallest",
+            id="no-runtime-for-the-smallest",
+        ),
+        pytest.param(
+            replace(PI, precisions=frozenset({"fp32"})),
+            [FP32, INT8],
+            "m:1+fp32",
+            None,
+            "int8 needs int8",
+            id="precision-not-run",
+        ),
+        pytest.param(
+            PI, [FP32, INT8, TINY_BAD], "m:1+fp32", "m:1+int8", "smallest", id="ineligible-skipped"
+        ),
+        pytest.param(
+            PI, [FP32, INT8, HUNGRY], "m:1+fp32", "m:1+int8", "smallest", id="memory-skipped"
+        ),
+        pytest.param(
+            replace(PI, storage_mb=0.3), [FP32, INT8], "m:1+fp32", "m:1+int8", "", id="storage"
+        ),
+        pytest.param(
+            replace(PI, latency_budget_ms=0.001),
+            ALL,
+            "m:1+fp32",
+            "m:1+student",
+            "smallest",
+            id="latency-budget-not-applied",
+        ),
+        pytest.param(PI, [FP32, RULES], "m:1+fp32", None, "smaller", id="rules-have-no-file"),
+        pytest.param(PI, [FP32, SAME_A, SAME_B], "m:1+fp32", "m:1+b", "500 MACs", id="macs-tie"),
+        pytest.param(PI, [FP32, SAME_B, SAME_C], "m:1+fp32", "m:1+c", "", id="latency-tie"),
+        pytest.param(PI, [FP32, SAME_A, SAME_B], "m:1+b", None, "smaller", id="no-lighter-twin"),
+        pytest.param(PI, [FP32, SAME_A, SAME_B], "m:1+a", "m:1+b", "", id="lighter-twin"),
+        pytest.param(PI, ALL, "other:2+int8", None, "not a variant", id="active-unknown"),
+    ],
+)
+def test_fallback_is_the_smallest_runnable_variant_lighter_than_the_active(
+    device: DeviceNeeds, variants: list[Candidate], active: str, expected: str | None, why: str
+) -> None:
+    decision = select_fallback(device, variants, active)
+    assert (decision.device, decision.chosen) == (device.id, expected)
+    assert why in decision.reason

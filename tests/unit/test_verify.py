@@ -19,6 +19,7 @@ from agent.verify import (
     RejectReason,
     check_artifact,
     check_golden,
+    check_latency,
     check_received,
     compare_versions,
     load_public_key,
@@ -503,5 +504,47 @@ def test_reason_codes_are_the_set_the_tests_cover() -> None:
         "oversized",
         "nan_output",
         "golden_mismatch",
+        "too_slow",
     }
     assert {r.value for r in RejectReason} == covered
+
+
+# ------------------------------------------------------------------------- staging latency
+
+
+def profiled(p50_ms: float) -> p.Profile:
+    stats = p.LatencyStats(p50_ms=p50_ms, p95_ms=p50_ms * 1.2, runs=50)
+    return p.Profile(
+        size_bytes=1000, parameters=6, macs=6, latency={"onnxruntime": stats}, host="x86_64 2c"
+    )
+
+
+@pytest.mark.parametrize(
+    "p50, measured, budget, rejected",
+    [
+        (1.0, 19.0, None, False),  # 19x the profile: a slow device, not a wrong model
+        (1.0, 21.0, None, True),  # over 20x
+        (0.01, 4.9, None, False),  # under the 5 ms floor, whatever the ratio
+        (0.01, 5.1, None, True),
+        (None, 500.0, None, False),  # no profile: nothing to compare with
+        (None, 12.0, 10.0, True),  # over the device's latency budget
+        (1.0, 9.0, 10.0, False),
+    ],
+)
+def test_staging_rejects_a_model_far_slower_than_its_profile_or_over_budget(
+    p50: float | None, measured: float, budget: float | None, rejected: bool
+) -> None:
+    staged = manifest(profile=profiled(p50) if p50 is not None else None)
+    if not rejected:
+        check_latency(staged, p.ModelFormat.ONNX, measured, factor=20.0, budget_ms=budget)
+        return
+    with pytest.raises(ManifestRejected) as info:
+        check_latency(staged, p.ModelFormat.ONNX, measured, factor=20.0, budget_ms=budget)
+    assert_reason(info, "too_slow")
+    assert f"{measured:.1f} ms" in str(info.value)
+    assert ("latency budget" in str(info.value)) == (budget is not None)
+
+
+def test_a_profile_for_another_runtime_is_not_compared() -> None:
+    staged = manifest(profile=profiled(0.001))
+    check_latency(staged, p.ModelFormat.TFLITE, 100.0, factor=20.0, budget_ms=None)
