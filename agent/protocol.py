@@ -299,6 +299,10 @@ class Deploy(Envelope):
     rollback: bool = Field(
         default=False, description="An explicit rollback: an older version is allowed."
     )
+    rollback_grant: SignedManifest | None = Field(
+        default=None,
+        description="A signed RollbackGrant; enrolled agents allow an older version only with it.",
+    )
     manifest: SignedManifest | None = Field(
         default=None, description="The controller-signed manifest; enrolled agents require it."
     )
@@ -553,8 +557,23 @@ class Manifest(Strict):
     expires: datetime | None = None
 
 
+class RollbackGrant(Strict):
+    """The controller's signed permission for one device to go back to one older artifact.
+
+    A rollback lets an agent accept a version older than the one it runs; without this grant
+    a replayed old Deploy with ``rollback: true`` would be a downgrade attack. It names the
+    device and the artifact and expires soon after it is issued.
+    """
+
+    device: DeviceId
+    sha256: Sha256
+    issued: datetime
+    expires: datetime
+
+
 class SignedManifest(Strict):
-    """A manifest as JSON text and an Ed25519 signature over exactly those bytes."""
+    """A manifest (or a RollbackGrant) as JSON text and an Ed25519 signature over exactly
+    those bytes."""
 
     payload: str = Field(description="The Manifest, serialized once; verify these bytes.")
     signature: str = Field(description="Base64 Ed25519 signature of payload's UTF-8 bytes.")

@@ -52,6 +52,7 @@ from agent.verify import (
     load_public_key,
     read_unsigned,
     verify_manifest,
+    verify_rollback,
 )
 from agent.version import __version__
 
@@ -558,10 +559,19 @@ class Agent:
         if not self.controller_keys:
             return None if command.manifest is None else read_unsigned(command.manifest)
         active = self.activation.read().active
+        now = p.utcnow()
+        if command.rollback:
+            verify_rollback(
+                command.rollback_grant,
+                self.controller_keys,
+                device=self.device,
+                sha256=command.artifact.sha256,
+                now=now,
+            )
         manifest = verify_manifest(
             command.manifest,
             self.controller_keys,
-            now=p.utcnow(),
+            now=now,
             device_class=self.config.device_class,
             active=active.model if active else None,
             allow_older=command.rollback,

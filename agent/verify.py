@@ -20,7 +20,7 @@ import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -34,6 +34,7 @@ from agent.protocol import (
     Manifest,
     ModelFormat,
     ModelRef,
+    RollbackGrant,
     SignedManifest,
 )
 
@@ -63,6 +64,7 @@ class RejectReason(StrEnum):
     NAN_OUTPUT = "nan_output"
     GOLDEN_MISMATCH = "golden_mismatch"
     TOO_SLOW = "too_slow"
+    BAD_ROLLBACK = "bad_rollback"
 
 
 class ManifestRejected(AgentError):
@@ -236,6 +238,43 @@ def _signed_bytes(signed: SignedManifest, public_keys: Sequence[bytes]) -> bytes
     if not any(_signature_valid(raw, signature, data) for raw in candidates):
         raise bad
     return data
+
+
+CLOCK_SKEW = timedelta(minutes=5)  # a grant issued slightly "in the future" by a fast clock
+
+
+def verify_rollback(
+    grant: SignedManifest | None,
+    public_keys: Sequence[bytes],
+    *,
+    device: str,
+    sha256: str,
+    now: datetime,
+) -> None:
+    """Accept an explicit rollback only with a grant signed by an enrolled key, for this device
+    and this artifact, not expired; ManifestRejected(BAD_ROLLBACK) says what is wrong."""
+
+    def refuse(why: str) -> ManifestRejected:
+        return ManifestRejected(
+            RejectReason.BAD_ROLLBACK,
+            f"refused a rollback: {why}; a rollback must come from the controller "
+            "(`greenfleet rollback`), which signs a grant for this device and artifact",
+        )
+
+    if grant is None or not grant.signature:
+        raise refuse("the deploy carries no signed rollback grant")
+    try:
+        data = _signed_bytes(grant, public_keys)
+    except ManifestRejected as exc:
+        raise refuse(f"its grant does not verify ({exc.message})") from exc
+    try:
+        granted = RollbackGrant.model_validate_json(data)
+    except ValidationError as exc:
+        raise refuse(f"its grant is malformed ({exc.errors()[0]['msg']})") from exc
+    if granted.device != device or granted.sha256 != sha256:
+        raise refuse(f"its grant is for {granted.device} / {granted.sha256[:12]}, not this deploy")
+    if not granted.issued - CLOCK_SKEW <= now <= granted.expires:
+        raise refuse(f"its grant is valid from {granted.issued} to {granted.expires}, not now")
 
 
 def read_unsigned(signed: SignedManifest) -> Manifest:

@@ -29,10 +29,12 @@ from controller.selection import Measured
 from controller.windows import describe, inside, next_opening
 from device_configs.schema import DeviceProfile, ProfileError, load_profiles
 from model_store.catalog import Catalog
+from model_store.signing import Signer
 
 log = logging.getLogger(__name__)
 
 TELEMETRY_REFRESH_S = 30.0  # how stale the plan's field figures may be
+ROLLBACK_GRANT_TTL = timedelta(hours=1)  # a re-sent rollback gets a fresh grant
 
 
 class Controller:
@@ -85,6 +87,7 @@ class Controller:
         self._measured: tuple[float, dict[tuple[str, str], Measured]] | None = None
         self._last_notes: dict[tuple[str, str], str] = {}
         self._config: tuple[bytes | None, ControllerConfig] | None = None
+        self._signer: Signer | None = None
 
     def start(self) -> None:
         self.home.prepare()
@@ -366,16 +369,27 @@ class Controller:
                 self._send(decision, rows[decision.device], now)
             return len(decisions) + len(staging)
 
+    def _grant(self, device: str, sha256: str, now: datetime) -> p.SignedManifest:
+        """A signed RollbackGrant: enrolled agents accept an older version only with one."""
+        if self._signer is None:
+            self._signer = Signer.load_or_create(self.home.keys)
+        grant = p.RollbackGrant(
+            device=device, sha256=sha256, issued=now, expires=now + ROLLBACK_GRANT_TTL
+        )
+        return self._signer.sign(grant)
+
     def _send(self, decision: DeployDecision, row: dict[str, Any], now: datetime) -> None:
         """Record a Deploy in the deployments table, then publish it (QoS 1)."""
         db = self._db
         model = self._catalog.get(decision.model)
         slot = p.Slot(decision.slot)
+        # a fallback is a variant of the version the device already runs: never older
+        rollback = slot is not p.Slot.FALLBACK and bool(row.get("desired_rollback"))
         command = p.Deploy(
             model=model.ref,
             artifact=model.artifact(),
-            # a fallback is a variant of the version the device already runs: never older
-            rollback=slot is not p.Slot.FALLBACK and bool(row.get("desired_rollback")),
+            rollback=rollback,
+            rollback_grant=self._grant(decision.device, model.sha256, now) if rollback else None,
             manifest=model.manifest,
             slot=slot,
         )

@@ -185,7 +185,9 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
     raise TimeoutError(f"demo: timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _write_agent_config(workdir: Path, device: DemoDevice, port: int, seed: int) -> Path:
+def _write_agent_config(
+    workdir: Path, device: DemoDevice, port: int, seed: int, keys: Path
+) -> Path:
     power = load_profiles()[device.device_class].power
     config = {
         "device_id": device.id,
@@ -196,8 +198,10 @@ def _write_agent_config(workdir: Path, device: DemoDevice, port: int, seed: int)
         "input": {"type": "vibration", "rpm": device.rpm, "seed": seed},
         "inference": {"rate_hz": 20},
         "telemetry": {"interval_s": 2},
-        # What an enrollment bundle would carry: the class profile's power figures.
+        # What an enrollment bundle would carry: the class profile's power figures, and the
+        # controller's signing key (the agent then runs only signed manifests).
         "power": {"idle_w": power.idle_w, "active_w_per_core": power.active_w_per_core},
+        "controller_keys": [Signer.load_or_create(keys).public_raw.hex()],
     }
     path = workdir / f"{device.id}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -230,7 +234,7 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
         controller.start()
         db = open_db(home.database)
         for seed, device in enumerate(DEVICES, start=1):
-            config = _write_agent_config(workdir, device, broker.port, seed)
+            config = _write_agent_config(workdir, device, broker.port, seed, home.keys)
             with (workdir / f"{device.id}.log").open("ab") as log:
                 agents.append(
                     subprocess.Popen(

@@ -17,7 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.protocol import Manifest, SignedManifest
+from agent.protocol import Manifest, RollbackGrant, SignedManifest
 from model_store.errors import ModelStoreError
 
 PRIVATE_NAME = "signing.key"
@@ -71,7 +71,8 @@ class Signer:
         (keys_dir / PUBLIC_NAME).write_text(signer.public_raw.hex() + "\n")
         return signer
 
-    def sign(self, manifest: Manifest) -> SignedManifest:
+    def sign(self, manifest: Manifest | RollbackGrant) -> SignedManifest:
+        """Sign a manifest (or a rollback grant) as the JSON text the agent will verify."""
         payload = manifest.model_dump_json()
         signature = self._private.sign(payload.encode())
         return SignedManifest(

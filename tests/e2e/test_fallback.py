@@ -353,3 +353,24 @@ def test_staging_refuses_a_model_over_the_latency_budget_and_the_old_one_serves_
         event = ctl.event(p.EventKind.MODEL_LOAD_FAILED, since)
         assert "latency budget" in event.message
         ctl.serving("vibration-ae:1.0.0")
+
+
+def test_power_budget_breaches_move_down_a_tier(
+    mosquitto: Mosquitto,
+    processes: Processes,
+    probe_factory: Callable[..., Probe],
+    tmp_path: Path,
+) -> None:
+    # The estimate meter reports at least the configured idle power (3 W): a 1 W budget is
+    # breached by every window, so after three windows the agent moves down to last-good.
+    policy = {"power_budget_w": 1.0, "power_windows_to_fall": 3, "probe_after_s": 60}
+    with fallback_agent(mosquitto, processes, probe_factory, tmp_path, policy) as agent:
+        device, _, probe, ctl, _ = agent
+        deploy(ctl, model(None, "first"), "1.0.0")
+        since = probe.mark()
+        deploy(ctl, model(None, "second"), "2.0.0")
+        event = ctl.event(p.EventKind.TIER_CHANGED, since, "power budget")
+        assert event.detail["from"] == "active" and event.detail["to"] == "last_good"
+        assert "3 telemetry windows in a row over the 1 W power budget" in event.detail["cause"]
+        result = wait_result(probe, device, p.Tier.LAST_GOOD, since)
+        assert str(result.model) == "vibration-ae:1.0.0"

@@ -124,5 +124,28 @@ def test_golden_cases_that_do_not_match_reject_the_model(
     reply = ctl.reply_to(ctl.command(signed_deploy(signer, data, "3.0.0", golden=[wrong])))
     assert not reply.ok and "golden" in (reply.error or "")
     ctl.serving("vibration-ae:2.0.0")
-    rollback = signed_deploy(signer, MODEL, "1.0.0").model_copy(update={"rollback": True})
-    assert ctl.reply_to(ctl.command(rollback)).ok, "an explicit rollback may go back a version"
+    older = signed_deploy(signer, MODEL, "1.0.0")
+    replayed = older.model_copy(update={"rollback": True})  # no grant: anyone could send it
+    reply = ctl.reply_to(ctl.command(replayed))
+    assert not reply.ok and reply.detail.get("reason") == "bad_rollback", reply
+    other = grant(signer, "another-device", older.artifact.sha256)
+    reply = ctl.reply_to(
+        ctl.command(replayed.model_copy(update={"rollback_grant": other, "id": p.new_id()}))
+    )
+    assert not reply.ok and "not this deploy" in (reply.error or ""), reply
+    ctl.serving("vibration-ae:2.0.0")
+    granted = replayed.model_copy(
+        update={
+            "rollback_grant": grant(signer, ctl.device, older.artifact.sha256),
+            "id": p.new_id(),
+        }
+    )
+    assert ctl.reply_to(ctl.command(granted)).ok, "a signed rollback may go back a version"
+    ctl.serving("vibration-ae:1.0.0")
+
+
+def grant(signer: Signer, device: str, sha256: str) -> p.SignedManifest:
+    now = p.utcnow()
+    return signer.sign(
+        p.RollbackGrant(device=device, sha256=sha256, issued=now, expires=now + timedelta(hours=1))
+    )

@@ -26,6 +26,7 @@ from agent.verify import (
     parse_semver,
     require_cryptography,
     verify_manifest,
+    verify_rollback,
 )
 from model_store.signing import Signer
 
@@ -505,6 +506,7 @@ def test_reason_codes_are_the_set_the_tests_cover() -> None:
         "nan_output",
         "golden_mismatch",
         "too_slow",
+        "bad_rollback",
     }
     assert {r.value for r in RejectReason} == covered
 
@@ -548,3 +550,52 @@ def test_staging_rejects_a_model_far_slower_than_its_profile_or_over_budget(
 def test_a_profile_for_another_runtime_is_not_compared() -> None:
     staged = manifest(profile=profiled(0.001))
     check_latency(staged, p.ModelFormat.TFLITE, 100.0, factor=20.0, budget_ms=None)
+
+
+# ------------------------------------------------------------------------- rollback grants
+
+
+def rollback_grant(signer: Signer, **changes: Any) -> p.SignedManifest:
+    fields: dict[str, Any] = {
+        "device": "press-1",
+        "sha256": SHA,
+        "issued": NOW - timedelta(minutes=1),
+        "expires": NOW + timedelta(hours=1),
+    }
+    fields.update(changes)
+    return signer.sign(p.RollbackGrant(**fields))
+
+
+@pytest.mark.parametrize(
+    "changes, needle",
+    [
+        ({}, None),
+        ({"device": "press-2"}, "not this deploy"),
+        ({"sha256": "cd" * 32}, "not this deploy"),
+        ({"expires": NOW - timedelta(seconds=1)}, "not now"),
+        ({"issued": NOW + timedelta(hours=1)}, "not now"),
+        ({"issued": NOW + timedelta(minutes=2)}, None),  # within the clock skew allowed
+    ],
+)
+def test_a_rollback_needs_a_fresh_grant_for_this_device_and_artifact(
+    signer: Signer, tmp_path: Path, changes: dict[str, Any], needle: str | None
+) -> None:
+    signed = rollback_grant(signer, **changes)
+    args: dict[str, Any] = {"device": "press-1", "sha256": SHA, "now": NOW}
+    if needle is None:
+        verify_rollback(signed, [enrolled(tmp_path)], **args)
+        return
+    with pytest.raises(ManifestRejected, match=needle) as info:
+        verify_rollback(signed, [enrolled(tmp_path)], **args)
+    assert_reason(info, "bad_rollback")
+
+
+def test_a_rollback_grant_from_another_key_or_none_at_all_is_refused(
+    signer: Signer, tmp_path: Path
+) -> None:
+    rogue = Signer.load_or_create(tmp_path / "rogue")
+    args: dict[str, Any] = {"device": "press-1", "sha256": SHA, "now": NOW}
+    for grant in (None, rollback_grant(rogue)):
+        with pytest.raises(ManifestRejected) as info:
+            verify_rollback(grant, [enrolled(tmp_path)], **args)
+        assert_reason(info, "bad_rollback")
