@@ -218,6 +218,11 @@ def revision(db: sqlite_utils.Database, rollout_id: str) -> str | None:
     return None if row is None else str(row[0])
 
 
+def revisions(db: sqlite_utils.Database) -> dict[str, str]:
+    """:func:`revision` of every rollout."""
+    return {str(i): str(u) for i, u in db.execute("SELECT id, updated FROM rollouts")}
+
+
 def gates(db: sqlite_utils.Database, rollout_id: str) -> dict[str, Any]:
     """The gate results of the rollout's last decision: ``{"wave", "at", "results"}``."""
     row = db.execute("SELECT gates FROM rollouts WHERE id = ?", [rollout_id]).fetchone()

@@ -1,6 +1,7 @@
 """The daemon's rollout job: the I/O around :func:`controller.rollout.advance`.
 
-At every tick, for each running, paused or aborting rollout: read what the rollout needs about
+At every tick, for each rollout that needs it (running, paused, aborting, or aborted with
+rollbacks unconfirmed: rollout.needs_advance): read what the rollout needs about
 its devices (:func:`device_facts`) and their telemetry over the current soak period
 (:func:`soak_metrics`), decide, and commit the decision (controller.rollout_store). All of a
 rollout's state is in SQLite, so a restarted controller carries on from the last committed
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -37,19 +38,11 @@ TOUCHED = frozenset(
     }
 )
 # Members that do not hold their device for the rollout (another rollout may take it).
-RELEASED = frozenset({MemberStatus.SKIPPED, MemberStatus.CANCELLED})
+RELEASED = frozenset({MemberStatus.SKIPPED, MemberStatus.CANCELLED, MemberStatus.ROLLED_BACK})
 
 
 def model_name(model: str) -> str:
     return model.partition(":")[0]
-
-
-def is_model(found: str | None, wanted: str) -> bool:
-    """Whether ``found`` (what a device runs or was sent) is ``wanted``: the same string, or
-    for a planned ``name:version``, any of its variants (``name:version+variant``)."""
-    if found is None:
-        return False
-    return found == wanted or ("+" not in wanted and found.startswith(wanted + "+"))
 
 
 # ------------------------------------------------------------------------------ device facts
@@ -126,37 +119,40 @@ def _older_holders(
 # ---------------------------------------------------------------------------------- metrics
 
 
-_METRICS_SQL = """
-SELECT device,
-       COALESCE(SUM(inferences), 0),
-       COALESCE(SUM(errors), 0),
-       SUM(CASE WHEN {judged} AND latency_p95_ms IS NOT NULL
-                THEN latency_p95_ms * inferences END)
-         / NULLIF(SUM(CASE WHEN {judged} AND latency_p95_ms IS NOT NULL
-                           THEN inferences END), 0),
-       SUM(CASE WHEN {judged} AND energy_per_inference_j IS NOT NULL
-                THEN energy_per_inference_j * inferences END)
-         / NULLIF(SUM(CASE WHEN {judged} AND energy_per_inference_j IS NOT NULL
-                           THEN inferences END), 0),
-       COALESCE(SUM(CASE WHEN tier != 'active' THEN inferences ELSE 0 END), 0)
-FROM telemetry
-WHERE device IN ({devices}) AND julianday(start) >= julianday(:since) AND ({rows})
-GROUP BY device
-"""
 # a row of the rollout's model: the model itself or, for a planned name:version, a variant
 _IS_MODEL = (
-    "(model = :model OR (:planned AND substr(model, 1, length(:model) + 1) = :model || '+'))"
+    "(t.model = :model OR (:planned AND substr(t.model, 1, length(:model) + 1) = :model || '+'))"
 )
+_JUDGED = f"(NOT a.on_model OR ({_IS_MODEL} AND t.tier = 'active'))"  # latency and energy
+_METRICS_SQL = f"""
+WITH asked(device, since, on_model) AS (VALUES {{values}})
+SELECT t.device,
+       COALESCE(SUM(t.inferences), 0),
+       COALESCE(SUM(t.errors), 0),
+       SUM(CASE WHEN {_JUDGED} AND t.latency_p95_ms IS NOT NULL
+                THEN t.latency_p95_ms * t.inferences END)
+         / NULLIF(SUM(CASE WHEN {_JUDGED} AND t.latency_p95_ms IS NOT NULL
+                           THEN t.inferences END), 0),
+       SUM(CASE WHEN {_JUDGED} AND t.energy_per_inference_j IS NOT NULL
+                THEN t.energy_per_inference_j * t.inferences END)
+         / NULLIF(SUM(CASE WHEN {_JUDGED} AND t.energy_per_inference_j IS NOT NULL
+                           THEN t.inferences END), 0),
+       COALESCE(SUM(CASE WHEN t.tier != 'active' THEN t.inferences ELSE 0 END), 0)
+FROM asked a
+JOIN telemetry t ON t.device = a.device AND julianday(t.start) >= julianday(a.since)
+WHERE NOT a.on_model OR {_IS_MODEL} OR t.tier != 'active'
+GROUP BY t.device
+"""
+_BATCH = 500  # devices per query: three parameters each, well below SQLite's limit
 
 
 def soak_metrics(
     db: sqlite_utils.Database,
-    since: datetime,
     model: str,
-    wave: Iterable[str],
-    control: Iterable[str],
+    wave: Mapping[str, datetime],
+    control: Mapping[str, datetime],
 ) -> dict[str, Metrics]:
-    """Each device's telemetry from ``since`` (windows that started then or later).
+    """Each device's telemetry in the windows that started at or after its own time.
 
     ``wave`` devices are judged on the rollout's ``model``: its windows, plus the windows a
     fallback tier answered instead (the agent names the fallback tier's own model in those,
@@ -164,25 +160,17 @@ def soak_metrics(
     model's windows on the active tier only. ``control`` devices count every window.
     Latency and energy are inference-weighted means of the per-window figures.
     """
+    asked = [(d, since, True) for d, since in wave.items()]
+    asked += [(d, since, False) for d, since in control.items()]
     out: dict[str, Metrics] = {}
-    params: dict[str, Any] = {
-        "since": since.isoformat(),
-        "model": model,
-        "planned": int("+" not in model),
-    }
-    for devices, rows, judged in (
-        (list(wave), f"{_IS_MODEL} OR tier != 'active'", f"{_IS_MODEL} AND tier = 'active'"),
-        (list(control), "1", "1"),
-    ):
-        if not devices:
-            continue
-        marks = {f"d{i}": d for i, d in enumerate(devices)}
-        sql = _METRICS_SQL.format(
-            judged=judged, rows=rows, devices=",".join(f":{k}" for k in marks)
-        )
-        for device, inferences, errors, p95, energy, fallback in db.execute(
-            sql, {**params, **marks}
-        ).fetchall():
+    for first in range(0, len(asked), _BATCH):
+        batch = asked[first : first + _BATCH]
+        params: dict[str, Any] = {"model": model, "planned": int("+" not in model)}
+        for i, (device, since, on_model) in enumerate(batch):
+            params.update({f"d{i}": device, f"s{i}": since.isoformat(), f"m{i}": int(on_model)})
+        values = ",".join(f"(:d{i}, :s{i}, :m{i})" for i in range(len(batch)))
+        rows = db.execute(_METRICS_SQL.format(values=values), params).fetchall()
+        for device, inferences, errors, p95, energy, fallback in rows:
             out[device] = Metrics(
                 inferences=int(inferences),
                 errors=int(errors),
@@ -194,14 +182,17 @@ def soak_metrics(
 
 
 def rollout_metrics(db: sqlite_utils.Database, state: RolloutState) -> dict[str, Metrics]:
-    """The metrics :func:`rollout.advance` judges: since ``metrics_since`` (the current wave's
-    start, or the last resume), members that were sent the model against the pending ones."""
-    since = state.metrics_since or state.soak_started or state.wave_started
+    """The metrics :func:`rollout.advance` judges, from ``metrics_since`` (the current wave's
+    start, or the last resume): the pending members (the control group), and the members that
+    were sent the model, each from when it entered its status (for an updated one: when it
+    was seen running the model, so the window in which it switched models, warm-up included,
+    is not taken for the new model's)."""
+    since = state.metrics_since or state.wave_started
     if since is None:
         return {}
-    wave = [m.device for m in state.members if m.status in TOUCHED]
-    control = [m.device for m in state.members if m.status is MemberStatus.PENDING]
-    return soak_metrics(db, since, state.spec.model, wave, control)
+    wave = {m.device: max(since, m.since or since) for m in state.members if m.status in TOUCHED}
+    control = {m.device: since for m in state.members if m.status is MemberStatus.PENDING}
+    return soak_metrics(db, state.spec.model, wave, control)
 
 
 # ---------------------------------------------------------------------------------- the job
@@ -221,9 +212,11 @@ class RolloutsJob:
         """Advance each live rollout; True when desired models changed (reconcile has work)."""
         changed = False
         config = self._config() if self._config else None
+        # revisions first: a rollout written after this read is skipped, never overwritten
+        seen = rollout_store.revisions(self.db)
         for state in rollout_store.load_all(self.db, advancing=True):
             try:
-                changed |= self._advance(state, now, config)
+                changed |= self._advance(state, seen.get(state.id), now, config)
             except Exception as exc:  # one broken rollout must not stop the others
                 if self._failing.get(state.id) != repr(exc):
                     self._failing[state.id] = repr(exc)
@@ -232,9 +225,15 @@ class RolloutsJob:
                 self._failing.pop(state.id, None)
         return changed
 
-    def _advance(self, state: RolloutState, now: datetime, config: ControllerConfig | None) -> bool:
+    def _advance(
+        self,
+        state: RolloutState,
+        seen: str | None,
+        now: datetime,
+        config: ControllerConfig | None,
+    ) -> bool:
+        """Decide from ``state`` (read at revision ``seen``) and commit, unless it changed."""
         db = self.db
-        seen = rollout_store.revision(db, state.id)
         facts = device_facts(
             db,
             state.id,

@@ -125,10 +125,11 @@ class Fleet:
         path = self.tmp / f"rollout-{unique('spec')}.yaml"
         gates = {
             "min_inferences": 10,
-            # four agents share two CPU cores here: latency and CPU-based energy estimates
-            # of the same network swing more than the production defaults allow
-            "max_latency_regression": 5.0,
-            "max_energy_regression": 5.0,
+            # four agents, a controller and a broker share two CPU cores here: the p95 of a
+            # sub-millisecond inference, and the CPU-based energy estimate, swing several-fold
+            # between devices running the same network; the gates are judged, loosely
+            "max_latency_regression": 20.0,
+            "max_energy_regression": 20.0,
             **spec.pop("gates", {}),
         }
         path.write_text(

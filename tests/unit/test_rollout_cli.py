@@ -39,7 +39,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def birth(active: str | None, site: str = "a", session: str = "s1") -> p.Birth:
     model = None
     if active:
-        model = p.ActiveModel(model=p.ModelRef.parse(active), sha256="a" * 64, format="onnx")
+        model = p.ActiveModel(
+            model=p.ModelRef.parse(active), sha256="a" * 64, format=p.ModelFormat.ONNX
+        )
     return p.Birth(
         session=session,
         agent_version="0.1.0",
@@ -208,7 +210,7 @@ def telemetry(
         energy_per_inference_j=0.001,
     )
     batch = p.TelemetryBatch(session="s1", records=[record])
-    db["telemetry"].insert_all(telemetry_rows(device, batch, registry.iso(at)))
+    db.table("telemetry").insert_all(telemetry_rows(device, batch, registry.iso(at)))
 
 
 def test_the_job_moves_a_rollout_through_its_waves_and_watch_shows_it(
@@ -225,7 +227,7 @@ def test_the_job_moves_a_rollout_through_its_waves_and_watch_shows_it(
     start = datetime.fromisoformat(created["created"])
     clock = [start]
 
-    def tick(seconds: float) -> dict[str, Any]:
+    def tick(seconds: float) -> Any:
         clock[0] += timedelta(seconds=seconds)
         job.tick(clock[0])
         return run(capsys, "rollout", "show", "r1")
@@ -264,3 +266,24 @@ def test_the_job_moves_a_rollout_through_its_waves_and_watch_shows_it(
     before = rollout_store.revision(db, "r1")
     assert not job.tick(clock[0] + timedelta(seconds=5))
     assert rollout_store.revision(db, "r1") == before
+
+
+def test_the_job_never_overwrites_an_operators_change(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A decision made from a state the operator changed meanwhile is dropped, not written."""
+    run(capsys, "rollout", "create", "vib:2.0.0", "--selector", "site=a")
+    db = open_db(home / "greenfleet.db")
+    job = RolloutsJob(db)
+    seen = rollout_store.revisions(db)
+    (state,) = rollout_store.load_all(db, advancing=True)
+    run(capsys, "rollout", "pause", "r1", "--reason", "hold it")
+    now = datetime.now(UTC)
+    report(db, "gw-1", "vib:2.0.0", now)  # the canary reports the model: a decision to make
+    assert not job._advance(state, seen["r1"], now, None)
+    after = rollout_store.load(db, "r1")
+    assert (after.status.value, after.reason) == ("paused", "hold it")
+    job.tick(now)  # from the paused state: the member catches up, the rollout stays paused
+    after = rollout_store.load(db, "r1")
+    assert after.status.value == "paused"
+    assert {m.device: m.status.value for m in after.members}["gw-1"] == "updated"
