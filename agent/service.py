@@ -408,6 +408,8 @@ class Agent:
 
     def _controller_state(self, payload: bytes) -> None:
         """Follow the controller's presence (paho's thread; see protocol.ControllerState)."""
+        if not payload:  # the retained state was cleared (a decommissioned controller)
+            return
         try:
             state = p.decode(payload)
         except p.ProtocolError as exc:

@@ -317,3 +317,73 @@ class BenchController:
                     raise TimeoutError(f"agent {self.device} sent no birth in {timeout:.0f} s")
                 self._arrived.wait(0.1)
             return self.births[0][1]
+
+
+class BirthWatcher:
+    """Every agent's births (``gf/v1/+/state``) with their wall-clock arrival times
+    (``time.time()``), for benchmarks that line them up with the controller's database stamps
+    (UTC wall clock). Deaths and undecodable payloads are ignored."""
+
+    def __init__(self, port: int, client_id: str) -> None:
+        self.births: list[tuple[float, str, p.Birth]] = []
+        self._arrived = threading.Condition()
+        self._link = MqttLink(
+            client_id=client_id,
+            host="127.0.0.1",
+            port=port,
+            on_message=self._on_message,
+            subscriptions=[(p.subscription(p.Channel.STATE), 1)],
+            clean_session=True,
+        )
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        now = time.time()
+        try:
+            device = p.parse_topic(topic).device
+            message = p.decode(payload)
+        except p.ProtocolError:
+            return
+        if isinstance(message, p.Birth):
+            with self._arrived:
+                self.births.append((now, device, message))
+                self._arrived.notify_all()
+
+    def __enter__(self) -> BirthWatcher:
+        self._link.start()
+        if not self._link.connected.wait(10):
+            raise RuntimeError("birth watcher could not connect to the broker")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._link.stop()
+
+    def wait(
+        self,
+        device: str,
+        model: str,
+        *,
+        after: float,
+        timeout: float = 30.0,
+        tier: p.Tier | None = None,
+    ) -> tuple[float, p.Birth]:
+        """The first birth of ``device`` that arrived at or after ``after`` (wall clock) with
+        ``model`` (NAME:VERSION[+VARIANT]) active (and ``tier``, when given); TimeoutError if
+        none comes within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._arrived:
+            while True:
+                for at, who, birth in self.births[seen:]:
+                    if (
+                        at >= after
+                        and who == device
+                        and birth.active is not None
+                        and str(birth.active.model) == model
+                        and (tier is None or birth.tier is tier)
+                    ):
+                        return at, birth
+                seen = len(self.births)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no birth of {device} with {model} in {timeout:.0f} s")
+                self._arrived.wait(remaining)

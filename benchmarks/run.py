@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, str] = {
     "variants": "benchmarks.variants",
     "planning": "benchmarks.planning",
     "resilience": "benchmarks.resilience",
+    "rollout_abort": "benchmarks.rollout_abort",
 }
 
 

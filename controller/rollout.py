@@ -358,6 +358,7 @@ class Metrics:
     latency_p95_ms: float | None = None
     energy_per_inference_j: float | None = None
     fallback_inferences: int = 0  # inferences answered by a tier other than "active"
+    judged_inferences: int | None = None  # those behind latency/energy (None: all of them)
 
 
 # ----------------------------------------------------------------------------------- outputs
@@ -934,7 +935,13 @@ class _Sample:
         rows = [metrics.get(m.device, Metrics()) for m in members]
         means: dict[str, tuple[float | None, int, int]] = {}
         for metric in ("latency_p95_ms", "energy_per_inference_j"):
-            pairs = [(getattr(r, metric), r.inferences) for r in rows]
+            pairs = [
+                (
+                    getattr(r, metric),
+                    r.inferences if r.judged_inferences is None else r.judged_inferences,
+                )
+                for r in rows
+            ]
             weighted = [(v, w) for v, w in pairs if v is not None and w > 0]
             weight = sum(w for _, w in weighted)
             mean = sum(v * w for v, w in weighted) / weight if weight else None

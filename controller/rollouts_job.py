@@ -137,7 +137,8 @@ SELECT t.device,
                 THEN t.energy_per_inference_j * t.inferences END)
          / NULLIF(SUM(CASE WHEN {_JUDGED} AND t.energy_per_inference_j IS NOT NULL
                            THEN t.inferences END), 0),
-       COALESCE(SUM(CASE WHEN t.tier != 'active' THEN t.inferences ELSE 0 END), 0)
+       COALESCE(SUM(CASE WHEN t.tier != 'active' THEN t.inferences ELSE 0 END), 0),
+       COALESCE(SUM(CASE WHEN {_JUDGED} THEN t.inferences ELSE 0 END), 0)
 FROM asked a
 JOIN telemetry t ON t.device = a.device AND julianday(t.start) >= julianday(a.since)
 WHERE NOT a.on_model OR {_IS_MODEL} OR t.tier != 'active'
@@ -170,13 +171,14 @@ def soak_metrics(
             params.update({f"d{i}": device, f"s{i}": since.isoformat(), f"m{i}": int(on_model)})
         values = ",".join(f"(:d{i}, :s{i}, :m{i})" for i in range(len(batch)))
         rows = db.execute(_METRICS_SQL.format(values=values), params).fetchall()
-        for device, inferences, errors, p95, energy, fallback in rows:
+        for device, inferences, errors, p95, energy, fallback, judged in rows:
             out[device] = Metrics(
                 inferences=int(inferences),
                 errors=int(errors),
                 latency_p95_ms=p95,
                 energy_per_inference_j=energy,
                 fallback_inferences=int(fallback),
+                judged_inferences=int(judged),
             )
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import paho.mqtt.publish as paho_publish
 import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
@@ -150,6 +152,7 @@ class Processes:
         self.workdir = workdir
         self.env = env
         self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+        self.controller_ports: set[int] = set()
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = self.workdir / f"{name}.log"
@@ -168,6 +171,7 @@ class Processes:
         return self.start(name or config.stem, "-m", "agent.cli", "run", "--config", str(config))
 
     def controller(self, port: int) -> subprocess.Popen[bytes]:
+        self.controller_ports.add(port)
         return self.start(
             "controller",
             "-m",
@@ -203,6 +207,20 @@ class Processes:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        for port in self.controller_ports:
+            clear_controller_presence(port)
+
+
+def clear_controller_presence(port: int) -> None:
+    """Remove the retained controller state a stopped controller left on a shared broker: it
+    says "offline", and agents of later tests (which have no controller) would hold their
+    telemetry waiting for it, as they should in a real fleet."""
+    from agent.protocol import CONTROLLER_TOPIC
+
+    with contextlib.suppress(OSError):
+        paho_publish.single(
+            CONTROLLER_TOPIC, b"", qos=1, retain=True, hostname="127.0.0.1", port=port
+        )
 
 
 @pytest.fixture

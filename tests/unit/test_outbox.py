@@ -352,3 +352,28 @@ def test_corruption_found_while_running_sets_the_file_aside_and_keeps_going(
     assert box.stats()["pending"] == 1
     assert len(list(tmp_path.glob("outbox.db.corrupt-*"))) == 1
     box.close()
+
+
+@pytest.mark.parametrize("lapsed", [False, True], ids=["subscription-kept", "subscription-lapsed"])
+def test_held_for_the_controller_then_released(tmp_path: Path, lapsed: bool) -> None:
+    """While the controller may not be subscribed nothing new goes out, and what the broker
+    confirms stays in the outbox until the release says whether it reached the controller."""
+    box = opened(tmp_path / "outbox.db")
+    fill(box, msgs(5))
+    link = FakeLink()
+    sender = OutboxSender(box, link.publish, link.connected)
+    sender.pump(window=2)  # m0, m1 in flight
+    sender.hold()
+    link.confirm(b"m0", b"m1")  # e.g. paho's own resend, confirmed by a restarted broker
+    assert sender.pump(window=2) == 2
+    assert link.payloads() == msgs(2), "nothing new is sent while held"
+    assert box.stats()["pending"] == 5, "confirmed while held: kept until the release"
+    link.sent.clear()
+    sender.release(lapsed)
+    sender.pump(window=5)
+    if lapsed:
+        assert link.payloads() == msgs(5), "the broker's confirmations went nowhere: all again"
+    else:
+        assert link.payloads() == msgs(3, start=2)
+        assert box.stats()["pending"] == 3
+    box.close()

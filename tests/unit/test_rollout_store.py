@@ -279,6 +279,7 @@ def test_soak_metrics_sum_and_weigh_the_soak_period(db: sqlite_utils.Database) -
     assert sorted(got) == ["c1", "w1"]
     wave, control = got["w1"], got["c1"]
     assert (wave.inferences, wave.errors, wave.fallback_inferences) == (60, 3, 20)
+    assert wave.judged_inferences == 40, "latency and energy weigh only the new model's windows"
     assert wave.latency_p95_ms == pytest.approx((30 * 4.0 + 10 * 8.0) / 40)
     assert wave.energy_per_inference_j == pytest.approx((30 * 0.02 + 10 * 0.04) / 40)
     assert (control.inferences, control.errors, control.fallback_inferences) == (40, 0, 0)
@@ -286,7 +287,9 @@ def test_soak_metrics_sum_and_weigh_the_soak_period(db: sqlite_utils.Database) -
     assert control.energy_per_inference_j == pytest.approx(0.02)
     # a pinned variant matches only itself; timestamps compare as times, not as text
     exact = soak_metrics(db, "vib:2.0.0+fp32", wave={"w1": since.astimezone()}, control={})
-    assert exact["w1"] == Metrics(inferences=20, fallback_inferences=20, errors=0)
+    assert exact["w1"] == Metrics(
+        inferences=20, fallback_inferences=20, errors=0, judged_inferences=0
+    )
     assert soak_metrics(db, "vib:2.0.0", wave={"w1": t(10)}, control={"c1": t(10)}) == {}
     # each device from its own time
     later = soak_metrics(db, "vib:2.0.0", wave={"w1": t(0.5)}, control={"c1": t(1)})
