@@ -14,6 +14,7 @@ Threads and who owns what:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -62,6 +63,7 @@ CHUNK_TIMEOUT_S = 5.0  # re-ask for chunks that have not arrived after this long
 PROGRESS_STEPS = 4  # deploy_progress events per transfer
 EVENT_REPEAT_S = 60.0  # the same recurring error is reported at most once per this period
 STAGING_TIMED_RUNS = 5  # runs on zeros whose median staging compares with the profile
+WAKE = ("", b"")  # put in the worker's inbox: something went into the outbox
 OUTBOX_WINDOW = 32  # telemetry/event messages in flight; below the link's max_inflight (64)
 
 
@@ -469,6 +471,8 @@ class Agent:
         restarts); replies, results and chunk requests only matter now and go straight out."""
         if channel in (p.Channel.TELEMETRY, p.Channel.EVENTS):
             self.outbox.put(p.topic(self.device, channel), p.encode(message))
+            with contextlib.suppress(queue.Full):  # wake the worker: it sends the outbox
+                self._inbox.put_nowait(WAKE)
             return
         assert self.link is not None
         self.link.publish(p.topic(self.device, channel), p.encode(message), qos=qos)
@@ -505,6 +509,9 @@ class Agent:
                 busy = self.sender is not None and self.sender.in_flight
                 topic, payload = self._inbox.get(timeout=0.05 if busy else 0.5)
             except queue.Empty:
+                self._pump()
+                continue
+            if not topic:  # WAKE
                 self._pump()
                 continue
             try:

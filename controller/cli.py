@@ -55,6 +55,11 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
             f"last-good {detail['last_good_model'] or '-'}; "
             f"fallback {detail['fallback_model'] or '-'}"
         )
+        if detail.get("pinned"):
+            console.print(
+                f"[yellow]pinned[/]: rollouts skip it ({escape(detail.get('pin_reason') or '-')}); "
+                f"`greenfleet devices unpin {args.id}` to release"
+            )
         if detail.get("preloaded_model"):
             console.print(
                 f"preloaded {detail['preloaded_model']}: on the device, activated when its "

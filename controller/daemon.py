@@ -56,6 +56,7 @@ class Controller:
         self.reconcile_interval_s = reconcile_interval_s
         self.resend_after = resend_after
         self._reconcile_lock = threading.Lock()
+        self._again = threading.Event()  # reconcile_soon during a pass: run another
         self.session = p.new_id()[:16]
         self.link = MqttLink(
             client_id=client_id,
@@ -145,6 +146,7 @@ class Controller:
 
     def reconcile_soon(self) -> None:
         """A device changed state: reconcile (and advance rollouts) now, not at the next tick."""
+        self._again.set()
         for job_id in ("rollouts", "reconcile"):
             job = self.scheduler.get_job(job_id)
             if job is not None:
@@ -153,9 +155,7 @@ class Controller:
     def advance_rollouts(self) -> None:
         """One decision for every live rollout; reconcile sends what it changed right away."""
         if self._rollouts.tick(p.utcnow()):
-            job = self.scheduler.get_job("reconcile")
-            if job is not None:
-                job.modify(next_run_time=p.utcnow())
+            self.reconcile()  # here, not via the scheduler: a running pass would make it skip
 
     def _resolve(
         self, views: list[DeviceView], rows: dict[str, dict[str, Any]] | None = None
@@ -333,7 +333,19 @@ class Controller:
 
     def reconcile(self) -> int:
         """Send Deploy to every online device whose desired model differs from its active one,
-        and a fallback-slot Deploy to those that run it but lack their fallback variant."""
+        and a fallback-slot Deploy to those that run it but lack their fallback variant.
+
+        A change noted while a pass runs (``reconcile_soon``) gets a pass of its own right
+        after: the scheduler skips a job that is still running, which delayed such changes by a
+        whole interval."""
+        sent = 0
+        while True:
+            self._again.clear()
+            sent += self._reconcile_once()
+            if not self._again.is_set():
+                return sent
+
+    def _reconcile_once(self) -> int:
         if not self.link.connected.is_set():
             return 0
         with self._reconcile_lock:

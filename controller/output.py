@@ -81,7 +81,7 @@ def fleet_table(rows: list[dict[str, Any]], title: str = "fleet") -> Table:
             "[green]online[/]" if r["online"] else "[red]offline[/]",
             r["active_model"] or "-",
             tier_text(r.get("tier")),
-            r["desired_model"] or "-",
+            (r["desired_model"] or "-") + (" [yellow](pinned)[/]" if r.get("pinned") else ""),
             fmt(rate, 1),
             fmt(r["latency_p50_ms"], 3),
             fmt(r["latency_p95_ms"], 3),

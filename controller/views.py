@@ -40,6 +40,8 @@ def fleet(db: sqlite_utils.Database) -> list[dict[str, Any]]:
                 "tier": row.get("tier"),
                 "fallback_model": row.get("fallback_model"),
                 "desired_model": row["desired_model"],
+                "pinned": bool(row.get("pinned")),
+                "pin_reason": row.get("pin_reason"),
                 "last_seen": row["last_seen"],
                 "inferences": t.get("inferences"),
                 "window_s": t.get("window_s"),

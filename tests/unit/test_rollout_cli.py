@@ -183,7 +183,12 @@ def test_a_file_with_flags_over_it(
 
 
 def test_pin_and_unpin(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(capsys, "devices", "pin", "gw-2")["pinned"] is True
+    assert run(capsys, "devices", "pin", "gw-2", "--reason", "line audit")["pinned"] is True
+    listed = {d["id"]: d for d in run(capsys, "devices", "list")}
+    assert listed["gw-2"]["pinned"] and listed["gw-2"]["pin_reason"] == "line audit"
+    assert not listed["gw-1"]["pinned"]
+    assert main(["devices", "show", "gw-2"]) == 0
+    assert "pinned: rollouts skip it (line audit)" in capsys.readouterr().out
     assert run(capsys, "devices", "unpin", "gw-2") == {
         "device": "gw-2",
         "pinned": False,
