@@ -28,13 +28,32 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class TlsConfig(Section):
+    """TLS to the broker: the CA to pin and, for certificate auth, this device's certificate."""
+
+    ca_file: Path = Field(description="PEM CA that signed the broker's certificate (pinned).")
+    cert_file: Path | None = Field(default=None, description="PEM client certificate.")
+    key_file: Path | None = Field(default=None, description="PEM client key (mode 0600).")
+    server_name: str | None = Field(
+        default=None, description="Name to check the broker certificate against; default host."
+    )
+
+
 class BrokerConfig(Section):
-    """Where the site's MQTT broker is and how to log in."""
+    """Where the site's MQTT broker is and how to log in.
+
+    Without ``tls`` the connection is plain TCP, which is refused for a broker that is not on
+    loopback unless ``allow_plaintext`` says so (and then warned about at every start).
+    """
 
     host: str = Field(default="127.0.0.1", description="Broker host name or address.")
     port: int = Field(default=1883, ge=1, le=65535)
     username: str | None = None
     password: str | None = None
+    tls: TlsConfig | None = None
+    allow_plaintext: bool = Field(
+        default=False, description="Allow plain TCP to a broker that is not on loopback."
+    )
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     reconnect_min_s: float = Field(default=0.5, gt=0, description="First reconnect delay.")
     reconnect_max_s: float = Field(default=30.0, gt=0, description="Cap of the backoff.")
