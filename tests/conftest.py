@@ -35,6 +35,24 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     broker.stop()
 
 
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    logs: Callable[[], str] | str = "",
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); AssertionError naming
+    ``what`` and showing ``logs`` (text, or a function giving it) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    text = logs() if callable(logs) else logs
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{text}")
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import json
 import sqlite3
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,21 +13,9 @@ import pytest
 
 from agent import protocol as p
 from controller.broker import EmbeddedBroker
-from tests.conftest import SAMPLES, Probe, Processes, agent_config, unique
+from tests.conftest import SAMPLES, Probe, Processes, agent_config, unique, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, logs: Callable[[], str] = lambda: ""
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs()}")
 
 
 def fleet(procs: Processes) -> dict[str, dict[str, Any]]:

@@ -20,23 +20,11 @@ import pytest
 import yaml
 
 from agent import protocol as p
-from tests.conftest import SAMPLES, Probe, Processes, agent_config, unique
+from tests.conftest import SAMPLES, Probe, Processes, agent_config, unique, wait_until
 
 pytestmark = pytest.mark.e2e
 
 OLD, NEW = "vibration-ae:1.0.0", "vibration-ae:1.1.0"
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, logs: Callable[[], str]
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs()}")
 
 
 def show(procs: Processes, device: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 
 from agent import protocol as p
 from controller.broker import Mosquitto
-from tests.conftest import SAMPLES, Probe, Processes, agent_config, unique
+from tests.conftest import SAMPLES, Probe, Processes, agent_config, unique, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -58,18 +58,6 @@ def bad_model(path: Path) -> Path:
     onnx.checker.check_model(built)
     onnx.save(built, path)
     return path
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, logs: Callable[[], str]
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs()}")
 
 
 @dataclass

@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from controller.broker import Mosquitto
-from tests.conftest import SAMPLES, Processes, agent_config, unique
+from tests.conftest import SAMPLES, Processes, agent_config, unique, wait_until
 from tests.faults.proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
@@ -45,18 +45,6 @@ STOPPED = re.compile(
     r"\(seq (?P<seqs>[^)]*)\) and (?P<events>\d+) events; (?P<dropped>\d+) dropped from the "
     r"outbox, (?P<left>\d+) still in it"
 )
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, logs: Callable[[], str]
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs()}")
 
 
 def device_row(processes: Processes, device: str) -> dict[str, Any]:
