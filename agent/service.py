@@ -363,9 +363,7 @@ class Agent:
             model=str(model) if model else None,
             probe=bool(move and move.probe),
         )
-        if self.link is not None and self.link.connected.is_set():
-            topic, payload = self._birth()
-            self.link.publish(topic, payload, qos=1, retain=True)
+        self._publish_birth()
 
     def _apply(self, move: Move | None) -> None:
         """Apply a ladder decision from the inference thread; note probes for crash recovery."""
@@ -382,6 +380,11 @@ class Agent:
     def _active_model(self) -> p.ActiveModel | None:
         """The deployed active model (what the controller deployed), whatever tier serves."""
         return self.activation.read().active or (self._serving.active if self._serving else None)
+
+    def _publish_birth(self) -> None:
+        """Re-publish the retained birth (what runs changed); on reconnect the link does it."""
+        if self.link is not None and self.link.connected.is_set():
+            self.link.publish(*self._birth(), qos=1, retain=True)
 
     def _birth(self) -> tuple[str, bytes]:
         pointer = self.activation.read()
@@ -534,9 +537,8 @@ class Agent:
             message = p.decode(payload)
         except p.ProtocolError:
             return
-        if isinstance(message, p.Death) and self.link is not None and self.link.connected.is_set():
-            topic, birth = self._birth()
-            self.link.publish(topic, birth, qos=1, retain=True)
+        if isinstance(message, p.Death):
+            self._publish_birth()
 
     def _handle_command(self, payload: bytes) -> None:
         try:
@@ -686,12 +688,9 @@ class Agent:
         self, command: p.Deploy, model: LoadedModel, manifest: p.Manifest | None, how: str = ""
     ) -> None:
         """Put a staged model in its slot (active, or kept ready as the fallback) and answer."""
-        if command.slot is p.Slot.FALLBACK:
-            self._keep_fallback(command, model, manifest)
-            status = "staged as fallback"
-        elif command.slot is p.Slot.PRELOAD:
-            self._keep_preloaded(command, model, manifest)
-            status = "preloaded"
+        if command.slot is not p.Slot.ACTIVE:
+            self._keep(command, model, manifest)
+            status = "staged as fallback" if command.slot is p.Slot.FALLBACK else "preloaded"
         else:
             self._activate_loaded(command, model, manifest)
             status = "activated"
@@ -829,30 +828,32 @@ class Agent:
             if not np.all(np.isfinite(value)):
                 raise InferenceError(f"smoke test: output {name!r} is not finite on a zero input")
 
-    def _keep_fallback(
-        self, command: p.Deploy, model: LoadedModel, manifest: p.Manifest | None
-    ) -> None:
-        """Keep a staged variant on disk as the fallback tier; it is loaded only when needed."""
+    def _keep(self, command: p.Deploy, model: LoadedModel, manifest: p.Manifest | None) -> None:
+        """Keep a staged model on disk without activating it: as the fallback tier (loaded only
+        when the chain falls to it), or preloaded until an active deploy of the same file (a
+        maintenance window opened) activates it from there without another transfer."""
         ref = p.ActiveModel(
             model=command.model, sha256=command.artifact.sha256, format=command.artifact.format
         )
         model.close()
         if manifest is not None:
             self.activation.save_manifest(ref.sha256, manifest)
-        self.activation.set_fallback(ref)  # disk writes outside the lock inference takes
+        # disk writes outside the lock inference takes
+        if command.slot is p.Slot.FALLBACK:
+            self.activation.set_fallback(ref)
+            kind, what = p.EventKind.FALLBACK_STAGED, "staged as the fallback tier"
+        else:
+            self.activation.set_preloaded(ref)
+            kind, what = p.EventKind.PRELOADED, "preloaded: kept on disk until it is activated"
         self.activation.clear_pending()
-        with self._tier_lock:
-            self.ladder.broken.discard(p.Tier.FALLBACK)
-            self._refresh_tiers()
+        if command.slot is p.Slot.FALLBACK:
+            with self._tier_lock:
+                self.ladder.broken.discard(p.Tier.FALLBACK)
+                self._refresh_tiers()
         self._event(
-            p.EventKind.FALLBACK_STAGED,
-            f"{command.model} staged as the fallback tier",
-            model=str(command.model),
-            size=command.artifact.size,
+            kind, f"{command.model} {what}", model=str(command.model), size=command.artifact.size
         )
-        assert self.link is not None
-        topic, payload = self._birth()
-        self.link.publish(topic, payload, qos=1, retain=True)
+        self._publish_birth()
 
     def _preload_answered(self, command: p.Deploy, pointer: Pointer) -> bool:
         """Answer a preload of what is already active or preloaded (True), or leave it (False)."""
@@ -865,36 +866,12 @@ class Agent:
                 self.activation.set_preloaded(
                     pointer.preloaded.model_copy(update={"model": command.model})
                 )
-                assert self.link is not None
-                self.link.publish(*self._birth(), qos=1, retain=True)
+                self._publish_birth()
         else:
             return False
         self.activation.clear_pending()
         self._reply(command.id, True, status=status, model=str(command.model))
         return True
-
-    def _keep_preloaded(
-        self, command: p.Deploy, model: LoadedModel, manifest: p.Manifest | None
-    ) -> None:
-        """Keep a staged model on disk, not active, until an active deploy of the same file
-        (a maintenance window opened) activates it from there without another transfer."""
-        ref = p.ActiveModel(
-            model=command.model, sha256=command.artifact.sha256, format=command.artifact.format
-        )
-        model.close()
-        if manifest is not None:
-            self.activation.save_manifest(ref.sha256, manifest)
-        self.activation.set_preloaded(ref)
-        self.activation.clear_pending()
-        self._event(
-            p.EventKind.PRELOADED,
-            f"{command.model} preloaded: verified and kept on disk until it is activated",
-            model=str(command.model),
-            size=command.artifact.size,
-        )
-        assert self.link is not None
-        topic, payload = self._birth()
-        self.link.publish(topic, payload, qos=1, retain=True)
 
     def _activate_loaded(
         self, command: p.Deploy, model: LoadedModel, manifest: p.Manifest | None
@@ -926,9 +903,7 @@ class Agent:
             model=str(command.model),
             previous=str(previous.active.model) if previous else None,
         )
-        assert self.link is not None
-        topic, payload = self._birth()
-        self.link.publish(topic, payload, qos=1, retain=True)
+        self._publish_birth()
 
     def _fail_deploy(self, command: p.Deploy, reason: str) -> None:
         """Reject the deploy: the active model stays, the reason goes to the controller."""
