@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import ConfigError
 from agent.protocol import DeviceId, FaultKind, PowerMethod
@@ -37,6 +37,22 @@ class TlsConfig(Section):
     server_name: str | None = Field(
         default=None, description="Name to check the broker certificate against; default host."
     )
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TlsConfig:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set without cert_file (the client certificate)")
+        return self
+
+    def resolved(self, base: Path) -> TlsConfig:
+        """A copy with relative file paths taken from ``base`` (the config file's folder)."""
+        return self.model_copy(
+            update={
+                key: (base / value).resolve()
+                for key in ("ca_file", "cert_file", "key_file")
+                if (value := getattr(self, key)) is not None and not value.is_absolute()
+            }
+        )
 
 
 class BrokerConfig(Section):
@@ -273,4 +289,9 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> AgentCo
         raise ConfigError(f"invalid config {path}: state_dir contains a NUL character")
     if not config.state_dir.is_absolute():
         config.state_dir = (path.parent / config.state_dir).resolve()
+    # TLS files named relative to the config file, like state_dir. Whether they can be read,
+    # and whether plain TCP is allowed, is checked at start (agent.link.check_transport).
+    for broker in (config.broker, getattr(config.input, "broker", None)):
+        if broker is not None and broker.tls is not None:
+            broker.tls = broker.tls.resolved(path.parent)
     return config

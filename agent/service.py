@@ -135,6 +135,8 @@ class Agent:
             keepalive_s=self.config.broker.keepalive_s,
             reconnect_min_s=self.config.broker.reconnect_min_s,
             reconnect_max_s=self.config.broker.reconnect_max_s,
+            tls=self.config.broker.tls,
+            allow_plaintext=self.config.broker.allow_plaintext,
             on_message=self._on_message,
             subscriptions=[
                 (p.topic(self.device, p.Channel.CMD), 1),
@@ -201,6 +203,9 @@ class Agent:
             keepalive_s=config.broker.keepalive_s,
             reconnect_min_s=config.broker.reconnect_min_s,
             reconnect_max_s=config.broker.reconnect_max_s,
+            tls=config.broker.tls,
+            allow_plaintext=config.broker.allow_plaintext,
+            setting="input.broker",
             on_message=lambda topic, payload: offer(payload),
             subscriptions=[(config.topic, 0)],
             clean_session=True,

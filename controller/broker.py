@@ -117,6 +117,53 @@ class Mosquitto:
                 self.process.kill()
 
 
+class ConfiguredMosquitto:
+    """Mosquitto run with a configuration file made elsewhere (``greenfleet broker config``):
+    started, waited for on ``port`` (its first listener), stopped. Output goes to ``log``."""
+
+    def __init__(self, conf: Path, port: int, log: Path, host: str = "127.0.0.1") -> None:
+        self.conf, self.port, self.log, self.host = conf, port, log, host
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def start(self) -> ConfiguredMosquitto:
+        binary = mosquitto_path()
+        if binary is None:
+            raise FileNotFoundError("mosquitto is not installed (apt-get install -y mosquitto)")
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                [binary, "-c", str(self.conf)], stdout=log_file, stderr=subprocess.STDOUT
+            )
+        try:
+            wait_for_port(
+                self.port,
+                host=self.host,
+                alive=lambda: self.process is not None and self.process.poll() is None,
+            )
+        except TimeoutError as exc:
+            self.stop()
+            text = self.log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"mosquitto did not start with {self.conf}: {exc}\n{text}") from exc
+        return self
+
+    def wait(self) -> int:
+        assert self.process is not None
+        return self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
 class EmbeddedBroker:
     """amqtt running on its own event loop in a background thread."""
 

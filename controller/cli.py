@@ -18,8 +18,17 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from agent.errors import ConfigError as AgentConfigError
 from agent.protocol import ModelRef, ProtocolError
-from controller import model_commands, plan_commands, registry, rollout_commands, views
+from controller import (
+    api_commands,
+    device_commands,
+    model_commands,
+    plan_commands,
+    registry,
+    rollout_commands,
+    views,
+)
 from controller.db import open_db
 from controller.errors import ControllerError, InvalidRequest
 from controller.home import Home
@@ -188,15 +197,29 @@ def parse_broker(text: str) -> tuple[str, int]:
 def cmd_controller_run(args: argparse.Namespace) -> int:
     from controller.daemon import Controller
 
-    host, port = parse_broker(args.broker)
-    controller = Controller(
+    conn = device_commands.controller_connection(
         args.home,
-        host,
-        port,
+        args.broker,
         username=args.username or os.environ.get("GREENFLEET_BROKER_USERNAME"),
         password=os.environ.get("GREENFLEET_BROKER_PASSWORD"),
-        reconcile_interval_s=args.reconcile_interval,
+        plain=args.plain,
+        allow_plaintext=args.allow_plaintext,
     )
+    try:
+        controller = Controller(
+            args.home,
+            conn.host,
+            conn.port,
+            username=conn.username,
+            password=conn.password,
+            tls=conn.tls,
+            allow_plaintext=conn.allow_plaintext,
+            reconcile_interval_s=args.reconcile_interval,
+            api=api_commands.from_args(args),
+        )
+    except AgentConfigError as exc:
+        raise InvalidRequest(str(exc)) from exc
+    logging.getLogger(__name__).info("broker %s", conn.describe())
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -212,9 +235,13 @@ def cmd_controller_run(args: argparse.Namespace) -> int:
 def cmd_broker_run(args: argparse.Namespace) -> int:
     from controller.broker import EmbeddedBroker
 
+    if args.secure:
+        return device_commands.cmd_broker_run_secure(args)
     broker = EmbeddedBroker(args.port).start()
     print(
-        f"embedded broker listening on 127.0.0.1:{broker.port} (demo only; Ctrl-C stops it)",
+        f"embedded broker (amqtt) listening on 127.0.0.1:{broker.port}: FOR DEMOS ONLY (no TLS, "
+        "no authentication, loses queued QoS 1 messages); for a site: `greenfleet broker "
+        "config` then `greenfleet broker run --secure`. Ctrl-C stops it",
         flush=True,
     )
     stop = threading.Event()
@@ -264,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = add(devices, "show", cmd_devices_show, "show one device", True)
     show.add_argument("id")
     rollout_commands.register_devices(devices, add)
+    device_commands.register_devices(devices, add)
 
     models = sub.add_parser("models", help="the model catalog").add_subparsers(
         dest="sub", required=True
@@ -285,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "status", cmd_status, "fleet summary, devices and recent events", True)
     plan_commands.register(sub, add)
     rollout_commands.register(sub, add)
+    api_commands.register(sub, add)
 
     ctl = sub.add_parser("controller", help="the controller daemon").add_subparsers(
         dest="sub", required=True
@@ -292,8 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = add(ctl, "run", cmd_controller_run, "run the controller daemon")
     run.add_argument(
         "--broker",
-        default=os.environ.get("GREENFLEET_BROKER", "127.0.0.1:1883"),
-        help="HOST:PORT (env GREENFLEET_BROKER)",
+        default=os.environ.get("GREENFLEET_BROKER"),
+        help="HOST:PORT (env GREENFLEET_BROKER; default: the TLS listener of `broker config` "
+        "when the home has the controller's credentials, else 127.0.0.1:1883)",
+    )
+    run.add_argument(
+        "--plain",
+        action="store_true",
+        help="ignore the home's broker credentials: plain TCP (loopback only unless "
+        "--allow-plaintext)",
+    )
+    run.add_argument(
+        "--allow-plaintext", action="store_true", help="allow plain TCP to a non-loopback broker"
     )
     run.add_argument(
         "--username", help="broker user (password from env GREENFLEET_BROKER_PASSWORD)"
@@ -301,12 +340,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--reconcile-interval", type=float, default=2.0, help="seconds between reconcile passes"
     )
+    api_commands.add_controller_options(run)
 
     broker = sub.add_parser("broker", help="MQTT broker helpers").add_subparsers(
         dest="sub", required=True
     )
-    brun = add(broker, "run", cmd_broker_run, "run the embedded demo broker (not for production)")
-    brun.add_argument("--port", type=int, default=1883)
+    brun = add(
+        broker,
+        "run",
+        cmd_broker_run,
+        "run the embedded demo broker (default), or Mosquitto with the generated config",
+    )
+    kind = brun.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--embedded", action="store_true", help="the embedded amqtt broker, demos only (default)"
+    )
+    kind.add_argument(
+        "--secure",
+        action="store_true",
+        help="Mosquitto with `broker config`'s files (TLS, auth, ACL), rewritten first",
+    )
+    brun.add_argument("--port", type=int, default=1883, help="port of the embedded broker")
+    device_commands.register_broker(broker, add)
 
     demo = add(
         sub,

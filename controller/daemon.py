@@ -9,11 +9,12 @@ import time
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent import protocol as p
+from agent.config import TlsConfig
 from agent.link import MqttLink, Will
 from controller import registry
 from controller.blobs import BlobServer
@@ -30,6 +31,9 @@ from controller.windows import describe, inside, next_opening
 from device_configs.schema import DeviceProfile, ProfileError, load_profiles
 from model_store.catalog import Catalog
 from model_store.signing import Signer
+
+if TYPE_CHECKING:
+    from controller.api_commands import ApiServer
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +52,15 @@ class Controller:
         *,
         username: str | None = None,
         password: str | None = None,
+        tls: TlsConfig | None = None,
+        allow_plaintext: bool = False,
         reconcile_interval_s: float = 2.0,
         resend_after: timedelta = timedelta(seconds=30),
         client_id: str = "gf-controller",
+        api: ApiServer | None = None,
     ) -> None:
         self.home = home
+        self.api = api  # the read-only HTTP API served in-process (controller.api_commands)
         self.reconcile_interval_s = reconcile_interval_s
         self.resend_after = resend_after
         self._reconcile_lock = threading.Lock()
@@ -64,6 +72,10 @@ class Controller:
             port=port,
             username=username,
             password=password,
+            # TLS with the fleet CA pinned (controller.identity); plain TCP only to loopback
+            # unless allow_plaintext, refused by MqttLink with a ConfigError otherwise
+            tls=tls,
+            allow_plaintext=allow_plaintext,
             on_message=self._on_message,
             subscriptions=[
                 (p.subscription(channel), 1)
@@ -93,6 +105,8 @@ class Controller:
     def start(self) -> None:
         self.home.prepare()
         self._controller_config()  # a bad controller.yaml stops the start, naming the key
+        if self.api is not None:
+            self.api.start()  # first: a port in use stops the start before anything runs
         self._db = open_db(self.home.database)  # reconcile's own connection
         self._catalog = Catalog(self._db, self.home.store)
         self.blobs.start()
@@ -129,6 +143,8 @@ class Controller:
         return p.CONTROLLER_TOPIC, p.encode(state)
 
     def stop(self) -> None:
+        if self.api is not None:
+            self.api.stop()
         self.scheduler.shutdown(wait=False)
         self.link.stop(last=self._presence(online=False))
         self.ingest.stop()

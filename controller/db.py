@@ -232,6 +232,50 @@ def _m6_rollouts(db: sqlite_utils.Database) -> None:
     db.table("events").create_index(["rollout", "ts"])
 
 
+def _m7_identities(db: sqlite_utils.Database) -> None:
+    """Broker identities (controller.identity): who may connect, and the broker's settings.
+
+    ``identities`` holds one row per enrolled device (and one for the controller): its auth
+    kind, the ``$7$`` hash of its password (never the password), its current certificate's
+    serial, and whether it is revoked. ``certificates`` lists every client certificate ever
+    issued, so the CRL names old serials too. ``settings`` keeps small JSON documents such as
+    the last ``broker config`` options, so later commands regenerate the same broker files.
+    """
+    db.table("identities").create(
+        {
+            "id": str,
+            "kind": str,  # device | controller
+            "device_class": str,
+            "labels": str,
+            "auth": str,  # password | cert
+            "password_hash": str,
+            "cert_serial": str,
+            "created": str,
+            "issued": str,
+            "revoked": int,
+            "revoked_at": str,
+            "revoke_reason": str,
+        },
+        pk="id",
+        not_null={"id"},
+    )
+    db.table("certificates").create(
+        {
+            "serial": str,  # lower-case hex
+            "identity": str,
+            "subject": str,
+            "issued": str,
+            "not_after": str,
+            "revoked_at": str,
+            "reason": str,
+        },
+        pk="serial",
+        not_null={"serial"},
+    )
+    db.table("certificates").create_index(["identity"])
+    db.table("settings").create({"key": str, "value": str}, pk="key", not_null={"key"})
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m1_initial,
     _m2_variants,
@@ -239,6 +283,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m4_fallback_tier,
     _m5_preload,
     _m6_rollouts,
+    _m7_identities,
 ]
 
 

@@ -38,6 +38,26 @@ class Home:
         return self.root / "keys"
 
     @property
+    def pki(self) -> Path:
+        """The fleet CA (ca.key 0600, ca.pem), the broker's server key, controller.yaml."""
+        return self.root / "pki"
+
+    @property
+    def controller_credentials(self) -> Path:
+        """How the controller logs in to the secured broker (0600; controller.identity)."""
+        return self.pki / "controller.yaml"
+
+    @property
+    def broker_dir(self) -> Path:
+        """Default output of ``greenfleet broker config``: mosquitto.conf, passwd, acl, ..."""
+        return self.root / "broker"
+
+    @property
+    def enrollments(self) -> Path:
+        """Default place of enrollment bundles written by ``greenfleet devices add`` (0700)."""
+        return self.root / "enroll"
+
+    @property
     def scratch(self) -> Path:
         """Work space for long jobs (variant builds); on the same disk as the store."""
         return self.root / "tmp"

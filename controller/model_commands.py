@@ -13,7 +13,8 @@ from rich.table import Table
 from controller.db import open_db
 from controller.output import console, emit, fmt, progress_bar, stage_progress
 from model_store.catalog import Catalog, Declared, ModelVersion, Variant, _task
-from model_store.pipeline import compress
+from model_store.errors import ModelStoreError
+from model_store.pipeline import compress, sign_added
 from model_store.signing import Signer
 from model_store.variants.base import Calibration
 
@@ -130,21 +131,32 @@ def cmd_add(args: argparse.Namespace) -> int:
             declared.inputs,
             declared.outputs,
         )
-    model = _catalog(args).add(Path(args.path), args.name, args.version, declared=declared)
+    catalog = _catalog(args)
+    model = catalog.add(Path(args.path), args.name, args.version, declared=declared)
+    signer = Signer.load_or_create(args.home.keys)
+    try:  # enrolled agents run only signed manifests
+        model, unsigned = sign_added(catalog, signer, model.id), None
+    except ModelStoreError as exc:
+        unsigned = f"{exc}; enrolled agents will refuse it until it is signed"
     data = {
         "id": model.id,
         "format": model.format.value,
         "sha256": model.sha256,
         "size": model.size,
+        "signed_by": signer.key_id if unsigned is None else None,
+        "unsigned_because": unsigned,
     }
-    emit(
-        args,
-        data,
-        lambda: console.print(
+
+    def render() -> None:
+        console.print(
             f"added {model.id} ({model.format.value}, {model.size:,} bytes, "
             f"sha256 {model.sha256[:12]})"
-        ),
-    )
+            + (f", manifest signed with key {signer.key_id}" if unsigned is None else "")
+        )
+        if unsigned is not None:
+            console.print(f"[yellow]not signed[/]: {escape(unsigned)}")
+
+    emit(args, data, render)
     return 0
 
 

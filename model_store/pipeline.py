@@ -67,9 +67,10 @@ class CompressReport:
     rules: dict[str, Any] | None = None
 
 
-def model_info(version: ModelVersion) -> ModelInfo:
-    """Builder-facing facts; ModelStoreError if the version cannot be compressed."""
-    if version.task is None:
+def model_info(version: ModelVersion, *, need_task: bool = True) -> ModelInfo:
+    """Builder-facing facts; ModelStoreError if the version cannot be compressed (or, without
+    ``need_task``, signed: the manifest's task then defaults to regression)."""
+    if version.task is None and need_task:
         raise ModelStoreError(
             f"{version.id} has no task; add it again with --task or --meta, "
             "so fidelity can be judged"
@@ -84,7 +85,7 @@ def model_info(version: ModelVersion) -> ModelInfo:
     return ModelInfo(
         name=version.name,
         version=version.version,
-        task=version.task,
+        task=version.task or Task.REGRESSION,
         input_name=version.inputs[0].name,
         sample_shape=tuple(int(d) for d in shape[1:] if d is not None),
         output_names=tuple(o.name for o in version.outputs),
@@ -288,6 +289,17 @@ def compress(
         shutil.rmtree(workdir, ignore_errors=True)
     report.variants.sort(key=lambda v: v.variant)
     return report
+
+
+def sign_added(catalog: Catalog, signer: Signer, variant_id: str) -> Variant:
+    """Sign the manifest of a model added as a file (``models add``), so enrolled agents, which
+    run only what the controller signed, accept it: golden cases from seeded random inputs, no
+    profile, the version's rules if any. ModelStoreError (nothing signed) if the version lacks
+    what a manifest needs: one input of a fixed shape."""
+    variant = catalog.get(variant_id)
+    version = catalog.version(variant.base)
+    info = model_info(version, need_task=False)
+    return _sign(catalog, signer, version, info, variant, None, None)
 
 
 def _sign(

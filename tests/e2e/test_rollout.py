@@ -40,18 +40,21 @@ def good_model(path: Path) -> Path:
 
 
 def bad_model(path: Path) -> Path:
-    """``sqrt(-mean(x^2))``: 0 on zeros, NaN on any real window."""
+    """``sqrt(mean(x^2) - 0.1)``: finite on the golden cases `models add` signs (seeded random
+    normal inputs, mean square about 1), NaN on every real sensor window (mean square about
+    0.003). It passes staging and fails in production: only the health gates can catch it."""
     nodes = [
         helper.make_node("Mul", ["window", "window"], ["sq"]),
         helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[1], keepdims=1),
-        helper.make_node("Neg", ["ms"], ["neg"]),
-        helper.make_node("Sqrt", ["neg"], ["score"]),
+        helper.make_node("Sub", ["ms", "c"], ["d"]),
+        helper.make_node("Sqrt", ["d"], ["score"]),
     ]
     graph = helper.make_graph(
         nodes,
         "nan-on-real-input",
         [helper.make_tensor_value_info("window", TensorProto.FLOAT, [1, 512])],
         [helper.make_tensor_value_info("score", TensorProto.FLOAT, [1, 1])],
+        [helper.make_tensor("c", TensorProto.FLOAT, [], [0.1])],
     )
     built = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     built.ir_version = 8

@@ -204,3 +204,22 @@ def test_devices_show_the_tier_and_the_staged_fallback(
     (listed,) = detail["recent_tier_changes"]
     assert listed["detail"]["cause"] == "power budget breached"
     assert listed["message"] == "last_good -> fallback: power budget breached"
+
+
+def test_models_add_signs_a_manifest_enrolled_agents_accept(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.verify import load_public_key, verify_manifest
+    from model_store.catalog import Catalog
+
+    capsys.readouterr()
+    argv = ["models", "add", str(SAMPLES / "vibration-ae.onnx"), "--name", "vib"]
+    assert main([*argv, "--version", "1.0.0", "--json"]) == 0
+    added = json.loads(capsys.readouterr().out)
+    assert added["signed_by"] and added["unsigned_because"] is None
+    key = load_public_key((home / "keys" / "signing.pub").read_text())
+    variant = Catalog(open_db(home / "greenfleet.db"), home / "store").get("vib:1.0.0")
+    manifest = verify_manifest(
+        variant.manifest, [key], now=datetime.now(UTC), device_class="rpi4", active=None
+    )
+    assert manifest.artifact.sha256 == added["sha256"] and manifest.golden

@@ -1,0 +1,488 @@
+"""The generated broker configuration, against a real Mosquitto started with it.
+
+One broker for the module (``greenfleet broker config`` in-process, then Mosquitto with its
+files), devices enrolled with ``devices add``, and paho clients where no agent is needed.
+"Nothing arrived" is never a sleep: after the refused messages the same sender publishes an
+allowed marker, and once the marker is in, anything published before it would have been too.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent import protocol as p
+from controller import broker_config as bc
+from controller import device_commands
+from controller.broker import ConfiguredMosquitto, free_port, mosquitto_path
+from controller.home import Home
+from controller.identity import CertificateAuthority, load_controller_credentials
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+SHA = "cd" * 32
+NOT_AUTHORIZED = 135  # MQTT 5 0x87; paho maps MQTT 3.1.1 CONNACK 5 onto it
+DEVICES = {"dev-a": "password", "dev-b": "password", "dev-c": "cert"}
+
+
+@dataclass
+class Site:
+    home: Home
+    files: bc.BrokerFiles
+    settings: bc.BrokerSettings
+    broker: ConfiguredMosquitto
+    bundles: dict[str, device_commands.Added]
+
+    def log(self) -> str:
+        return self.broker.log.read_text(errors="replace")[-3000:]
+
+
+def non_loopback_ipv4() -> str | None:
+    import psutil
+
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return str(address.address)
+    return None
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    if mosquitto_path() is None:
+        pytest.fail("mosquitto is not installed: apt-get install -y mosquitto (.ci/run does this)")
+    root = tmp_path_factory.mktemp("secure-site")
+    home = Home(root / "home").prepare()
+    cert_port = free_port()
+    settings = bc.BrokerSettings(
+        out_dir=root / "broker",
+        hosts=["broker.test"],
+        port=free_port(),
+        cert_port=cert_port,
+        plain_port=free_port(),
+    )
+    files, _ = device_commands.configure_broker(home, settings)
+    bundles = {
+        device: device_commands.add_device(
+            home,
+            device,
+            device_class="x86-ipc",
+            site="test",
+            auth=auth,  # type: ignore[arg-type]
+            broker=("127.0.0.1", cert_port if auth == "cert" else settings.port),
+        )
+        for device, auth in DEVICES.items()
+    }
+    broker = ConfiguredMosquitto(files.conf, settings.port, root / "mosquitto.log").start()
+    yield Site(home, files, settings, broker, bundles)
+    broker.stop()
+
+
+class Client:
+    """A paho client over TLS with the fleet CA pinned, recording what it gets."""
+
+    def __init__(
+        self,
+        site: Site,
+        username: str | None = None,
+        password: str | None = None,
+        *,
+        port: int | None = None,
+        cert: tuple[Path, Path] | None = None,
+        tls: bool = True,
+        protocol: int = mqtt.MQTTv311,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self.connacks: list[ReasonCode] = []
+        self.subacks: list[list[ReasonCode]] = []
+        self.pubacks: dict[int, ReasonCode] = {}
+        self.disconnected = threading.Event()
+        self._cond = threading.Condition()
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"t-{username}-{uuid.uuid4().hex[:6]}",
+            protocol=protocol,  # type: ignore[arg-type]
+        )
+        if tls:
+            self.client.tls_set(
+                ca_certs=str(site.files.ca),
+                certfile=str(cert[0]) if cert else None,
+                keyfile=str(cert[1]) if cert else None,
+            )
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
+        self.client.on_disconnect = lambda *_: self.disconnected.set()
+        self.error: BaseException | None = None
+        try:
+            self.client.connect(host, port or site.settings.port, keepalive=30)
+        except (OSError, ssl.SSLError) as exc:
+            self.error = exc
+            return
+        self.client.loop_start()
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        with self._cond:
+            self.connacks.append(rc)
+            self._cond.notify_all()
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append((msg.topic, bytes(msg.payload)))
+            self._cond.notify_all()
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        with self._cond:
+            self.subacks.append(list(codes))
+            self._cond.notify_all()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
+        with self._cond:
+            self.pubacks[mid] = rc
+            self._cond.notify_all()
+
+    def wait(self, predicate: Callable[[], Any], what: str, timeout: float = 5.0) -> Any:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not (value := predicate()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"timed out waiting for {what}")
+                self._cond.wait(min(remaining, 0.1))
+            return value
+
+    def connack(self, timeout: float = 5.0) -> ReasonCode | None:
+        """The CONNACK, or None if the connection ended without one (TLS refused)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.error is None:
+            if self.connacks:
+                return self.connacks[0]
+            if self.disconnected.is_set() and not self.client.is_connected():
+                return None
+            time.sleep(0.02)
+        return self.connacks[0] if self.connacks else None
+
+    def connected(self) -> Client:
+        rc = self.connack()
+        assert rc is not None and not rc.is_failure, f"not connected: {rc} {self.error}"
+        return self
+
+    def subscribe(self, *topics: str) -> list[ReasonCode]:
+        before = len(self.subacks)
+        for topic in topics:
+            self.client.subscribe(topic, 1)
+        self.wait(lambda: len(self.subacks) >= before + len(topics), "SUBACKs")
+        return [code for codes in self.subacks[before:] for code in codes]
+
+    def publish(self, topic: str, payload: bytes) -> ReasonCode:
+        info = self.client.publish(topic, payload, qos=1)
+        return self.wait(lambda: self.pubacks.get(info.mid), f"PUBACK of {topic}")  # type: ignore[no-any-return]
+
+    def received(self, topic: str, payload: bytes, timeout: float = 5.0) -> None:
+        self.wait(lambda: (topic, payload) in self.messages, f"{payload!r} on {topic}", timeout)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[..., Client]]:
+    made: list[Client] = []
+
+    def make(*args: Any, **kwargs: Any) -> Client:
+        client = Client(*args, **kwargs)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+def password_of(site: Site, device: str) -> str:
+    password = site.bundles[device].bundle.broker.password
+    assert password
+    return password
+
+
+def cert_files(site: Site, device: str, directory: Path) -> tuple[Path, Path]:
+    broker = site.bundles[device].bundle.broker
+    assert broker.cert_pem and broker.key_pem
+    cert, key = directory / f"{device}.pem", directory / f"{device}.key"
+    cert.write_text(broker.cert_pem)
+    key.write_text(broker.key_pem)
+    key.chmod(0o600)
+    return cert, key
+
+
+def controller(site: Site, make: Callable[..., Client], protocol: int = mqtt.MQTTv311) -> Client:
+    creds = load_controller_credentials(site.home.controller_credentials)
+    assert creds is not None
+    return make(site, creds.username, creds.password, protocol=protocol).connected()
+
+
+def marker() -> bytes:
+    return f"marker-{uuid.uuid4().hex[:8]}".encode()
+
+
+# ---------------------------------------------------------------------------------------- tests
+
+
+def test_a_device_publishes_its_reports_and_reads_its_commands(
+    site: Site, clients: Callable[..., Client]
+) -> None:
+    ctl = controller(site, clients)
+    ctl.subscribe(p.subscription(p.Channel.TELEMETRY), p.subscription(p.Channel.STATE))
+    a = clients(site, "dev-a", password_of(site, "dev-a")).connected()
+    a.subscribe(p.topic("dev-a", p.Channel.CMD), p.blob_subscription("dev-a"), p.CONTROLLER_TOPIC)
+    a.publish(p.topic("dev-a", p.Channel.TELEMETRY), b"tel-a")
+    ctl.received(p.topic("dev-a", p.Channel.TELEMETRY), b"tel-a")
+    ctl.publish(p.topic("dev-a", p.Channel.CMD), b"cmd-a")
+    a.received(p.topic("dev-a", p.Channel.CMD), b"cmd-a")
+    ctl.publish(p.blob_topic("dev-a", SHA, 0), b"chunk-a")
+    a.received(p.blob_topic("dev-a", SHA, 0), b"chunk-a")
+    ctl.publish(p.CONTROLLER_TOPIC, b"ctl-online")
+    a.received(p.CONTROLLER_TOPIC, b"ctl-online")
+
+
+def test_a_device_cannot_touch_another_devices_topics_and_keeps_working(
+    site: Site, clients: Callable[..., Client]
+) -> None:
+    ctl = controller(site, clients)
+    ctl.subscribe("gf/v1/#")  # sees whatever the ACL lets it read
+    b = clients(site, "dev-b", password_of(site, "dev-b")).connected()
+    b.subscribe(p.topic("dev-b", p.Channel.CMD), p.blob_subscription("dev-b"))
+    a = clients(site, "dev-a", password_of(site, "dev-a"), protocol=mqtt.MQTTv5).connected()
+    own_cmd = p.topic("dev-a", p.Channel.CMD)
+    # reading: every filter that would cover B is granted at most on paper (MQTT 5: 0x87 is
+    # also fine); none of B's messages may arrive
+    codes = a.subscribe(own_cmd, "gf/v1/dev-b/#", "gf/v1/+/cmd", "gf/v1/+/telemetry", "#")
+    assert all(c.value in (0, 1, NOT_AUTHORIZED) for c in codes), codes
+    b.publish(p.topic("dev-b", p.Channel.TELEMETRY), b"tel-b")
+    ctl.received(p.topic("dev-b", p.Channel.TELEMETRY), b"tel-b")
+    ctl.publish(p.topic("dev-b", p.Channel.CMD), b"cmd-b")
+    ctl.publish(p.blob_topic("dev-b", SHA, 1), b"chunk-b")
+    b.received(p.topic("dev-b", p.Channel.CMD), b"cmd-b")
+    b.received(p.blob_topic("dev-b", SHA, 1), b"chunk-b")
+    done = marker()
+    ctl.publish(own_cmd, done)
+    a.received(own_cmd, done)
+    # (one copy per matching subscription, as MQTT 5 has it)
+    assert set(a.messages) == {(own_cmd, done)}, a.messages
+
+    # writing: B's topics and every cmd topic (its own too) are refused: PUBACK 0x87 in
+    # MQTT 5, and no subscriber gets the message
+    forged = [
+        p.topic("dev-b", p.Channel.TELEMETRY),
+        p.topic("dev-b", p.Channel.STATE),
+        p.topic("dev-b", p.Channel.CMD),
+        p.topic("dev-a", p.Channel.CMD),
+        p.topic("dev-c", p.Channel.CMD),
+        p.blob_topic("dev-b", SHA, 2),
+        p.blob_topic("dev-a", SHA, 2),
+        p.CONTROLLER_TOPIC,
+    ]
+    for topic in forged:
+        rc = a.publish(topic, b"forged")
+        assert rc.value == NOT_AUTHORIZED, (topic, rc)
+    done = marker()
+    assert not a.publish(p.topic("dev-a", p.Channel.EVENTS), done).is_failure
+    ctl.received(p.topic("dev-a", p.Channel.EVENTS), done)
+    b_done = marker()
+    ctl.publish(p.topic("dev-b", p.Channel.CMD), b_done)
+    b.received(p.topic("dev-b", p.Channel.CMD), b_done)
+    assert not [m for m in ctl.messages + b.messages if m[1] == b"forged"]
+    # and A is still connected and still works
+    assert a.client.is_connected()
+    again = marker()
+    a.publish(p.topic("dev-a", p.Channel.TELEMETRY), again)
+    ctl.received(p.topic("dev-a", p.Channel.TELEMETRY), again)
+
+
+def test_anonymous_and_wrong_password_are_not_authorized(
+    site: Site, clients: Callable[..., Client]
+) -> None:
+    anonymous = clients(site).connack()
+    assert anonymous is not None and anonymous.value == NOT_AUTHORIZED
+    wrong = clients(site, "dev-a", "not-the-password").connack()
+    assert wrong is not None and wrong.value == NOT_AUTHORIZED
+    unknown = clients(site, "nobody", "x").connack()
+    assert unknown is not None and unknown.value == NOT_AUTHORIZED
+    # a device's password is not the controller's
+    stolen = clients(site, "gf-controller", password_of(site, "dev-a")).connack()
+    assert stolen is not None and stolen.value == NOT_AUTHORIZED
+
+
+def test_a_cert_device_logs_in_with_its_certificate(
+    site: Site, clients: Callable[..., Client], tmp_path: Path
+) -> None:
+    cert = cert_files(site, "dev-c", tmp_path)
+    ctl = controller(site, clients)
+    ctl.subscribe(p.subscription(p.Channel.TELEMETRY))
+    c = clients(site, port=site.settings.cert_port, cert=cert).connected()
+    c.subscribe(p.topic("dev-c", p.Channel.CMD))
+    c.publish(p.topic("dev-c", p.Channel.TELEMETRY), b"tel-c")  # its CN is its username
+    ctl.received(p.topic("dev-c", p.Channel.TELEMETRY), b"tel-c")
+    ctl.publish(p.topic("dev-c", p.Channel.CMD), b"cmd-c")
+    c.received(p.topic("dev-c", p.Channel.CMD), b"cmd-c")
+    # no certificate on the certificate listener: no session, even with a good password
+    bare = clients(site, "dev-a", password_of(site, "dev-a"), port=site.settings.cert_port)
+    assert bare.connack() is None
+    # a certificate from another CA (same CA name) is refused in the handshake
+    rogue_ca = CertificateAuthority.load_or_create(tmp_path / "rogue")
+    rogue = rogue_ca.issue_client("dev-a")
+    (tmp_path / "rogue.pem").write_text(rogue.cert_pem)
+    (tmp_path / "rogue.key").write_text(rogue.key_pem)
+    forged = clients(
+        site,
+        port=site.settings.cert_port,
+        cert=(tmp_path / "rogue.pem", tmp_path / "rogue.key"),
+    )
+    assert forged.connack() is None
+
+
+def test_no_plain_tcp_except_on_loopback(site: Site, clients: Callable[..., Client]) -> None:
+    # MQTT without TLS on the TLS listener gets no CONNACK
+    assert clients(site, "dev-a", password_of(site, "dev-a"), tls=False).connack() is None
+    # the plain listener answers on loopback only (and still wants a password)
+    plain = site.settings.plain_port
+    anonymous = clients(site, port=plain, tls=False).connack()
+    assert anonymous is not None and anonymous.value == NOT_AUTHORIZED
+    clients(site, "dev-a", password_of(site, "dev-a"), port=plain, tls=False).connected()
+    address = non_loopback_ipv4()
+    if address is None:
+        pytest.skip("no non-loopback IPv4 address to test from")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((address, plain), timeout=2).close()
+    # the TLS listener is reachable on that address, so the refusal is the config's doing
+    socket.create_connection((address, site.settings.port), timeout=2).close()
+
+
+def test_revoked_devices_cannot_connect(
+    site: Site, clients: Callable[..., Client], tmp_path: Path
+) -> None:
+    """Revoke with the CLI (which signals our broker), then: the password device is dropped
+    and refused, the cert device is refused at the handshake, and its open connection (which
+    Mosquitto keeps across a reload) can neither read nor write."""
+    for device, auth in (("dev-r", "password"), ("dev-s", "cert")):
+        site.bundles[device] = device_commands.add_device(
+            site.home,
+            device,
+            device_class="x86-ipc",
+            auth=auth,  # type: ignore[arg-type]
+            broker=("127.0.0.1", site.settings.port),
+        )
+        assert site.bundles[device].reload is not None
+        assert site.bundles[device].reload.signalled  # type: ignore[union-attr]
+    cert = cert_files(site, "dev-s", tmp_path)
+    r = clients(site, "dev-r", password_of(site, "dev-r")).connected()
+    s = clients(site, port=site.settings.cert_port, cert=cert).connected()
+    s.subscribe(p.topic("dev-s", p.Channel.CMD))
+    ctl = controller(site, clients)
+    ctl.subscribe(p.subscription(p.Channel.TELEMETRY))
+
+    env = {"GREENFLEET_HOME": str(site.home.root), "PYTHONPATH": str(REPO), "PATH": "/usr/bin"}
+    for device in ("dev-r", "dev-s"):
+        done = subprocess.run(
+            [sys.executable, "-m", "controller.cli", "devices", "revoke", device, "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["reload"]["signalled"], done.stdout
+
+    r.wait(r.disconnected.is_set, "the revoked password device to be dropped")
+    refused = clients(site, "dev-r", password_of(site, "dev-r")).connack()
+    assert refused is not None and refused.value == NOT_AUTHORIZED
+    assert clients(site, port=site.settings.cert_port, cert=cert).connack() is None, site.log()
+    # the cert device's old connection is inert: nothing in, nothing out
+    s.publish(p.topic("dev-s", p.Channel.TELEMETRY), b"from-revoked")
+    ctl.publish(p.topic("dev-s", p.Channel.CMD), b"to-revoked")
+    done_marker = marker()
+    a = clients(site, "dev-a", password_of(site, "dev-a")).connected()
+    a.publish(p.topic("dev-a", p.Channel.TELEMETRY), done_marker)
+    ctl.received(p.topic("dev-a", p.Channel.TELEMETRY), done_marker)
+    assert (p.topic("dev-s", p.Channel.TELEMETRY), b"from-revoked") not in ctl.messages
+    assert s.messages == []
+    # others are untouched
+    assert a.client.is_connected()
+
+
+def test_the_controller_daemon_logs_in_with_the_home_credentials(
+    site: Site, clients: Callable[..., Client]
+) -> None:
+    """``controller run``'s connection: TLS, the CA pinned, user gf-controller; its presence
+    (controller topic, retained) reaches a device."""
+    from controller.daemon import Controller
+
+    conn = device_commands.controller_connection(site.home, None)
+    assert conn.tls is not None and conn.username == "gf-controller"
+    assert conn.port == site.settings.port
+    daemon = Controller(
+        site.home,
+        "127.0.0.1",
+        conn.port,
+        username=conn.username,
+        password=conn.password,
+        tls=conn.tls,
+        client_id=f"gf-controller-{uuid.uuid4().hex[:6]}",
+    )
+    daemon.start()
+    try:
+        assert daemon.link.connected.wait(10), site.log()
+        a = clients(site, "dev-a", password_of(site, "dev-a")).connected()
+        a.subscribe(p.CONTROLLER_TOPIC)
+        a.wait(
+            lambda: any(
+                t == p.CONTROLLER_TOPIC and b'"online":true' in m.replace(b" ", b"")
+                for t, m in a.messages
+            ),
+            "the controller's presence",
+        )
+    finally:
+        daemon.stop()
+
+
+def test_the_embedded_broker_says_it_is_for_demos_only(tmp_path: Path) -> None:
+    port = free_port()
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin", "GREENFLEET_HOME": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controller.cli", "broker", "run", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(2)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    text = "".join(lines)
+    assert "FOR DEMOS ONLY" in text and "for demos only" in text, text
