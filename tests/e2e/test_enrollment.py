@@ -95,6 +95,16 @@ def test_an_enrolled_agent_connects_over_tls_and_receives_a_deployment(
         )
         assert "plain TCP" not in processes.log(device), "no plain-text fallback"
         assert controller.poll() is None
+
+        # the same device with a wrong password: refused by the broker, fatal, and says why
+        installed["broker"]["password"] = "not-the-password"
+        installed["state_dir"] = str(tmp_path / "wrong-state")  # not the running agent's
+        wrong = tmp_path / "wrong.yaml"
+        wrong.write_text(yaml.safe_dump(installed))
+        refused = processes.agent(wrong, name="wrong-password")
+        assert refused.wait(timeout=30) == 3, "bad credentials are fatal, not a reconnect storm"
+        log = processes.log("wrong-password")
+        assert "refused the connection" in log and "Check the username/password" in log
     finally:
         processes.stop_all()
         broker.stop()
