@@ -25,7 +25,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy agent controller model_store device_configs benchmarks
+	$(BIN)/mypy agent controller model_store device_configs benchmarks simulator
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

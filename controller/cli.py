@@ -35,6 +35,7 @@ from controller.home import Home
 from controller.output import console, emit, fleet_table, tier_text
 from model_store.catalog import Catalog
 from model_store.errors import ModelStoreError
+from simulator import cli as simulator_cli
 
 # ---------------------------------------------------------------------------------- commands
 
@@ -314,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan_commands.register(sub, add)
     rollout_commands.register(sub, add)
     api_commands.register(sub, add)
+    simulator_cli.register(sub, add)
 
     ctl = sub.add_parser("controller", help="the controller daemon").add_subparsers(
         dest="sub", required=True
