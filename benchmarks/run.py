@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, str] = {
     "planning": "benchmarks.planning",
     "resilience": "benchmarks.resilience",
     "rollout_abort": "benchmarks.rollout_abort",
+    "ingest": "benchmarks.ingest",
 }
 
 
