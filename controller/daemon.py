@@ -164,6 +164,8 @@ class Controller:
         """A device changed state: reconcile (and advance rollouts) now, not at the next tick."""
         self._again.set()
         for job_id in ("rollouts", "reconcile"):
+            if job_id == "reconcile" and self._reconcile_lock.locked():
+                continue  # the pass under way sees _again and runs once more
             job = self.scheduler.get_job(job_id)
             if job is not None:
                 job.modify(next_run_time=p.utcnow())
