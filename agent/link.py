@@ -331,6 +331,7 @@ class MqttLink:
         self._awaiting_connack = False
         self._handler = on_message
         self._subscriptions = list(subscriptions)
+        self._dropped: list[str] = []  # unsubscribed while offline: sent at the next connect
         self._birth = birth
         self._on_connected = on_connected
         self._keepalive = keepalive_s
@@ -380,10 +381,24 @@ class MqttLink:
         self._client.loop_stop()
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
-        """Add a subscription now and after every reconnect."""
-        self._subscriptions.append((topic, qos))
-        if self.connected.is_set():
-            self._client.subscribe(topic, qos)
+        """Add a subscription now and after every reconnect.
+
+        Sent whenever paho has a connection (a duplicate SUBSCRIBE is harmless), so that a
+        subscription added while ``_on_connect`` runs is not lost until the next reconnect.
+        """
+        self._subscriptions = [*self._subscriptions, (topic, qos)]
+        self._client.subscribe(topic, qos)  # MQTT_ERR_NO_CONN offline: _on_connect sends it
+
+    def unsubscribe(self, topic: str) -> None:
+        """Drop a subscription now and for later reconnects.
+
+        Offline, the UNSUBSCRIBE is sent at the next connect: the session is persistent, so the
+        broker would otherwise keep the subscription.
+        """
+        self._subscriptions = [s for s in self._subscriptions if s[0] != topic]
+        rc, _mid = self._client.unsubscribe(topic)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            self._dropped = [*self._dropped, topic]
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Delivery:
         """Queue a message; the returned handle says when the broker has acknowledged it."""
@@ -419,6 +434,10 @@ class MqttLink:
             return
         self._warned_unreachable = False
         self._tls_failure = None
+        dropped, self._dropped = self._dropped, []
+        for topic in dropped:
+            if topic not in {t for t, _ in self._subscriptions}:
+                client.unsubscribe(topic)
         for topic, qos in self._subscriptions:
             client.subscribe(topic, qos)
         if self._birth is not None:

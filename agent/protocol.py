@@ -14,7 +14,14 @@ Topics (root ``gf/v1``, versioned like Sparkplug's ``spBv1.0``)::
     gf/v1/{device}/telemetry                agent -> ctl: TelemetryBatch, keyed (session, seq)
     gf/v1/{device}/results                  agent -> local consumers: Result
     gf/v1/{device}/blob/req                 agent -> ctl: BlobRequest for a window of chunks
-    gf/v1/{device}/blob/{sha256}/{index}    ctl -> agent: raw chunk bytes (not JSON)
+    gf/v1/{device}/blob/{sha256}/{index}    ctl -> agent: raw chunk bytes for one device (not JSON)
+    gf/blobs/v1/{sha256}/{index}            ctl -> agents: raw chunk bytes, shared by the fleet
+
+Chunks of an artifact are published once on the shared tree ``gf/blobs/v1`` and the broker
+fans them out to every agent subscribed to ``gf/blobs/v1/{sha256}/+`` (an agent subscribes
+while it fetches that artifact); see controller/blobs.py. The tree is outside ``gf/v1/+`` so
+no device id can collide with it and the controller's ``gf/v1/+/...`` filters never see it.
+Agents still accept a chunk on their own ``blob`` topic (a controller may address one device).
 
 Every JSON message carries the envelope fields ``v``, ``kind``, ``id`` and ``ts``; ``kind``
 discriminates the union, and :func:`decode` is the one parser for all of them.
@@ -34,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 PROTOCOL_VERSION = 1
 ROOT = "gf/v1"
+BLOB_ROOT = "gf/blobs/v1"  # shared chunk tree: one copy per chunk, fanned out by the broker
 DEFAULT_CHUNK_SIZE = 256 * 1024
 MAX_CHUNK_SIZE = 4 * 1024 * 1024
 MAX_WINDOW = 64
@@ -103,6 +111,22 @@ def blob_topic(device: str, sha256: str, index: int) -> str:
     return f"{ROOT}/{check_device_id(device)}/blob/{sha256}/{index}"
 
 
+def shared_blob_topic(sha256: str, index: int) -> str:
+    """The fleet-wide topic that carries chunk ``index`` of artifact ``sha256``."""
+    if not _SHA256.match(sha256):
+        raise ProtocolError(f"invalid sha256 {sha256!r}")
+    if not 0 <= index <= MAX_ARTIFACT_BYTES:
+        raise ProtocolError(f"invalid chunk index {index}")
+    return f"{BLOB_ROOT}/{sha256}/{index}"
+
+
+def shared_blob_subscription(sha256: str) -> str:
+    """The filter an agent subscribes to while it fetches artifact ``sha256``."""
+    if not _SHA256.match(sha256):
+        raise ProtocolError(f"invalid sha256 {sha256!r}")
+    return f"{BLOB_ROOT}/{sha256}/+"
+
+
 def blob_subscription(device: str) -> str:
     """The filter an agent subscribes to for all chunks sent to it."""
     return f"{ROOT}/{check_device_id(device)}/blob/+/+"
@@ -117,7 +141,10 @@ def subscription(channel: Channel, device: str = "+") -> str:
 
 @dataclass(frozen=True, slots=True)
 class ParsedTopic:
-    """A topic taken apart: the device, the channel, and for chunks the sha256 and index."""
+    """A topic taken apart: the device, the channel, and for chunks the sha256 and index.
+
+    A chunk on the shared tree (``gf/blobs/v1/...``) has no device: ``device`` is ``""``.
+    """
 
     device: str
     channel: Channel
@@ -128,6 +155,10 @@ class ParsedTopic:
 def parse_topic(name: str) -> ParsedTopic:
     """Take a greenfleet topic apart; raise ProtocolError for anything else."""
     parts = name.split("/")
+    if len(parts) == 5 and "/".join(parts[:3]) == BLOB_ROOT:
+        if _SHA256.match(parts[3]) and _INDEX.fullmatch(parts[4]):
+            return ParsedTopic("", Channel.BLOB, parts[3], int(parts[4]))
+        raise ProtocolError(f"malformed blob topic {name!r}")
     if len(parts) < 4 or f"{parts[0]}/{parts[1]}" != ROOT:
         raise ProtocolError(f"not a {ROOT} topic: {name!r}")
     device = check_device_id(parts[2])

@@ -108,6 +108,7 @@ class Agent:
         self._controller_path = config.state_dir / "controller"
         self._controller_since: datetime | None = None  # the controller connection last seen
         self._transfer: Transfer | None = None
+        self._chunk_filter: str | None = None  # shared chunk subscription (see _follow_chunks)
         self._input_handlers: list[tuple[str, Any]] = []
         self._last_event: dict[str, float] = {}
         self.source: Source | None = None
@@ -711,6 +712,8 @@ class Agent:
 
     def _pump_transfer(self) -> None:
         transfer = self._transfer
+        if self.link is not None:
+            self._follow_chunks(transfer)
         if transfer is None or self.link is None or not self.link.connected.is_set():
             return
         artifact = transfer.download.artifact
@@ -719,6 +722,23 @@ class Agent:
                 sha256=artifact.sha256, first=first, count=count, chunk_size=artifact.chunk_size
             )
             self._publish(p.Channel.BLOB_REQ, request)
+
+    def _follow_chunks(self, transfer: Transfer | None) -> None:
+        """Subscribe to the shared chunk topic of the artifact being fetched, and only that one.
+
+        The SUBSCRIBE goes out before the first BlobRequest (same connection, in order), so the
+        broker forwards every chunk the controller publishes after reading the request.
+        """
+        assert self.link is not None
+        wanted = None if transfer is None else transfer.download.artifact.sha256
+        wanted_filter = None if wanted is None else p.shared_blob_subscription(wanted)
+        if wanted_filter == self._chunk_filter:
+            return
+        if self._chunk_filter is not None:
+            self.link.unsubscribe(self._chunk_filter)
+        if wanted_filter is not None:
+            self.link.subscribe(wanted_filter, 1)
+        self._chunk_filter = wanted_filter
 
     def _handle_chunk(self, sha256: str, index: int, data: bytes) -> None:
         transfer = self._transfer

@@ -6,6 +6,10 @@ disk (written after the data is fsynced), so a restart or a reconnect only asks 
 missing. The finished file is checked against the announced sha256 and size before it is
 renamed into place; nothing unverified is ever loaded.
 
+Chunks come on the artifact's shared topic (``gf/blobs/v1/{sha256}/{index}``, fanned out by the
+broker to every agent fetching it; controller/blobs.py), so some arrive that this agent did not
+ask for, or already has: :meth:`Download.accept` writes a chunk once and ignores repeats.
+
 A full disk is a :class:`NoSpaceError` (an ``OSError`` with ENOSPC) whose message says how much
 the download still needs, how much is free and what to do; it is raised by :meth:`Download.open`
 when the rest of the artifact cannot fit, and by :meth:`Download.accept` when a write fails for

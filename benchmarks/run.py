@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, str] = {
     "resilience": "benchmarks.resilience",
     "rollout_abort": "benchmarks.rollout_abort",
     "ingest": "benchmarks.ingest",
+    "fleet_rollout": "benchmarks.fleet_rollout",
 }
 
 

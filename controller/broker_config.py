@@ -206,6 +206,12 @@ def acl_text(revoked: list[str] | None = None) -> str:
     lines += [f"pattern read {root}/%u/{c.value}" for c in DEVICE_READS]
     lines.append(f"pattern read {root}/%u/blob/+/+")
     lines += [
+        "# model chunks shared by the fleet (one publish, fanned out by the broker): every",
+        "# device may read them (models are signed, not secret within a fleet); only the",
+        "# controller writes them",
+        f"pattern read {p.BLOB_ROOT}/+/+",
+    ]
+    lines += [
         "# whether the controller is online (retained, written by the controller only); the",
         "# same topic for everyone, so Mosquitto warns that this pattern has no %u: expected",
         f"pattern read {p.CONTROLLER_TOPIC}",
@@ -217,6 +223,7 @@ def acl_text(revoked: list[str] | None = None) -> str:
     lines += [
         f"topic write {root}/+/{p.Channel.CMD.value}",
         f"topic write {root}/+/blob/+/+",
+        f"topic write {p.BLOB_ROOT}/+/+",
         f"topic readwrite {p.CONTROLLER_TOPIC}",
     ]
     if revoked:

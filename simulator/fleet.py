@@ -4,15 +4,17 @@ Each simulated device has its own MQTT connection (a paho client whose socket is
 event loop: no thread per device), its own client id, a retained Birth and a last-will Death on
 its state topic. It sends a TelemetryBatch every ``interval_s`` numbered (session, seq) from 0
 with no gaps, answers Ping, refuses InjectFault, and handles Deploy like the real agent: it
-pulls the artifact in windows of chunks with BlobRequest, re-asks for chunks that do not arrive,
-checks size and sha256, "loads" the model for a simulated time, replies ok and re-publishes its
-birth with the new active model.
+pulls the artifact in windows of chunks with BlobRequest while subscribed to the artifact's
+shared chunk topic (``gf/blobs/v1/{sha256}/+``, as the agent), re-asks for chunks that do not
+arrive, checks size and sha256, "loads" the model for a simulated time, replies ok and
+re-publishes its birth with the new active model.
 
 Telemetry is stamped so that a record's ``start + window_s`` is the moment it was published:
 ``received_at - (start + window_s)`` in the controller's telemetry table is the end-to-end delay.
 
 Nothing is written to disk: a transfer is hashed as it arrives (out-of-order chunks wait in
-memory, at most a window of them). This is a load-test tool, not an agent.
+memory, at most two windows of them; chunks fanned out further ahead are dropped and asked for
+again later). This is a load-test tool, not an agent.
 """
 
 from __future__ import annotations
@@ -174,6 +176,10 @@ class _Transfer:
         self.in_flight.pop(index, None)
         if index in self.received:
             return None
+        if index >= self.next_hash + 2 * self.command.window:
+            # Fanned out for other devices, far ahead of what this one hashed: drop it rather
+            # than hold it in memory (asked for again later; the real agent writes it to disk).
+            return None
         self.received.add(index)
         self.size += len(data)
         self.waiting[index] = data
@@ -210,6 +216,7 @@ class SimDevice:
         self.preloaded: p.ActiveModel | None = None
         self.last_good: p.ActiveModel | None = None
         self.transfer: _Transfer | None = None
+        self.chunk_filter: str | None = None  # the shared chunk topic followed (_follow_chunks)
         self.connected = False
         self.held = False  # the retained ControllerState says the controller is offline
         self.stopping = False
@@ -278,6 +285,7 @@ class SimDevice:
                 (p.CONTROLLER_TOPIC, 1),
             ]
         )
+        self.chunk_filter = None  # subscribed again by _pump, before its first request
         self.publish_birth()
         if self.transfer is not None:
             self.transfer.in_flight.clear()  # outstanding requests died with the connection
@@ -447,7 +455,10 @@ class SimDevice:
 
     def _pump(self) -> None:
         transfer = self.transfer
-        if transfer is None or not self.connected:
+        if not self.connected:
+            return
+        self._follow_chunks(transfer)
+        if transfer is None:
             return
         art = transfer.artifact
         for first, count in transfer.requests(time.monotonic()):
@@ -455,6 +466,17 @@ class SimDevice:
                 sha256=art.sha256, first=first, count=count, chunk_size=art.chunk_size
             )
             self.publish(p.Channel.BLOB_REQ, request)
+
+    def _follow_chunks(self, transfer: _Transfer | None) -> None:
+        """Subscribe to the shared chunk topic of the artifact being fetched (as the agent)."""
+        wanted = None if transfer is None else p.shared_blob_subscription(transfer.artifact.sha256)
+        if wanted == self.chunk_filter:
+            return
+        if self.chunk_filter is not None:
+            self.client.unsubscribe(self.chunk_filter)
+        if wanted is not None:
+            self.client.subscribe(wanted, 1)
+        self.chunk_filter = wanted
 
     def check_timeouts(self) -> None:
         if self.transfer is not None:
@@ -473,6 +495,7 @@ class SimDevice:
             self._pump()
             return
         self.transfer = None
+        self._pump()  # unsubscribes from the shared chunk topic
         command = transfer.command
         digest = transfer.hasher.hexdigest()
         if transfer.size != transfer.artifact.size or digest != transfer.artifact.sha256:

@@ -266,6 +266,26 @@ def test_a_device_publishes_its_reports_and_reads_its_commands(
     a.received(p.CONTROLLER_TOPIC, b"ctl-online")
 
 
+def test_every_device_reads_shared_chunks_and_only_the_controller_writes_them(
+    site: Site, clients: Callable[..., Client]
+) -> None:
+    """Broker fan-out (controller/blobs.py): one publish on gf/blobs/v1 reaches every device."""
+    ctl = controller(site, clients)
+    a = clients(site, "dev-a", password_of(site, "dev-a"), protocol=mqtt.MQTTv5).connected()
+    b = clients(site, "dev-b", password_of(site, "dev-b")).connected()
+    a.subscribe(p.shared_blob_subscription(SHA))
+    b.subscribe(p.shared_blob_subscription(SHA))
+    ctl.publish(p.shared_blob_topic(SHA, 0), b"chunk-0")
+    a.received(p.shared_blob_topic(SHA, 0), b"chunk-0")
+    b.received(p.shared_blob_topic(SHA, 0), b"chunk-0")
+    rc = a.publish(p.shared_blob_topic(SHA, 1), b"forged")
+    assert rc.value == NOT_AUTHORIZED, rc
+    done = marker()
+    ctl.publish(p.shared_blob_topic(SHA, 2), done)
+    b.received(p.shared_blob_topic(SHA, 2), done)
+    assert (p.shared_blob_topic(SHA, 1), b"forged") not in b.messages
+
+
 def test_a_device_cannot_touch_another_devices_topics_and_keeps_working(
     site: Site, clients: Callable[..., Client]
 ) -> None:

@@ -61,7 +61,7 @@ def test_a_model_preloads_outside_the_window_and_activates_from_disk_when_it_ope
         )
     )
     logs = lambda: processes.log("controller")[-3000:] + processes.log(device)[-3000:]  # noqa: E731
-    probe = probe_factory(f"gf/v1/{device}/#")
+    probe = probe_factory(f"gf/v1/{device}/#", f"{p.BLOB_ROOT}/#")
     wait_until(lambda: show(processes, device).get("online"), 30, "agent online", logs)
 
     # no windows yet: the first model activates at once
@@ -179,7 +179,8 @@ def decoded(
 
 
 def chunks_of(probe: Probe, device: str, sha256: str) -> int:
-    prefix = f"gf/v1/{device}/blob/{sha256}/"
+    """Chunks of ``sha256`` published (on the shared topic; this test has one device)."""
+    prefix = f"{p.BLOB_ROOT}/{sha256}/"
     return sum(1 for t, _ in list(probe.history) if t.startswith(prefix))
 
 

@@ -15,7 +15,7 @@ from controller.cli import main as cli_main
 from controller.daemon import Controller
 from controller.home import Home
 from simulator.fleet import Fleet, FleetThread, load_sim_profiles
-from tests.conftest import SAMPLES, unique, wait_until
+from tests.conftest import SAMPLES, clear_controller_presence, unique, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -134,3 +134,4 @@ def test_simulated_fleet_comes_online_sends_gapless_telemetry_and_takes_a_deploy
         wait_until(lambda: online() == 0, 10, "simulated devices offline after the stop")
     finally:
         controller.stop()
+        clear_controller_presence(mosquitto.port)  # its retained "offline" would hold later agents

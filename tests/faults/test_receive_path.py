@@ -445,6 +445,9 @@ class StandInLink:
     def subscribe(self, topic: str, qos: int = 0) -> None:
         self.subscriptions.append((topic, qos))
 
+    def unsubscribe(self, topic: str) -> None:
+        self.subscriptions = [s for s in self.subscriptions if s[0] != topic]
+
     def messages(self, channel: p.Channel) -> list[Any]:
         name = p.topic(DEVICE, channel)
         return [p.decode(payload) for topic, payload, _, _ in self.published if topic == name]

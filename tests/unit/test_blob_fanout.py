@@ -1,0 +1,170 @@
+"""Broker fan-out of model chunks: the controller's coalescing (pure logic, a fake clock), the
+shared chunk topics, and the ACL that lets devices read them and only the controller write."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import protocol as p
+from controller.blobs import BlobServer, Coalescer
+from controller.broker_config import acl_text
+
+SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_chunk_asked_for_by_many_devices_is_due_once_after_the_linger() -> None:
+    c = Coalescer(linger_s=0.5)
+    assert c.add((SHA, 4, 0), 10.0)
+    assert not c.add((SHA, 4, 0), 10.2)  # joins the pending publish
+    assert c.add((SHA, 4, 1), 10.3)
+    assert c.due(10.4) == []
+    assert c.next_due() == 10.5
+    assert c.due(10.5) == [(SHA, 4, 0)]
+    assert c.due(10.79) == []
+    assert c.due(10.8) == [(SHA, 4, 1)]
+    assert len(c) == 0 and c.next_due() is None
+
+
+def test_a_request_after_the_publish_is_published_again() -> None:
+    """The late device may have subscribed after the first publish: it needs its own."""
+    c = Coalescer(linger_s=0.0)
+    c.add((SHA, 4, 3), 1.0)
+    assert c.due(1.0) == [(SHA, 4, 3)]
+    assert c.add((SHA, 4, 3), 1.1)
+    assert c.due(1.1) == [(SHA, 4, 3)]
+
+
+def test_due_keeps_first_request_order_and_keys_by_chunk_size() -> None:
+    c = Coalescer(linger_s=0.0)
+    other = "a" * 64
+    for key in [(other, 4, 2), (SHA, 4, 0), (SHA, 8, 0), (other, 4, 2)]:
+        c.add(key, 0.0)
+    assert c.due(0.0) == [(other, 4, 2), (SHA, 4, 0), (SHA, 8, 0)]
+
+
+def _server(tmp_path: Path, data: bytes) -> tuple[BlobServer, list[tuple[str, bytes]], Clock]:
+    store = tmp_path / SHA
+    store.write_bytes(data)
+    sent: list[tuple[str, bytes]] = []
+    clock = Clock()
+    server = BlobServer(
+        lambda sha: store if sha == SHA else None,
+        lambda topic, payload: sent.append((topic, payload)),
+        linger_s=0.5,
+        clock=clock,
+    )
+    return server, sent, clock
+
+
+def test_server_publishes_each_chunk_once_on_the_shared_topic(tmp_path: Path) -> None:
+    data = bytes(range(10))
+    server, sent, clock = _server(tmp_path, data)
+    for device in [f"dev-{i}" for i in range(50)]:  # 50 devices ask for the same window
+        server._admit(device, p.BlobRequest(sha256=SHA, first=0, count=3, chunk_size=4))
+    server._admit("late", p.BlobRequest(sha256=SHA, first=2, count=5, chunk_size=4))
+    server.flush(clock.now)
+    assert sent == []  # still lingering
+    clock.now += 0.5
+    server.flush(clock.now)
+    assert sent == [
+        (p.shared_blob_topic(SHA, 0), data[0:4]),
+        (p.shared_blob_topic(SHA, 1), data[4:8]),
+        (p.shared_blob_topic(SHA, 2), data[8:10]),
+    ]
+    assert server.stats.requests == 51
+    assert server.stats.chunks_requested == 151
+    assert server.stats.chunks_published == 3
+    assert server.stats.bytes_published == 10
+
+
+def test_server_ignores_unknown_artifacts_and_chunks_past_the_end(tmp_path: Path) -> None:
+    server, sent, clock = _server(tmp_path, b"x" * 8)
+    server._admit("d", p.BlobRequest(sha256="b" * 64, first=0, count=1, chunk_size=4))
+    server._admit("d", p.BlobRequest(sha256=SHA, first=2, count=1, chunk_size=4))
+    clock.now += 1
+    server.flush(clock.now)
+    assert sent == [] and server.stats.chunks_published == 0
+
+
+def test_server_thread_publishes_after_the_linger(tmp_path: Path) -> None:
+    store = tmp_path / SHA
+    store.write_bytes(b"abcdefgh")
+    sent: list[str] = []
+    server = BlobServer(lambda sha: store, lambda topic, payload: sent.append(topic), linger_s=0.05)
+    server.start()
+    try:
+        for device in ("a", "b", "c"):
+            server.request(device, p.BlobRequest(sha256=SHA, first=0, count=2, chunk_size=4))
+        deadline = time.monotonic() + 5
+        while len(sent) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        server.stop()
+    assert sent == [p.shared_blob_topic(SHA, 0), p.shared_blob_topic(SHA, 1)]
+
+
+def test_shared_topics_round_trip_and_sit_outside_the_device_tree() -> None:
+    topic = p.shared_blob_topic(SHA, 7)
+    assert topic == f"gf/blobs/v1/{SHA}/7"
+    assert p.parse_topic(topic) == p.ParsedTopic("", p.Channel.BLOB, SHA, 7)
+    assert p.shared_blob_subscription(SHA) == f"gf/blobs/v1/{SHA}/+"
+    assert not topic.startswith(p.ROOT + "/")
+    for bad in (f"gf/blobs/v1/{SHA}/x", "gf/blobs/v1/zz/1", f"gf/blobs/v1/{SHA}/²"):
+        with pytest.raises(p.ProtocolError, match="malformed blob topic"):
+            p.parse_topic(bad)
+    with pytest.raises(p.ProtocolError):
+        p.shared_blob_subscription("+")
+
+
+def test_acl_lets_devices_read_shared_chunks_and_only_the_controller_write_them() -> None:
+    text = acl_text()
+    assert f"pattern read {p.BLOB_ROOT}/+/+" in text
+    controller = text.split("user ", 1)[1]
+    assert f"topic write {p.BLOB_ROOT}/+/+" in controller
+    assert f"pattern write {p.BLOB_ROOT}" not in text
+    assert f"pattern readwrite {p.BLOB_ROOT}" not in text
+
+
+def test_link_unsubscribes_offline_at_the_next_connect() -> None:
+    """The agent's session is persistent: a dropped chunk filter must reach the broker."""
+    from typing import Any
+
+    from agent.link import MqttLink
+
+    link = MqttLink(
+        client_id="t", host="127.0.0.1", port=1, on_message=lambda t, b: None, subscriptions=[]
+    )
+    calls: list[tuple[str, str]] = []
+
+    class Client:
+        def subscribe(self, topic: str, qos: int = 0) -> Any:
+            calls.append(("sub", topic))
+
+        def unsubscribe(self, topic: str) -> Any:
+            calls.append(("unsub", topic))
+            return (4, None)  # MQTT_ERR_NO_CONN: offline
+
+    link._client = Client()  # type: ignore[assignment]
+    shared = p.shared_blob_subscription(SHA)
+    link.subscribe(shared, 1)
+    link.unsubscribe(shared)
+    assert link._subscriptions == [] and link._dropped == [shared]
+    calls.clear()
+    link._on_connect(Client(), None, None, _Ok(), None)  # type: ignore[arg-type]
+    assert ("unsub", shared) in calls and ("sub", shared) not in calls
+    assert link._dropped == []
+
+
+class _Ok:
+    is_failure = False
