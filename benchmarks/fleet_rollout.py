@@ -28,10 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
-
+from benchmarks import model_push
 from benchmarks.rig import Outcome, mosquitto, outcome
 from controller import registry
 from controller.daemon import Controller
@@ -45,18 +42,7 @@ ROLLOUT_TIMEOUT_S = 600.0
 
 def build_model(path: Path, seed: int = 5) -> Path:
     """A ~5 MB ONNX model, y = x @ W, with random weights."""
-    rng = np.random.default_rng(seed)
-    weight = (rng.standard_normal((ROWS, COLS), dtype=np.float32) * 0.01).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])],
-        "bench_rollout",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ROWS])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, COLS])],
-        [numpy_helper.from_array(weight, "W")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.save(model, str(path))
-    return path
+    return model_push.build_model(path, seed, ROWS, COLS)
 
 
 def _count(db: Path, sql: str, *params: Any) -> int:

@@ -57,15 +57,16 @@ RAW_PER_ROUND = 3  # the raw send takes ~50 ms, so it is sampled more often
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_model(path: Path, seed: int) -> Path:
-    """A ~20 MiB ONNX model, y = x @ W, with random weights (distinct bytes for each seed)."""
+def build_model(path: Path, seed: int, rows: int = ROWS, cols: int = COLS) -> Path:
+    """An ONNX model y = x @ W with random weights (distinct bytes for each seed); the default
+    shape makes ~20 MiB."""
     rng = np.random.default_rng(seed)
-    weight = (rng.standard_normal((ROWS, COLS), dtype=np.float32) * 0.01).astype(np.float32)
+    weight = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.01).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["y"])],
         "bench_push",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ROWS])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, COLS])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
         [numpy_helper.from_array(weight, "W")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
