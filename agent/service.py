@@ -401,7 +401,7 @@ class Agent:
             labels=self.config.labels,
             runtimes=self.runtimes,
             hardware=self.hardware,
-            active=self._active_model(),
+            active=pointer.active or (self._serving.active if self._serving else None),
             last_good=pointer.last_good,
             fallback=pointer.fallback,
             tier=self.ladder.tier,

@@ -60,6 +60,20 @@ class Skip:
     reason: str
 
 
+def _too_soon(
+    last: LastDeploy | None,
+    model: str,
+    now: datetime,
+    resend_after: timedelta,
+    retry_failed_after: timedelta,
+) -> bool:
+    """The newest deploy of this slot sent ``model`` recently: wait (longer after a failure)."""
+    if last is None or last.model != model:
+        return False
+    wait = retry_failed_after if last.status == "failed" else resend_after
+    return now - last.sent_at < wait
+
+
 def plan_deploys(
     devices: list[DeviceView],
     model_formats: Mapping[str, str],
@@ -103,11 +117,10 @@ def plan_deploys(
                 )
                 continue
             slot, what, last = "preload", "preload", (last_preloads or {}).get(device.id)
-        if last is not None and last.model == desired:
-            wait = retry_failed_after if last.status == "failed" else resend_after
-            if now - last.sent_at < wait:
-                skips.append(Skip(device.id, f"{what} of {desired} {last.status}; waiting"))
-                continue
+        if _too_soon(last, desired, now, resend_after, retry_failed_after):
+            assert last is not None
+            skips.append(Skip(device.id, f"{what} of {desired} {last.status}; waiting"))
+            continue
         deploys.append(DeployDecision(device.id, desired, slot))
     return deploys, skips
 
@@ -161,10 +174,9 @@ def plan_fallback_deploys(
             skips.append(Skip(device.id, f"device has no {fmt} runtime for fallback {wanted}"))
             continue
         last = last_fallback.get(device.id)
-        if last is not None and last.model == wanted:
-            wait = retry_failed_after if last.status == "failed" else resend_after
-            if now - last.sent_at < wait:
-                skips.append(Skip(device.id, f"fallback deploy of {wanted} {last.status}; waiting"))
-                continue
+        if _too_soon(last, wanted, now, resend_after, retry_failed_after):
+            assert last is not None
+            skips.append(Skip(device.id, f"fallback deploy of {wanted} {last.status}; waiting"))
+            continue
         deploys.append(DeployDecision(device.id, wanted, "fallback"))
     return deploys, skips
