@@ -12,7 +12,12 @@
   A failed handshake (wrong CA, name mismatch, expired certificate) is logged saying what to
   check and retried with the same backoff as an unreachable broker;
 - the message callback only hands ``(topic, payload)`` to a handler that must enqueue; any
-  exception it raises is logged with the topic and never reaches paho's network thread.
+  exception it raises is logged with the topic and never reaches paho's network thread;
+- optionally (``on_message_acked``, the controller's ingest workers) a QoS 1 message is
+  acknowledged only when the handler says it is stored, so one that dies with the process is
+  sent again by the broker on the next connect of the same session; with ``mqtt5`` the session
+  outlives the connection by ``session_expiry_s`` and the broker sends at most
+  ``receive_maximum`` unacknowledged messages at once (MQTT 5 shared subscriptions need v5).
 
 The controller uses this class too: it is the one place that knows paho's API.
 """
@@ -34,6 +39,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import TlsConfig
@@ -306,7 +313,8 @@ class MqttLink:
         client_id: str,
         host: str,
         port: int,
-        on_message: Callable[[str, bytes], None],
+        on_message: Callable[[str, bytes], None] | None = None,
+        on_message_acked: Callable[[str, bytes, Callable[[], None]], None] | None = None,
         subscriptions: Sequence[tuple[str, int]] = (),
         username: str | None = None,
         password: str | None = None,
@@ -321,7 +329,12 @@ class MqttLink:
         tls: TlsConfig | None = None,
         allow_plaintext: bool = False,
         setting: str = "broker",
+        mqtt5: bool = False,
+        session_expiry_s: int = 7 * 24 * 3600,
+        receive_maximum: int | None = None,
     ) -> None:
+        if (on_message is None) == (on_message_acked is None):
+            raise TypeError("MqttLink needs exactly one of on_message and on_message_acked")
         self.host, self.port = host, port
         self._tls = tls
         self._setting = setting
@@ -330,6 +343,18 @@ class MqttLink:
         self._tls_failure: tuple[str, float] | None = None  # last logged, and when
         self._awaiting_connack = False
         self._handler = on_message
+        self._acked_handler = on_message_acked
+        self._mqtt5 = mqtt5
+        self._connect_properties: Properties | None = None
+        if mqtt5:
+            # clean_start False + an expiry: the broker keeps the session (subscriptions,
+            # unacknowledged and queued messages) while this process restarts
+            self._connect_properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            self._connect_properties.SessionExpiryInterval = (
+                session_expiry_s if not clean_session else 0
+            )
+            if receive_maximum is not None:
+                self._connect_properties.ReceiveMaximum = receive_maximum
         self._subscriptions = list(subscriptions)
         self._dropped: list[str] = []  # unsubscribed while offline: sent at the next connect
         self._birth = birth
@@ -342,9 +367,11 @@ class MqttLink:
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            protocol=mqtt.MQTTv311,
-            clean_session=clean_session,
+            protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
+            clean_session=None if mqtt5 else clean_session,
+            manual_ack=on_message_acked is not None,
         )
+        self._clean_start = clean_session
         if context is not None:
             self._client.tls_set_context(context)
         if username is not None:
@@ -368,16 +395,32 @@ class MqttLink:
         """Connect in the background; an unreachable broker is retried, never fatal."""
         if self._tls is None and not is_loopback(self.host):
             log.warning(PLAINTEXT_WARNING, self.host, self.port, self._setting, self._setting)
-        self._client.connect_async(self.host, self.port, keepalive=self._keepalive)
+        if self._mqtt5:
+            self._client.connect_async(
+                self.host,
+                self.port,
+                keepalive=self._keepalive,
+                clean_start=self._clean_start,
+                properties=self._connect_properties,
+            )
+        else:
+            self._client.connect_async(self.host, self.port, keepalive=self._keepalive)
         self._client.loop_start()
 
-    def stop(self, last: tuple[str, bytes] | None = None) -> None:
-        """Publish ``last`` (e.g. a clean Death), disconnect and stop the network thread."""
+    def stop(self, last: tuple[str, bytes] | None = None, end_session: bool = False) -> None:
+        """Publish ``last`` (e.g. a clean Death), disconnect and stop the network thread.
+
+        ``end_session`` (MQTT 5): tell the broker to drop the session now instead of keeping
+        it for ``session_expiry_s``; its subscriptions go with it."""
         if last is not None and self.connected.is_set():
             info = self._client.publish(last[0], last[1], qos=1, retain=True)
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=2.0)
-        self._client.disconnect()
+        properties = None
+        if end_session and self._mqtt5:
+            properties = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = 0
+        self._client.disconnect(properties=properties)
         self._client.loop_stop()
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
@@ -533,6 +576,16 @@ class MqttLink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            self._handler(msg.topic, bytes(msg.payload))
+            if self._acked_handler is not None:
+                mid, qos = msg.mid, msg.qos
+
+                def ack() -> None:
+                    client.ack(mid, qos)
+
+                self._acked_handler(msg.topic, bytes(msg.payload), ack)
+            elif self._handler is not None:
+                self._handler(msg.topic, bytes(msg.payload))
         except Exception:
             log.exception("dropped message on %s: handler failed", msg.topic)
+            if self._acked_handler is not None:
+                client.ack(msg.mid, msg.qos)  # a message that fails every time must not stick

@@ -195,10 +195,8 @@ def parse_broker(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def cmd_controller_run(args: argparse.Namespace) -> int:
-    from controller.daemon import Controller
-
-    conn = device_commands.controller_connection(
+def _connection(args: argparse.Namespace) -> device_commands.Connection:
+    return device_commands.controller_connection(
         args.home,
         args.broker,
         username=args.username or os.environ.get("GREENFLEET_BROKER_USERNAME"),
@@ -206,6 +204,23 @@ def cmd_controller_run(args: argparse.Namespace) -> int:
         plain=args.plain,
         allow_plaintext=args.allow_plaintext,
     )
+
+
+def _connection_args(args: argparse.Namespace) -> list[str]:
+    """The broker flags of ``controller run``, for the ingest workers it starts."""
+    out = ["--broker", args.broker] if args.broker else []
+    out += ["--username", args.username] if args.username else []
+    out += ["--plain"] if args.plain else []
+    return out + (["--allow-plaintext"] if args.allow_plaintext else [])
+
+
+def cmd_controller_run(args: argparse.Namespace) -> int:
+    from controller.daemon import Controller
+    from controller.ingest_workers import WorkerPool, worker_command
+
+    if args.ingest_workers < 0:
+        raise InvalidRequest("--ingest-workers must be 0 (the controller ingests) or more")
+    conn = _connection(args)
     try:
         controller = Controller(
             args.home,
@@ -217,6 +232,11 @@ def cmd_controller_run(args: argparse.Namespace) -> int:
             allow_plaintext=conn.allow_plaintext,
             reconcile_interval_s=args.reconcile_interval,
             api=api_commands.from_args(args),
+            workers=WorkerPool(
+                args.home,
+                args.ingest_workers,
+                worker_command(args.home, _connection_args(args)),
+            ),
         )
     except AgentConfigError as exc:
         raise InvalidRequest(str(exc)) from exc
@@ -231,6 +251,26 @@ def cmd_controller_run(args: argparse.Namespace) -> int:
             return 3
     controller.stop()
     return 0
+
+
+def cmd_controller_ingest_worker(args: argparse.Namespace) -> int:
+    from controller.ingest_workers import worker_main
+
+    conn = _connection(args)
+    try:
+        return worker_main(
+            args.home,
+            args.index,
+            conn.host,
+            conn.port,
+            username=conn.username,
+            password=conn.password,
+            tls=conn.tls,
+            allow_plaintext=conn.allow_plaintext,
+            retire=args.retire,
+        )
+    except AgentConfigError as exc:
+        raise InvalidRequest(str(exc)) from exc
 
 
 def cmd_broker_run(args: argparse.Namespace) -> int:
@@ -321,28 +361,51 @@ def build_parser() -> argparse.ArgumentParser:
         dest="sub", required=True
     )
     run = add(ctl, "run", cmd_controller_run, "run the controller daemon")
-    run.add_argument(
-        "--broker",
-        default=os.environ.get("GREENFLEET_BROKER"),
-        help="HOST:PORT (env GREENFLEET_BROKER; default: the TLS listener of `broker config` "
-        "when the home has the controller's credentials, else 127.0.0.1:1883)",
+    worker = add(
+        ctl,
+        "ingest-worker",
+        cmd_controller_ingest_worker,
+        "one telemetry ingest process (started by `controller run --ingest-workers N`)",
     )
-    run.add_argument(
-        "--plain",
-        action="store_true",
-        help="ignore the home's broker credentials: plain TCP (loopback only unless "
-        "--allow-plaintext)",
-    )
-    run.add_argument(
-        "--allow-plaintext", action="store_true", help="allow plain TCP to a non-loopback broker"
-    )
-    run.add_argument(
-        "--username", help="broker user (password from env GREENFLEET_BROKER_PASSWORD)"
-    )
+    for cmd in (run, worker):
+        cmd.add_argument(
+            "--broker",
+            default=os.environ.get("GREENFLEET_BROKER"),
+            help="HOST:PORT (env GREENFLEET_BROKER; default: the TLS listener of `broker "
+            "config` when the home has the controller's credentials, else 127.0.0.1:1883)",
+        )
+        cmd.add_argument(
+            "--plain",
+            action="store_true",
+            help="ignore the home's broker credentials: plain TCP (loopback only unless "
+            "--allow-plaintext)",
+        )
+        cmd.add_argument(
+            "--allow-plaintext",
+            action="store_true",
+            help="allow plain TCP to a non-loopback broker",
+        )
+        cmd.add_argument(
+            "--username", help="broker user (password from env GREENFLEET_BROKER_PASSWORD)"
+        )
     run.add_argument(
         "--reconcile-interval", type=float, default=2.0, help="seconds between reconcile passes"
     )
+    run.add_argument(
+        "--ingest-workers",
+        type=int,
+        default=int(os.environ.get("GREENFLEET_INGEST_WORKERS", "0")),
+        metavar="N",
+        help="store telemetry in N worker processes sharing an MQTT 5 shared subscription "
+        "(env GREENFLEET_INGEST_WORKERS; default 0: the controller process ingests it)",
+    )
     api_commands.add_controller_options(run)
+    worker.add_argument("--index", type=int, required=True, help="worker number, from 1")
+    worker.add_argument(
+        "--retire",
+        action="store_true",
+        help="store what waits in this worker's broker session, then end the session",
+    )
 
     broker = sub.add_parser("broker", help="MQTT broker helpers").add_subparsers(
         dest="sub", required=True

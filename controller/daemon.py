@@ -34,6 +34,7 @@ from model_store.signing import Signer
 
 if TYPE_CHECKING:
     from controller.api_commands import ApiServer
+    from controller.ingest_workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,13 @@ class Controller:
         resend_after: timedelta = timedelta(seconds=30),
         client_id: str = "gf-controller",
         api: ApiServer | None = None,
+        workers: WorkerPool | None = None,
     ) -> None:
         self.home = home
         self.api = api  # the read-only HTTP API served in-process (controller.api_commands)
+        # telemetry ingest in worker processes on a shared subscription (ingest_workers)
+        self.workers = workers
+        shared = workers is not None and workers.count > 0
         self.reconcile_interval_s = reconcile_interval_s
         self.resend_after = resend_after
         self._reconcile_lock = threading.Lock()
@@ -83,7 +88,7 @@ class Controller:
                     p.Channel.STATE,
                     p.Channel.REPLY,
                     p.Channel.EVENTS,
-                    p.Channel.TELEMETRY,
+                    *([] if shared else [p.Channel.TELEMETRY]),
                     p.Channel.BLOB_REQ,
                 )
             ],
@@ -93,6 +98,10 @@ class Controller:
             birth=self._presence,
             will=Will(p.CONTROLLER_TOPIC, self._presence(online=False)[1]),
         )
+        if shared:
+            # the session is persistent: drop a telemetry subscription an earlier run without
+            # workers left in it, or both would store every record
+            self.link.unsubscribe(p.subscription(p.Channel.TELEMETRY))
         self.blobs = BlobServer(self._resolve_blob, self._publish_chunk)
         self.ingest = Ingest(home.database, self.blobs.request, on_change=self.reconcile_soon)
         self.scheduler = BackgroundScheduler(timezone="UTC")
@@ -111,6 +120,8 @@ class Controller:
         self._catalog = Catalog(self._db, self.home.store)
         self.blobs.start()
         self.ingest.start()
+        if self.workers is not None:
+            self.workers.start()  # first retires the sessions of surplus workers, if any
         self.link.start()
         self.scheduler.add_job(
             self.reconcile,
@@ -147,6 +158,8 @@ class Controller:
             self.api.stop()
         self.scheduler.shutdown(wait=False)
         self.link.stop(last=self._presence(online=False))
+        if self.workers is not None:
+            self.workers.stop()
         self.ingest.stop()
         self.blobs.stop()
 

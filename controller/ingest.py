@@ -6,15 +6,24 @@ of growing memory). One thread drains the queue and writes up to ``BATCH`` messa
 transaction. Telemetry rows are keyed (device, session, seq), so a replayed record is ignored.
 Blob requests are not written: they go straight to the blob server.
 
+A message may come with an ``ack``: it is called only after the transaction that stored the
+message has committed (the ingest workers of ``controller.ingest_workers`` acknowledge to the
+broker then, so a message that dies with the process is delivered again). A batch the database
+refuses for a reason that passes (locked by another writer, disk full, an I/O error) is retried
+with backoff, holding its messages, not dropped; the bounded queue then pushes back on the
+broker.
+
 Births, telemetry and tier_changed events each name the agent's fallback tier; the newest of
 them (by the agent's own timestamps) is kept on the device row as its current tier.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
+import sqlite3
 import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -29,6 +38,10 @@ log = logging.getLogger(__name__)
 
 BATCH = 500
 QUEUE_LIMIT = 20_000
+RETRY_S = (0.5, 30.0)  # first and longest wait before writing a refused batch again
+
+Ack = Callable[[], None]
+Item = tuple[str, bytes, Ack | None]
 
 
 def telemetry_rows(device: str, batch: p.TelemetryBatch, received: str) -> list[dict[str, Any]]:
@@ -78,22 +91,29 @@ class Ingest:
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._database = database
-        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=QUEUE_LIMIT)
+        self._queue: queue.Queue[Item | None] = queue.Queue(maxsize=QUEUE_LIMIT)
         self._on_blob_request = on_blob_request
         self._on_change = on_change
         self._thread = threading.Thread(target=self._run, name="gf-ingest", daemon=True)
+        self._stopping = threading.Event()
         self.rejected = 0
+        self.retries = 0  # batches written again after the database refused them
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._queue.put(None)
+        with contextlib.suppress(queue.Full):  # full: the writer is stuck retrying a batch
+            self._queue.put(None, timeout=10)
         self._thread.join(timeout=10)
+        self._stopping.set()  # a batch still retrying gives up; its messages were not acked
+        self._thread.join(timeout=5)
 
-    def offer(self, topic: str, payload: bytes) -> None:
-        """Network thread: enqueue, waiting if the writer is behind (back-pressure, no drops)."""
-        self._queue.put((topic, payload))
+    def offer(self, topic: str, payload: bytes, ack: Ack | None = None) -> None:
+        """Network thread: enqueue, waiting if the writer is behind (back-pressure, no drops).
+
+        ``ack`` is called once the message is committed."""
+        self._queue.put((topic, payload, ack))
 
     def _run(self) -> None:
         db = open_db(self._database)
@@ -108,12 +128,38 @@ class Ingest:
                 except queue.Empty:
                     break
                 if nxt is None:
-                    self._write(db, batch)
+                    self._commit(db, batch)
                     return
                 batch.append(nxt)
-            self._write(db, batch)
+            self._commit(db, batch)
 
-    def _write(self, db: Any, batch: list[tuple[str, bytes]]) -> None:
+    def _commit(self, db: Any, batch: list[Item]) -> None:
+        """Write ``batch``, again and again while SQLite refuses it for a passing reason; then
+        acknowledge its messages."""
+        wait = RETRY_S[0]
+        while True:
+            try:
+                self._write(db, batch)
+                break
+            except sqlite3.OperationalError as exc:  # locked, disk full, I/O error
+                self.retries += 1
+                log.warning(
+                    "could not store %d messages (%s); retrying in %.1f s, holding them",
+                    len(batch),
+                    exc,
+                    wait,
+                )
+                if self._stopping.wait(wait):
+                    return
+                wait = min(wait * 2, RETRY_S[1])
+            except Exception:
+                log.exception("ingest batch of %d messages failed; dropped", len(batch))
+                break
+        for _topic, _payload, ack in batch:
+            if ack is not None:
+                ack()
+
+    def _write(self, db: Any, batch: list[Item]) -> None:
         now = p.utcnow()
         received = registry.iso(now)
         telemetry: list[dict[str, Any]] = []
@@ -122,72 +168,68 @@ class Ingest:
         tiers: dict[str, tuple[datetime, str]] = {}
         seen: set[str] = set()
         changed = False
-        try:
-            with db.conn:
-                for topic, payload in batch:
-                    try:
-                        parsed = p.parse_topic(topic)
-                        message = p.decode(payload)
-                    except p.ProtocolError as exc:
-                        self.rejected += 1
-                        log.warning("rejected message on %s: %s", topic, exc)
-                        continue
-                    device = parsed.device
-                    seen.add(device)
-                    if isinstance(message, p.BlobRequest):
-                        self._on_blob_request(device, message)
-                    elif isinstance(message, p.Birth):
-                        registry.apply_birth(db, device, message, now)
-                        changed = True
-                    elif isinstance(message, p.Death):
-                        seen.discard(device)
-                        changed |= registry.apply_death(db, device, message, now)
-                    elif isinstance(message, p.TelemetryBatch):
-                        telemetry.extend(telemetry_rows(device, message, received))
-                        _newer(tiers, device, reported_tier(message))
-                    elif isinstance(message, p.Event):
-                        _newer(tiers, device, reported_tier(message))
-                        events.append(
-                            {
-                                "id": message.id,
-                                "device": device,
-                                "ts": registry.iso(message.ts),
-                                "session": message.session,
-                                "event": message.event.value,
-                                "message": message.message,
-                                "detail": json.dumps(message.detail),
-                            }
-                        )
-                    elif isinstance(message, p.Reply):
-                        replies.append(
-                            {
-                                "id": message.id,
-                                "device": device,
-                                "ref": message.ref,
-                                "ts": registry.iso(message.ts),
-                                "ok": int(message.ok),
-                                "error": message.error,
-                                "detail": json.dumps(message.detail),
-                            }
-                        )
-                    else:
-                        log.warning("ignored %s message on %s", message.kind, topic)
-                if telemetry:
-                    db.table("telemetry").insert_all(telemetry, ignore=True)
-                if events:
-                    db.table("events").insert_all(events, ignore=True)
-                if replies:
-                    db.table("replies").insert_all(replies, ignore=True)
-                    for r in replies:
-                        db.execute(
-                            "UPDATE deployments SET status = ?, error = ?, replied_at = ? "
-                            "WHERE id = ?",
-                            ["ok" if r["ok"] else "failed", r["error"], r["ts"], r["ref"]],
-                        )
-                for device, (at, tier) in tiers.items():
-                    registry.note_tier(db, device, tier, at)
-                registry.touch(db, seen, now)
-        except Exception:
-            log.exception("ingest batch of %d messages failed", len(batch))
+        with db.conn:
+            for topic, payload, _ack in batch:
+                try:
+                    parsed = p.parse_topic(topic)
+                    message = p.decode(payload)
+                except p.ProtocolError as exc:
+                    self.rejected += 1
+                    log.warning("rejected message on %s: %s", topic, exc)
+                    continue
+                device = parsed.device
+                seen.add(device)
+                if isinstance(message, p.BlobRequest):
+                    self._on_blob_request(device, message)
+                elif isinstance(message, p.Birth):
+                    registry.apply_birth(db, device, message, now)
+                    changed = True
+                elif isinstance(message, p.Death):
+                    seen.discard(device)
+                    changed |= registry.apply_death(db, device, message, now)
+                elif isinstance(message, p.TelemetryBatch):
+                    telemetry.extend(telemetry_rows(device, message, received))
+                    _newer(tiers, device, reported_tier(message))
+                elif isinstance(message, p.Event):
+                    _newer(tiers, device, reported_tier(message))
+                    events.append(
+                        {
+                            "id": message.id,
+                            "device": device,
+                            "ts": registry.iso(message.ts),
+                            "session": message.session,
+                            "event": message.event.value,
+                            "message": message.message,
+                            "detail": json.dumps(message.detail),
+                        }
+                    )
+                elif isinstance(message, p.Reply):
+                    replies.append(
+                        {
+                            "id": message.id,
+                            "device": device,
+                            "ref": message.ref,
+                            "ts": registry.iso(message.ts),
+                            "ok": int(message.ok),
+                            "error": message.error,
+                            "detail": json.dumps(message.detail),
+                        }
+                    )
+                else:
+                    log.warning("ignored %s message on %s", message.kind, topic)
+            if telemetry:
+                db.table("telemetry").insert_all(telemetry, ignore=True)
+            if events:
+                db.table("events").insert_all(events, ignore=True)
+            if replies:
+                db.table("replies").insert_all(replies, ignore=True)
+                for r in replies:
+                    db.execute(
+                        "UPDATE deployments SET status = ?, error = ?, replied_at = ? WHERE id = ?",
+                        ["ok" if r["ok"] else "failed", r["error"], r["ts"], r["ref"]],
+                    )
+            for device, (at, tier) in tiers.items():
+                registry.note_tier(db, device, tier, at)
+            registry.touch(db, seen, now)
         if changed:
             self._on_change()

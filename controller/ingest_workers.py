@@ -1,0 +1,309 @@
+"""Ingest workers: telemetry stored by several processes that share one MQTT subscription.
+
+One controller process decodes and stores every message its connection receives, and decoding
+(JSON + pydantic) is what one Python process runs out of first. ``greenfleet controller run
+--ingest-workers N`` starts N worker processes that join one MQTT 5 shared subscription,
+``$share/gf-ingest/gf/v1/+/telemetry``: the broker hands each telemetry message to one member
+(round robin on Mosquitto; EMQX, HiveMQ and VerneMQ do the same across a cluster), and the
+controller itself stops subscribing to telemetry. Births, replies, events and chunk requests
+stay with the controller process, which acts on them.
+
+Nothing is lost when a worker dies. A worker acknowledges a message to the broker only once the
+SQLite transaction that stored it has committed (``Ingest`` with ``ack``), under a persistent
+MQTT 5 session with a fixed client id (``gf-ingest-{index}``). The pool restarts a dead worker
+under the same id, and the broker sends again whatever it had not acknowledged. Telemetry rows
+are keyed (device, session, seq), so a message stored twice is still one row.
+
+Retirement. A broker keeps an offline persistent member in its share group and (Mosquitto 2.0)
+goes on assigning it messages, which wait for it to come back. So when the worker count goes
+down (the last count is kept in ``ingest-workers.json`` in the home), the pool first runs each
+surplus index in retire mode: connect, store what waits, unsubscribe, end the session.
+
+Every worker writes to the same SQLite file (WAL mode): the workers decode in parallel and take
+turns to write. This scales a decode-bound ingest on the controller's own host; putting workers
+on other machines would need a database server (see the README, "Scale").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from agent import protocol as p
+from agent.config import TlsConfig
+from agent.link import MqttLink
+from controller.home import Home
+from controller.ingest import BATCH, Ingest
+
+log = logging.getLogger(__name__)
+
+GROUP = "gf-ingest"
+RECEIVE_MAXIMUM = 4 * BATCH  # unacknowledged messages the broker may send one worker
+RESTART_S = (1.0, 30.0)  # first and longest wait before restarting a worker that died
+HEALTHY_S = 60.0  # a worker up this long has its restart backoff reset
+RETIRE_IDLE_S = 2.0  # retire mode: no message for this long means the session is drained
+RETIRE_TIMEOUT_S = 120.0
+
+
+def shared_topic() -> str:
+    """The telemetry subscription every worker joins."""
+    return f"$share/{GROUP}/{p.subscription(p.Channel.TELEMETRY)}"
+
+
+def client_id(index: int) -> str:
+    return f"gf-ingest-{index}"
+
+
+def count_file(home: Home) -> Path:
+    return home.root / "ingest-workers.json"
+
+
+class IngestWorker:
+    """The body of one worker process: a manual-ack MQTT 5 link feeding an ``Ingest``."""
+
+    def __init__(
+        self,
+        home: Home,
+        index: int,
+        host: str,
+        port: int,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls: TlsConfig | None = None,
+        allow_plaintext: bool = False,
+        retire: bool = False,
+    ) -> None:
+        self.index = index
+        self.retire = retire
+        self.last_message = time.monotonic()
+        self.ingest = Ingest(home.database, self._unexpected_blob_request)
+        self.link = MqttLink(
+            client_id=client_id(index),
+            host=host,
+            port=port,
+            username=username,
+            password=password,
+            tls=tls,
+            allow_plaintext=allow_plaintext,
+            on_message_acked=self._on_message,
+            # retire mode: the session's own subscription delivers what waits; subscribing
+            # again would make a never-used index a member for the while it drains
+            subscriptions=[] if retire else [(shared_topic(), 1)],
+            mqtt5=True,
+            receive_maximum=RECEIVE_MAXIMUM,
+            max_inflight=16,
+        )
+
+    def _on_message(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
+        self.last_message = time.monotonic()
+        self.ingest.offer(topic, payload, ack)
+
+    def _unexpected_blob_request(self, device: str, request: p.BlobRequest) -> None:
+        log.warning("ingest worker %d: ignored a chunk request from %s", self.index, device)
+
+    def run(self, stop: threading.Event) -> int:
+        """Serve until ``stop`` (or, in retire mode, until the session is drained); 3 when the
+        broker refuses the credentials, as ``controller run``."""
+        self.ingest.start()
+        self.link.start()
+        parent = os.getppid()
+        log.info(
+            "ingest worker %d %s on %s (client id %s)",
+            self.index,
+            "retiring" if self.retire else "started",
+            shared_topic(),
+            client_id(self.index),
+        )
+        deadline = time.monotonic() + RETIRE_TIMEOUT_S
+        code = 0
+        while not stop.wait(0.2):
+            if self.link.fatal is not None:
+                code = 3
+                break
+            if os.getppid() != parent:
+                # the pool is gone (killed): a new one starts workers under the same client
+                # ids, and two of us would knock each other off the broker for ever
+                log.warning("ingest worker %d: controller gone; stopping", self.index)
+                break
+            if self.retire and self.link.connected.is_set():
+                idle = time.monotonic() - self.last_message
+                if idle >= RETIRE_IDLE_S or time.monotonic() > deadline:
+                    self.link.unsubscribe(shared_topic())
+                    time.sleep(0.5)  # UNSUBACK; nothing is routed to us after it
+                    break
+        self.ingest.stop()  # commits and acknowledges what it holds
+        self.link.stop(end_session=self.retire)
+        log.info("ingest worker %d stopped", self.index)
+        return code
+
+
+class WorkerPool:
+    """Starts, restarts and stops the worker processes of one controller.
+
+    ``command`` is the worker's command line without ``--index`` (see ``controller.cli``); the
+    broker password reaches workers through the environment, never the command line.
+    """
+
+    def __init__(self, home: Home, count: int, command: Sequence[str]) -> None:
+        if count < 0:
+            raise ValueError("the number of ingest workers cannot be negative")
+        self.home = home
+        self.count = count
+        self._command = list(command)
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._started: dict[int, float] = {}
+        self._backoff: dict[int, float] = {}
+        self._next_start: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="gf-workers", daemon=True)
+        self.restarts = 0
+
+    def start(self) -> None:
+        """Retire the sessions of workers a previous run had beyond ``count``, then start
+        ``count`` workers."""
+        previous = self._previous_count()
+        self._retire(range(self.count + 1, previous + 1))
+        count_file(self.home).write_text(json.dumps({"workers": self.count}) + "\n")
+        for index in range(1, self.count + 1):
+            self._spawn(index)
+        if self.count:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self._procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                log.warning("ingest worker pid %d did not stop; killing it", proc.pid)
+                proc.kill()
+
+    def pids(self) -> dict[int, int]:
+        """Index -> pid of every worker running now."""
+        return {i: proc.pid for i, proc in self._procs.items() if proc.poll() is None}
+
+    def _previous_count(self) -> int:
+        path = count_file(self.home)
+        try:
+            return int(json.loads(path.read_text())["workers"])
+        except FileNotFoundError:
+            return 0
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("%s is unreadable (%s); not retiring old worker sessions", path, exc)
+            return 0
+
+    def _retire(self, indexes: Sequence[int]) -> None:
+        """Run the surplus indexes in retire mode, all at once, and wait for them."""
+        procs = {}
+        for index in indexes:
+            log.info(
+                "retiring the session of ingest worker %d (the pool is now %d)", index, self.count
+            )
+            procs[index] = subprocess.Popen([*self._command, "--index", str(index), "--retire"])
+        for index, proc in procs.items():
+            try:
+                code = proc.wait(timeout=RETIRE_TIMEOUT_S + 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = -1
+            if code != 0:
+                log.warning(
+                    "retiring ingest worker %d failed (exit %s): messages the broker assigned "
+                    "to its session %s wait until a worker with that index runs again",
+                    index,
+                    code,
+                    client_id(index),
+                )
+
+    def _spawn(self, index: int) -> None:
+        self._procs[index] = subprocess.Popen([*self._command, "--index", str(index)])
+        self._started[index] = time.monotonic()
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(0.5):
+            now = time.monotonic()
+            for index, proc in list(self._procs.items()):
+                code = proc.poll()
+                if code is None:
+                    if now - self._started[index] > HEALTHY_S:
+                        self._backoff.pop(index, None)
+                    continue
+                if code == 3:
+                    log.error("ingest worker %d: the broker refused its credentials", index)
+                    continue  # as controller run: not retried with credentials it rejects
+                if index not in self._next_start:
+                    wait = self._backoff.get(index, RESTART_S[0])
+                    self._backoff[index] = min(wait * 2, RESTART_S[1])
+                    self._next_start[index] = now + wait
+                    log.warning(
+                        "ingest worker %d (pid %d) exited with %s; restarting it in %.0f s "
+                        "(the broker holds what it had not stored)",
+                        index,
+                        proc.pid,
+                        code,
+                        wait,
+                    )
+                elif now >= self._next_start[index]:
+                    del self._next_start[index]
+                    self.restarts += 1
+                    self._spawn(index)
+
+
+def worker_main(
+    home: Home,
+    index: int,
+    host: str,
+    port: int,
+    *,
+    username: str | None,
+    password: str | None,
+    tls: TlsConfig | None,
+    allow_plaintext: bool,
+    retire: bool,
+) -> int:
+    """``greenfleet controller ingest-worker``: run one worker until SIGTERM."""
+    worker = IngestWorker(
+        home,
+        index,
+        host,
+        port,
+        username=username,
+        password=password,
+        tls=tls,
+        allow_plaintext=allow_plaintext,
+        retire=retire,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return worker.run(stop)
+
+
+def worker_command(home: Home, connection_args: Sequence[str]) -> list[str]:
+    """The command line of a worker of this controller, without ``--index``."""
+    return [
+        sys.executable,
+        "-m",
+        "controller.cli",
+        "--home",
+        str(home.root),
+        "--log-level",
+        logging.getLevelName(logging.getLogger().level),
+        "controller",
+        "ingest-worker",
+        *connection_args,
+    ]

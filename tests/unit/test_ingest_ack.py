@@ -1,0 +1,85 @@
+"""Ingest acknowledges a message only after its batch is committed, and holds a batch SQLite
+refuses for a passing reason (disk full, locked) until it can be written, instead of dropping
+it. The ingest workers acknowledge to the broker through this (controller.ingest_workers)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import protocol as p
+from controller import ingest
+from controller.db import open_db
+from controller.ingest import Ingest
+
+
+def telemetry(seq: int) -> tuple[str, bytes]:
+    record = p.TelemetryRecord(
+        seq=seq,
+        start=p.utcnow(),
+        window_s=1.0,
+        model=None,
+        inferences=1,
+        errors=0,
+        latency_p50_ms=1.0,
+        latency_p95_ms=1.0,
+        cpu_s=0.0,
+        power_w=1.0,
+    )
+    batch = p.TelemetryBatch(session="s1", records=[record])
+    return p.topic("ack-dev", p.Channel.TELEMETRY), p.encode(batch)
+
+
+def rows(database: Path) -> int:
+    return int(open_db(database).execute("SELECT count(*) FROM telemetry").fetchone()[0])
+
+
+def test_a_refused_batch_is_held_retried_and_acknowledged_once_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    database = tmp_path / "greenfleet.db"
+    open_db(database).conn.close()
+    monkeypatch.setattr(ingest, "RETRY_S", (0.01, 0.02))
+    sink = Ingest(database, lambda device, request: None)
+    real_write = sink._write
+    refusals = iter(["database or disk is full", "database is locked"])
+
+    def flaky(db: Any, batch: Any) -> None:
+        reason = next(refusals, None)
+        if reason is not None:
+            raise sqlite3.OperationalError(reason)
+        real_write(db, batch)
+
+    monkeypatch.setattr(sink, "_write", flaky)
+    acked: list[int] = []  # rows in the database when each ack came
+    done = threading.Event()
+
+    def ack() -> None:
+        acked.append(rows(database))
+        done.set()
+
+    sink.start()
+    sink.offer(*telemetry(0), ack)
+    assert done.wait(5), "the message was never acknowledged"
+    sink.stop()
+    assert sink.retries == 2
+    assert acked == [1]  # once, and only after the row was there
+
+
+def test_a_malformed_message_is_rejected_and_still_acknowledged(tmp_path: Path) -> None:
+    """Otherwise it would be sent again at every reconnect, for ever."""
+    database = tmp_path / "greenfleet.db"
+    open_db(database).conn.close()
+    sink = Ingest(database, lambda device, request: None)
+    acks: list[str] = []
+    sink.start()
+    sink.offer(p.topic("ack-dev", p.Channel.TELEMETRY), b"{not json", lambda: acks.append("bad"))
+    sink.offer(*telemetry(1), lambda: acks.append("good"))
+    sink.stop()
+    assert sorted(acks) == ["bad", "good"]
+    assert sink.rejected == 1
+    assert rows(database) == 1
