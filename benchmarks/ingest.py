@@ -12,6 +12,12 @@
     core) and RSS over a steady window, and the end-to-end delay p50/p99 from a record's publish
     (the simulator stamps start + window_s = publish time) to its row (received_at). N = 1000,
     and 100 and 5000 for the growth curve unless --quick.
+(c) Scale-out: backlog drain with 0, 1 and 2 ingest workers (``controller run --ingest-workers
+    N``: MQTT 5 shared subscription, ack after commit). The controller subscribes, stops; a
+    backlog of COUNT records is published into its broker sessions (what a controller restart
+    after an outage meets); it starts again and the rate from its first row to its last is
+    measured, so the load generator does not share the CPU. Baseline, same run, same broker:
+    a bare persistent paho subscriber draining the same backlog.
 
     python -m benchmarks.ingest [--quick]          # or: python -m benchmarks.run ingest
 
@@ -131,6 +137,41 @@ def _subscriber_main(port: int, count: int) -> None:
     client.loop_forever()
 
 
+def _drainer_main(port: int, count: int) -> None:
+    """Baseline of (c): a persistent bare paho subscriber. ``count`` 0: subscribe, print
+    ``ready``, leave the session behind. Otherwise: print ``drained N SECONDS`` (first message
+    to the ``count``-th) for what the session holds."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    received, first = 0, 0.0
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id="bench-drain",
+        clean_session=False,
+    )
+    client.on_connect = lambda c, *_: c.subscribe("gf/v1/+/telemetry", 1)
+
+    def on_subscribe(c: mqtt.Client, *_: Any) -> None:
+        if count == 0:
+            print("ready", flush=True)
+            c.disconnect()
+
+    def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+        nonlocal received, first
+        received += 1
+        if received == 1:
+            first = time.monotonic()
+        if received == count:
+            print(f"drained {count} {time.monotonic() - first:.3f}", flush=True)
+            c.disconnect()
+
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.loop_forever()
+
+
 def _python(*args: str, **kwargs: Any) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **kwargs
@@ -167,7 +208,9 @@ def _stop(proc: subprocess.Popen[Any]) -> None:
 
 
 @contextmanager
-def _controller(home: Path, port: int, log: Path) -> Iterator[subprocess.Popen[Any]]:
+def _controller(
+    home: Path, port: int, log: Path, workers: int = 0, settle_s: float = 2.0
+) -> Iterator[subprocess.Popen[Any]]:
     """``greenfleet controller run`` as its own process, as in production."""
     with log.open("ab") as out:
         proc = subprocess.Popen(
@@ -184,6 +227,8 @@ def _controller(home: Path, port: int, log: Path) -> Iterator[subprocess.Popen[A
                 "--plain",
                 "--broker",
                 f"127.0.0.1:{port}",
+                "--ingest-workers",
+                str(workers),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -192,7 +237,7 @@ def _controller(home: Path, port: int, log: Path) -> Iterator[subprocess.Popen[A
         deadline = time.monotonic() + 30
         while not (home / "greenfleet.db").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        time.sleep(2.0)  # connected and subscribed (its presence is retained; good enough)
+        time.sleep(settle_s)  # connected and subscribed (its presence is retained; good enough)
         yield proc
     finally:
         _stop(proc)
@@ -336,6 +381,69 @@ def fleet_load(workdir: Path, devices: int, window_s: float) -> dict[str, Any]:
     }
 
 
+# ----------------------------------------------------------------------- (c) scale-out
+
+
+def _publish(port: int, count: int) -> None:
+    pub = _python("-m", "benchmarks.ingest", "publish", "--port", str(port), "--count", str(count))
+    _line(pub, "ready")
+    assert pub.stdin is not None
+    pub.stdin.write("go\n")
+    pub.stdin.flush()
+    _line(pub, "published", timeout_s=600)
+    _stop(pub)
+
+
+def drain(workdir: Path, workers: int, count: int) -> dict[str, Any]:
+    """A backlog of ``count`` records drained by the controller with ``workers`` workers."""
+    with mosquitto(workdir / f"mq-c-{workers}") as broker:
+        home = workdir / f"home-c-{workers}"
+        log = workdir / f"controller-c-{workers}.log"
+        with _controller(home, broker.port, log, workers):
+            time.sleep(2.0)  # workers subscribed too
+        _publish(broker.port, count)
+        db = home / "greenfleet.db"
+        first: tuple[float, int] | None = None
+        last_change, last_rows = time.monotonic(), _rows(db)
+        with _controller(home, broker.port, log, workers, settle_s=0.0) as ctl:
+            while last_rows < count and time.monotonic() - last_change < DRAIN_STALL_S:
+                time.sleep(0.1)
+                rows = _rows(db)
+                if rows != last_rows:
+                    now = time.monotonic()
+                    if first is None:
+                        first = (now, rows)
+                    last_rows, last_change = rows, now
+            procs = [psutil.Process(ctl.pid), *psutil.Process(ctl.pid).children()]
+            cpu = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+            rss = sum(p.memory_info().rss for p in procs)
+        # the baseline: the same backlog, a bare persistent paho subscriber
+        sub = _python("-m", "benchmarks.ingest", "drain", "--port", str(broker.port),
+                      "--count", "0")  # fmt: skip
+        _line(sub, "ready")
+        _stop(sub)
+        _publish(broker.port, count)
+        sub = _python("-m", "benchmarks.ingest", "drain", "--port", str(broker.port),
+                      "--count", str(count))  # fmt: skip
+        raw_s = float(_line(sub, "drained", timeout_s=600).split()[2])
+        _stop(sub)
+    assert first is not None, "no row arrived"
+    span = last_change - first[0]
+    rate = (last_rows - first[1]) / span if span > 0 else float("nan")
+    return {
+        "workers": workers,
+        "backlog": count,
+        "rows": last_rows,
+        "lost": count - last_rows,
+        "drain_s": round(span, 2),
+        "rows_per_s": round(rate, 1),
+        "raw_per_s": round(count / raw_s, 1),
+        "ratio": round(rate / (count / raw_s), 2),
+        "cpu_s_total": round(cpu, 1),
+        "rss_mib_total": round(rss / 2**20, 1),
+    }
+
+
 def run(quick: bool) -> Outcome:
     duration = 20.0 if quick else 60.0
     sizes = [1000] if quick else [100, 1000, 5000]
@@ -344,6 +452,8 @@ def run(quick: bool) -> Outcome:
         workdir = Path(tmp)
         a = throughput(workdir, duration)
         loads = [fleet_load(workdir, n, window) for n in sizes]
+        backlog = 50_000 if quick else 150_000
+        scale = [drain(workdir, w, backlog) for w in (0, 1, 2)]
     ratio = a["ingest_per_s"] / a["raw_per_s"]
     thousand = next(x for x in loads if x["devices"] == 1000)
     return outcome(
@@ -357,6 +467,7 @@ def run(quick: bool) -> Outcome:
         numbers={
             "throughput": a,
             "fleet": loads,
+            "scale_out": scale,
             "p99_ms_at_1000": thousand["delay_p99_ms"],
             "cpus": os.cpu_count(),
         },
@@ -373,12 +484,25 @@ def main(argv: list[str] | None = None) -> None:
     subs = sub.add_parser("subscribe")
     subs.add_argument("--port", type=int, required=True)
     subs.add_argument("--count", type=int, required=True)
+    drains = sub.add_parser("drain")
+    drains.add_argument("--port", type=int, required=True)
+    drains.add_argument("--count", type=int, required=True)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--scale-only", action="store_true", help="run (c) only")
     args = parser.parse_args(argv)
     if args.cmd == "publish":
         _publisher_main(args.port, args.duration, args.count)
     elif args.cmd == "subscribe":
         _subscriber_main(args.port, args.count)
+    elif args.cmd == "drain":
+        _drainer_main(args.port, args.count)
+    elif args.scale_only:
+        import json
+
+        with tempfile.TemporaryDirectory(prefix="gf-bench-scale-") as tmp:
+            count = 50_000 if args.quick else 150_000
+            result = [drain(Path(tmp), w, count) for w in (0, 1, 2)]
+        print(json.dumps(result, indent=1))
     else:
         import json
 

@@ -74,6 +74,22 @@ def reported_tier(message: p.TelemetryBatch | p.Event) -> tuple[datetime, str] |
     return None
 
 
+def insert_new(db: Any, table: str, rows: list[dict[str, Any]]) -> None:
+    """INSERT OR IGNORE rows that all have the keys of the first, in one ``executemany``.
+
+    Not sqlite-utils' ``insert_all``: it builds multi-row statements in savepoints and checks
+    every value for JSON, which was 65% of ingest's time per message (measured: 103 µs per
+    telemetry message in batches of 500 with it)."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    sql = (
+        f"INSERT OR IGNORE INTO [{table}] ({', '.join(f'[{c}]' for c in columns)}) "
+        f"VALUES ({', '.join('?' * len(columns))})"
+    )
+    db.conn.executemany(sql, [tuple(row[c] for c in columns) for row in rows])
+
+
 def _newer(
     tiers: dict[str, tuple[datetime, str]], device: str, found: tuple[datetime, str] | None
 ) -> None:
@@ -217,12 +233,10 @@ class Ingest:
                     )
                 else:
                     log.warning("ignored %s message on %s", message.kind, topic)
-            if telemetry:
-                db.table("telemetry").insert_all(telemetry, ignore=True)
-            if events:
-                db.table("events").insert_all(events, ignore=True)
+            insert_new(db, "telemetry", telemetry)
+            insert_new(db, "events", events)
             if replies:
-                db.table("replies").insert_all(replies, ignore=True)
+                insert_new(db, "replies", replies)
                 for r in replies:
                     db.execute(
                         "UPDATE deployments SET status = ?, error = ?, replied_at = ? WHERE id = ?",
