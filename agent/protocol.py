@@ -112,19 +112,13 @@ def blob_topic(device: str, sha256: str, index: int) -> str:
 
 
 def shared_blob_topic(sha256: str, index: int) -> str:
-    """The fleet-wide topic that carries chunk ``index`` of artifact ``sha256``."""
+    """The fleet-wide topic that carries chunk ``index`` of artifact ``sha256``; a device
+    follows it from asking for the chunk until it arrives (``agent.transfer.ChunkTopics``)."""
     if not _SHA256.match(sha256):
         raise ProtocolError(f"invalid sha256 {sha256!r}")
     if not 0 <= index <= MAX_ARTIFACT_BYTES:
         raise ProtocolError(f"invalid chunk index {index}")
     return f"{BLOB_ROOT}/{sha256}/{index}"
-
-
-def shared_blob_subscription(sha256: str) -> str:
-    """The filter an agent subscribes to while it fetches artifact ``sha256``."""
-    if not _SHA256.match(sha256):
-        raise ProtocolError(f"invalid sha256 {sha256!r}")
-    return f"{BLOB_ROOT}/{sha256}/+"
 
 
 def blob_subscription(device: str) -> str:

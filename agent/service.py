@@ -43,7 +43,7 @@ from agent.runtime.base import InferenceError, LoadedModel, ModelLoadError
 from agent.sources import source_class
 from agent.sources.base import Source
 from agent.telemetry import TelemetryWindow
-from agent.transfer import Download
+from agent.transfer import ChunkTopics, Download
 from agent.verify import (
     ManifestRejected,
     check_artifact,
@@ -108,7 +108,7 @@ class Agent:
         self._controller_path = config.state_dir / "controller"
         self._controller_since: datetime | None = None  # the controller connection last seen
         self._transfer: Transfer | None = None
-        self._chunk_filter: str | None = None  # shared chunk subscription (see _follow_chunks)
+        self._chunks = ChunkTopics(self._subscribe, self._unsubscribe)  # shared chunk topics
         self._input_handlers: list[tuple[str, Any]] = []
         self._last_event: dict[str, float] = {}
         self.source: Source | None = None
@@ -718,29 +718,26 @@ class Agent:
             return
         artifact = transfer.download.artifact
         for first, count in transfer.download.requests(transfer.command.window, CHUNK_TIMEOUT_S):
+            self._chunks.asking(artifact.sha256, first, count)
             request = p.BlobRequest(
                 sha256=artifact.sha256, first=first, count=count, chunk_size=artifact.chunk_size
             )
             self._publish(p.Channel.BLOB_REQ, request)
 
     def _follow_chunks(self, transfer: Transfer | None) -> None:
-        """Subscribe to the shared chunk topic of the artifact being fetched, and only that one.
+        """Drop the chunk subscriptions of an artifact no longer being fetched (ChunkTopics)."""
+        self._chunks.keep_only(None if transfer is None else transfer.download.artifact.sha256)
 
-        The SUBSCRIBE goes out before the first BlobRequest (same connection, in order), so the
-        broker forwards every chunk the controller publishes after reading the request.
-        """
-        assert self.link is not None
-        wanted = None if transfer is None else transfer.download.artifact.sha256
-        wanted_filter = None if wanted is None else p.shared_blob_subscription(wanted)
-        if wanted_filter == self._chunk_filter:
-            return
-        if self._chunk_filter is not None:
-            self.link.unsubscribe(self._chunk_filter)
-        if wanted_filter is not None:
-            self.link.subscribe(wanted_filter, 1)
-        self._chunk_filter = wanted_filter
+    def _subscribe(self, topic: str) -> None:
+        if self.link is not None:
+            self.link.subscribe(topic, 1)
+
+    def _unsubscribe(self, topic: str) -> None:
+        if self.link is not None:
+            self.link.unsubscribe(topic)
 
     def _handle_chunk(self, sha256: str, index: int, data: bytes) -> None:
+        self._chunks.arrived(sha256, index)
         transfer = self._transfer
         if transfer is None or transfer.download.artifact.sha256 != sha256:
             return  # a late chunk of a finished or superseded transfer

@@ -19,6 +19,7 @@ One 2-core machine runs broker, simulator and controller at once, so the times a
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sqlite3
 import subprocess
@@ -76,7 +77,9 @@ def rollout(workdir: Path, devices: int) -> dict[str, Any]:
         command = [sys.executable, "-m", "controller.cli", "--log-level", "WARNING", "simulate",
                    "--devices", str(devices), "--broker", f"127.0.0.1:{broker.port}",
                    "--interval", "5", "--prefix", prefix]  # fmt: skip
-        sim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sim_log = workdir / f"simulator-{devices}.log"
+        with sim_log.open("w") as out:
+            sim = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         try:
             assert controller.link.connected.wait(10)
             deadline = time.monotonic() + 120
@@ -97,6 +100,11 @@ def rollout(workdir: Path, devices: int) -> dict[str, Any]:
             while active < devices:
                 if time.monotonic() - t0 > ROLLOUT_TIMEOUT_S:
                     raise TimeoutError(f"{active}/{devices} active after {ROLLOUT_TIMEOUT_S} s")
+                for name, proc in (("mosquitto", broker.process), ("simulator", sim)):
+                    if proc is not None and proc.poll() is not None:
+                        raise RuntimeError(
+                            f"{name} died (exit {proc.returncode}) at {active} active"
+                        )
                 time.sleep(0.25)
                 now = _count(
                     home.database,
@@ -118,6 +126,9 @@ def rollout(workdir: Path, devices: int) -> dict[str, Any]:
                 sim.kill()
                 sim.wait()
             controller.stop()
+    done = [line for line in sim_log.read_text().splitlines() if "simulator: done" in line]
+    sim_stats = ast.literal_eval(done[-1].split("done ", 1)[1]) if done else {}
+    delivered = int(sim_stats.get("chunk_bytes_delivered", 0))
     half = next(t for t, n in times if n >= devices / 2)
     return {
         "devices": devices,
@@ -128,6 +139,8 @@ def rollout(workdir: Path, devices: int) -> dict[str, Any]:
         "per_device_copies_bytes": devices * version.size,
         "published_ratio": round(published / (devices * version.size), 4),
         "model_copies_published": round(published / version.size, 2),
+        # what the broker sent the devices, duplicates included; 1.0 = each got one copy
+        "delivered_copies_per_device": round(delivered / (devices * version.size), 2),
         "chunks_requested": stats.chunks_requested,
         "chunks_published": stats.chunks_published,
         "requests": stats.requests,
@@ -136,8 +149,11 @@ def rollout(workdir: Path, devices: int) -> dict[str, Any]:
 
 def run(quick: bool, sizes: list[int] | None = None) -> Outcome:
     sizes = sizes or ([100] if quick else [100, 1000])
+    results = []
     with tempfile.TemporaryDirectory(prefix="gf-bench-rollout-") as tmp:
-        results = [rollout(Path(tmp), n) for n in sizes]
+        for n in sizes:
+            results.append(rollout(Path(tmp), n))
+            print(f"fleet_rollout: {results[-1]}", file=sys.stderr, flush=True)
     largest = results[-1]
     copies = largest["model_copies_published"]
     return outcome(

@@ -1,8 +1,9 @@
 """The controller's own settings: ``$GREENFLEET_HOME/controller.yaml`` (optional).
 
 Only what the database cannot know lives here: the carbon intensity of each site's grid, used
-to turn kWh into CO2e, and each site's maintenance windows (controller.windows): when its devices
-may switch models. A missing file means the defaults; a bad one is an error naming the key.
+to turn kWh into CO2e, each site's maintenance windows (controller.windows): when its devices
+may switch models, and how many devices may fetch a model at once. A missing file means the
+defaults; a bad one is an error naming the key.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controller.errors import InvalidRequest
 from controller.windows import Window
+
+# Devices fetching a model at once. The broker holds up to one Deploy window of chunks (16 x
+# 256 KiB) per device that reads slower than chunks are fanned out, so 500 bounds that at ~2 GiB;
+# 5,000 simulated devices at once ran a 24 GiB machine out of memory (docs/scale.md).
+DEFAULT_MAX_CONCURRENT_TRANSFERS = 500
 
 # IEA's 2023 world-average electricity carbon intensity is about 480 g CO2/kWh; an operator
 # should set each site's own figure (its utility's or the national grid's).
@@ -36,6 +42,11 @@ class ControllerConfig(BaseModel):
 
     default_grid_g_co2e_per_kwh: float = Field(default=DEFAULT_GRID_G_PER_KWH, ge=0)
     sites: dict[str, SiteConfig] = Field(default_factory=dict)
+    max_concurrent_transfers: int = Field(
+        default=DEFAULT_MAX_CONCURRENT_TRANSFERS,
+        ge=1,
+        description="Devices that may fetch a model at once; the others wait their turn.",
+    )
 
     def grid_intensity(self, site: str | None) -> float:
         config = self.sites.get(site or "")

@@ -24,7 +24,13 @@ from controller.errors import InvalidRequest
 from controller.home import Home
 from controller.ingest import Ingest
 from controller.planning import fallbacks, is_planned, measured, plan
-from controller.reconcile import DeployDecision, DeviceView, plan_deploys, plan_fallback_deploys
+from controller.reconcile import (
+    DeployDecision,
+    DeviceView,
+    limit_transfers,
+    plan_deploys,
+    plan_fallback_deploys,
+)
 from controller.rollouts_job import RolloutsJob
 from controller.selection import Measured
 from controller.windows import describe, inside, next_opening
@@ -39,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TELEMETRY_REFRESH_S = 30.0  # how stale the plan's field figures may be
+TRANSFER_STALE = timedelta(minutes=10)  # an unanswered Deploy older than this holds no slot
 ROLLBACK_GRANT_TTL = timedelta(hours=1)  # a re-sent rollback gets a fresh grant
 
 
@@ -388,14 +395,15 @@ class Controller:
                 self._resolve(registry.views(db, list(rows.values())), rows), rows
             )
             resolved = self._with_windows(resolved, rows, now)
-            last_active = registry.last_deploys(db, p.Slot.ACTIVE.value)
+            last = {slot: registry.last_deploys(db, slot.value) for slot in p.Slot}
+            last_active = last[p.Slot.ACTIVE]
             decisions, skips = plan_deploys(
                 resolved,
                 formats,
                 last_active,
                 now,
                 resend_after=self.resend_after,
-                last_preloads=registry.last_deploys(db, p.Slot.PRELOAD.value),
+                last_preloads=last[p.Slot.PRELOAD],
             )
             for skip in skips:
                 if "maintenance window" in skip.reason:
@@ -404,13 +412,27 @@ class Controller:
                 resolved,
                 formats,
                 last_active,
-                registry.last_deploys(db, p.Slot.FALLBACK.value),
+                last[p.Slot.FALLBACK],
                 now,
                 resend_after=self.resend_after,
             )
-            for decision in [*decisions, *staging]:
+            busy = {
+                device
+                for per_slot in last.values()
+                for device, deploy in per_slot.items()
+                if deploy.status == "sent"
+                and now - deploy.sent_at < TRANSFER_STALE
+                and device in rows
+                and rows[device]["online"]  # one that dropped off does not hold its slot
+            }
+            sending, waiting = limit_transfers(
+                [*decisions, *staging], busy, self._controller_config().max_concurrent_transfers
+            )
+            if waiting:
+                log.info("%d deploys wait for a transfer slot: %s", len(waiting), waiting[0].reason)
+            for decision in sending:
                 self._send(decision, rows[decision.device], now)
-            return len(decisions) + len(staging)
+            return len(sending)
 
     def _grant(self, device: str, sha256: str, now: datetime) -> p.SignedManifest:
         """A signed RollbackGrant: enrolled agents accept an older version only with one."""

@@ -125,6 +125,36 @@ def plan_deploys(
     return deploys, skips
 
 
+def limit_transfers(
+    decisions: list[DeployDecision], busy: set[str], limit: int
+) -> tuple[list[DeployDecision], list[Skip]]:
+    """Keep at most ``limit`` devices fetching at once; the rest wait for a later pass.
+
+    ``busy``: devices with a Deploy sent and not yet answered (still fetching). A decision for
+    one of them (a resend) does not take a new slot. Decisions keep their order, so the devices
+    first in line go first. Why a limit: the broker buffers the chunks fanned out to every
+    device that reads slower than they come (controller.config.DEFAULT_MAX_CONCURRENT_TRANSFERS).
+    """
+    free = limit - len(busy)
+    kept: list[DeployDecision] = []
+    skips: list[Skip] = []
+    for decision in decisions:
+        if decision.device in busy:
+            kept.append(decision)
+        elif free > 0:
+            kept.append(decision)
+            free -= 1
+        else:
+            skips.append(
+                Skip(
+                    decision.device,
+                    f"{limit} devices are fetching a model (max_concurrent_transfers); waiting "
+                    "for one to finish",
+                )
+            )
+    return kept, skips
+
+
 def plan_fallback_deploys(
     devices: list[DeviceView],
     model_formats: Mapping[str, str],

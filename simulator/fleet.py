@@ -4,10 +4,11 @@ Each simulated device has its own MQTT connection (a paho client whose socket is
 event loop: no thread per device), its own client id, a retained Birth and a last-will Death on
 its state topic. It sends a TelemetryBatch every ``interval_s`` numbered (session, seq) from 0
 with no gaps, answers Ping, refuses InjectFault, and handles Deploy like the real agent: it
-pulls the artifact in windows of chunks with BlobRequest while subscribed to the artifact's
-shared chunk topic (``gf/blobs/v1/{sha256}/+``, as the agent), re-asks for chunks that do not
-arrive, checks size and sha256, "loads" the model for a simulated time, replies ok and
-re-publishes its birth with the new active model.
+pulls the artifact in windows of chunks with BlobRequest, subscribed to the shared topic of
+each chunk it asks for until it arrives (``gf/blobs/v1/{sha256}/{index}``, as the agent: see
+``agent.transfer.ChunkTopics``), re-asks for chunks that do not arrive, checks size and
+sha256, "loads" the model for a simulated time, replies ok and re-publishes its birth with
+the new active model.
 
 Telemetry is stamped so that a record's ``start + window_s`` is the moment it was published:
 ``received_at - (start + window_s)`` in the controller's telemetry table is the end-to-end delay.
@@ -35,6 +36,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol as p
+from agent.transfer import ChunkTopics
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +218,10 @@ class SimDevice:
         self.preloaded: p.ActiveModel | None = None
         self.last_good: p.ActiveModel | None = None
         self.transfer: _Transfer | None = None
-        self.chunk_filter: str | None = None  # the shared chunk topic followed (_follow_chunks)
+        self.chunks = ChunkTopics(  # shared chunk topics, as the agent
+            lambda topic: self.client.subscribe(topic, 1),
+            lambda topic: self.client.unsubscribe(topic),
+        )
         self.connected = False
         self.held = False  # the retained ControllerState says the controller is offline
         self.stopping = False
@@ -285,7 +290,7 @@ class SimDevice:
                 (p.CONTROLLER_TOPIC, 1),
             ]
         )
-        self.chunk_filter = None  # subscribed again by _pump, before its first request
+        self.chunks.forget()  # subscribed again by _pump, before its requests
         self.publish_birth()
         if self.transfer is not None:
             self.transfer.in_flight.clear()  # outstanding requests died with the connection
@@ -462,27 +467,23 @@ class SimDevice:
             return
         art = transfer.artifact
         for first, count in transfer.requests(time.monotonic()):
+            self.chunks.asking(art.sha256, first, count)
             request = p.BlobRequest(
                 sha256=art.sha256, first=first, count=count, chunk_size=art.chunk_size
             )
             self.publish(p.Channel.BLOB_REQ, request)
 
     def _follow_chunks(self, transfer: _Transfer | None) -> None:
-        """Subscribe to the shared chunk topic of the artifact being fetched (as the agent)."""
-        wanted = None if transfer is None else p.shared_blob_subscription(transfer.artifact.sha256)
-        if wanted == self.chunk_filter:
-            return
-        if self.chunk_filter is not None:
-            self.client.unsubscribe(self.chunk_filter)
-        if wanted is not None:
-            self.client.subscribe(wanted, 1)
-        self.chunk_filter = wanted
+        """Drop the chunk subscriptions of an artifact no longer fetched (as the agent)."""
+        self.chunks.keep_only(None if transfer is None else transfer.artifact.sha256)
 
     def check_timeouts(self) -> None:
         if self.transfer is not None:
             self._pump()
 
     def _on_chunk(self, sha256: str, index: int, data: bytes) -> None:
+        self.chunks.arrived(sha256, index)
+        self.fleet.chunk_bytes_delivered += len(data)  # whatever the broker sent, wanted or not
         transfer = self.transfer
         if transfer is None or transfer.artifact.sha256 != sha256:
             return  # late chunk of a finished or superseded transfer
@@ -568,7 +569,8 @@ class Fleet:
         self.devices: list[SimDevice] = []
         self.online = 0
         self.records_sent = 0
-        self.chunk_bytes = 0
+        self.chunk_bytes = 0  # chunks taken by a transfer
+        self.chunk_bytes_delivered = 0  # every chunk message received
         self.loop: asyncio.AbstractEventLoop  # set by run()
         self._stop: asyncio.Event | None = None
 
@@ -586,6 +588,7 @@ class Fleet:
             "records_pending": sum(len(d.pending) for d in self.devices),
             "deploys_ok": sum(d.deploys_ok for d in self.devices),
             "chunk_bytes": self.chunk_bytes,
+            "chunk_bytes_delivered": self.chunk_bytes_delivered,
         }
 
     def published(self) -> dict[tuple[str, str], int]:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent import protocol as p
+from agent.transfer import ChunkTopics
 from controller.blobs import BlobServer, Coalescer
 from controller.broker_config import acl_text
+from tests.conftest import Probe, wait_until
 
 SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 
@@ -118,13 +121,12 @@ def test_shared_topics_round_trip_and_sit_outside_the_device_tree() -> None:
     topic = p.shared_blob_topic(SHA, 7)
     assert topic == f"gf/blobs/v1/{SHA}/7"
     assert p.parse_topic(topic) == p.ParsedTopic("", p.Channel.BLOB, SHA, 7)
-    assert p.shared_blob_subscription(SHA) == f"gf/blobs/v1/{SHA}/+"
     assert not topic.startswith(p.ROOT + "/")
     for bad in (f"gf/blobs/v1/{SHA}/x", "gf/blobs/v1/zz/1", f"gf/blobs/v1/{SHA}/²"):
         with pytest.raises(p.ProtocolError, match="malformed blob topic"):
             p.parse_topic(bad)
     with pytest.raises(p.ProtocolError):
-        p.shared_blob_subscription("+")
+        p.shared_blob_topic("+", 0)
 
 
 def test_acl_lets_devices_read_shared_chunks_and_only_the_controller_write_them() -> None:
@@ -137,8 +139,7 @@ def test_acl_lets_devices_read_shared_chunks_and_only_the_controller_write_them(
 
 
 def test_link_unsubscribes_offline_at_the_next_connect() -> None:
-    """The agent's session is persistent: a dropped chunk filter must reach the broker."""
-    from typing import Any
+    """The agent's session is persistent: a dropped chunk subscription must reach the broker."""
 
     from agent.link import MqttLink
 
@@ -156,7 +157,7 @@ def test_link_unsubscribes_offline_at_the_next_connect() -> None:
             return (4, None)  # MQTT_ERR_NO_CONN: offline
 
     link._client = Client()  # type: ignore[assignment]
-    shared = p.shared_blob_subscription(SHA)
+    shared = p.shared_blob_topic(SHA, 0)
     link.subscribe(shared, 1)
     link.unsubscribe(shared)
     assert link._subscriptions == [] and link._dropped == [shared]
@@ -168,3 +169,56 @@ def test_link_unsubscribes_offline_at_the_next_connect() -> None:
 
 class _Ok:
     is_failure = False
+
+
+def test_a_device_follows_each_chunk_from_asking_for_it_until_it_arrives() -> None:
+    calls: list[tuple[str, str]] = []
+    chunks = ChunkTopics(lambda t: calls.append(("sub", t)), lambda t: calls.append(("unsub", t)))
+    chunks.asking(SHA, 0, 3)
+    chunks.asking(SHA, 1, 3)  # a re-ask of 1 and 2, and 3 for the first time
+    assert calls == [("sub", p.shared_blob_topic(SHA, i)) for i in (0, 1, 2, 3)]
+    calls.clear()
+    chunks.arrived(SHA, 0)
+    chunks.arrived(SHA, 0)  # a duplicate: nothing left to drop
+    assert calls == [("unsub", p.shared_blob_topic(SHA, 0))]
+    calls.clear()
+    chunks.keep_only(SHA)
+    assert calls == []
+    chunks.keep_only(None)  # transfer over: the rest go
+    assert sorted(calls) == [("unsub", p.shared_blob_topic(SHA, i)) for i in (1, 2, 3)]
+    assert chunks.topics == set()
+
+
+def test_a_chunk_published_again_reaches_only_the_devices_still_missing_it(
+    mosquitto: Any,
+) -> None:
+    """The reason for per-chunk subscriptions, on a real broker: device A has chunk 0 when
+    the controller publishes it again for a late device C; only C gets the second copy."""
+    ctl = Probe(mosquitto.port)
+    devices = {name: Probe(mosquitto.port) for name in ("a", "c")}
+    follow = {name: ChunkTopics(*_client_calls(d)) for name, d in devices.items()}
+
+    def settle(expected: dict[str, int]) -> None:
+        wait_until(
+            lambda: all(devices[n]._subscribed >= k for n, k in expected.items()), 10, "SUBACKs"
+        )
+
+    follow["a"].asking(SHA, 0, 2)
+    settle({"a": 2})
+    ctl.publish(p.shared_blob_topic(SHA, 0), b"chunk-0")
+    devices["a"].wait_for(lambda t, b: b == b"chunk-0", 10, "chunk 0 at A")
+    follow["a"].arrived(SHA, 0)
+    follow["c"].asking(SHA, 0, 1)  # C comes late and asks for chunk 0
+    settle({"c": 1})
+    time.sleep(0.3)  # A's UNSUBSCRIBE has no callback here; give it the time the broker needs
+    ctl.publish(p.shared_blob_topic(SHA, 0), b"chunk-0 again")
+    devices["c"].wait_for(lambda t, b: b == b"chunk-0 again", 10, "chunk 0 at C")
+    ctl.publish(p.shared_blob_topic(SHA, 1), b"chunk-1")  # A still follows chunk 1
+    devices["a"].wait_for(lambda t, b: b == b"chunk-1", 10, "chunk 1 at A")
+    assert [b for _, b in devices["a"].history] == [b"chunk-0", b"chunk-1"]
+    for probe in (ctl, *devices.values()):
+        probe.close()
+
+
+def _client_calls(probe: Probe) -> tuple[Any, Any]:
+    return (lambda t: probe.client.subscribe(t, 1), lambda t: probe.client.unsubscribe(t))

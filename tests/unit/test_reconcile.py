@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
+from controller.config import load_controller_config
+from controller.errors import InvalidRequest
 from controller.reconcile import (
     DeployDecision,
     DeviceView,
     LastDeploy,
+    limit_transfers,
     plan_deploys,
     plan_fallback_deploys,
 )
@@ -136,3 +140,28 @@ def test_active_and_fallback_deploys_never_go_out_together() -> None:
         active, _ = plan_deploys([device], FORMATS, {}, NOW)
         staged, _ = plan_fallback_deploys([device], FORMATS, {}, {}, NOW)
         assert not (active and staged), device
+
+
+def test_at_most_the_limit_of_devices_fetch_at_once_and_resends_take_no_new_slot() -> None:
+    decisions = [DeployDecision(f"d{i}", "m:1.0.0") for i in range(6)]
+    sending, waiting = limit_transfers(decisions, busy={"d1", "x"}, limit=4)
+    # two slots are taken (d1, x); d1's resend goes out anyway, d0 and d2 take the free two
+    assert [d.device for d in sending] == ["d0", "d1", "d2"]
+    assert [s.device for s in waiting] == ["d3", "d4", "d5"]
+    assert "max_concurrent_transfers" in waiting[0].reason
+
+
+def test_a_full_set_of_transfers_sends_only_resends() -> None:
+    decisions = [DeployDecision("a", "m:1.0.0"), DeployDecision("b", "m:1.0.0")]
+    sending, waiting = limit_transfers(decisions, busy={"b", "c"}, limit=2)
+    assert [d.device for d in sending] == ["b"] and [s.device for s in waiting] == ["a"]
+
+
+def test_the_transfer_limit_comes_from_controller_yaml_and_must_be_positive(tmp_path: Path) -> None:
+    path = tmp_path / "controller.yaml"
+    assert load_controller_config(path).max_concurrent_transfers == 500  # the default
+    path.write_text("max_concurrent_transfers: 50\n")
+    assert load_controller_config(path).max_concurrent_transfers == 50
+    path.write_text("max_concurrent_transfers: 0\n")
+    with pytest.raises(InvalidRequest, match="max_concurrent_transfers"):
+        load_controller_config(path)
