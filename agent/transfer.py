@@ -93,6 +93,7 @@ class Download:
         self._clock = clock
         self._received: set[int] = set()
         self._in_flight: dict[int, float] = {}
+        self._last_arrival = float("-inf")  # any chunk of this artifact, wanted or not
         self._unsynced = 0
         self._saved_at = clock()
         self._fh: int | None = None
@@ -188,11 +189,15 @@ class Download:
         """Ranges ``(first, count)`` to ask for now, keeping at most ``window`` chunks in flight.
 
         Chunks asked for more than ``timeout_s`` ago without arriving are asked for again
-        (a lost message, a broker restart). Ranges are contiguous runs of missing chunks.
+        (a lost message, a broker restart), but only once no chunk at all has arrived for
+        ``timeout_s``: while chunks keep coming the rest are queued behind them (a slow link, a
+        busy broker), and asking again would only have them published and delivered twice.
+        Ranges are contiguous runs of missing chunks.
         """
         now = self._clock()
+        stalled = now - self._last_arrival > timeout_s
         for index, asked in list(self._in_flight.items()):
-            if now - asked > timeout_s:
+            if stalled and now - asked > timeout_s:
                 del self._in_flight[index]
         budget = window - len(self._in_flight)
         wanted: list[int] = []
@@ -237,6 +242,7 @@ class Download:
                 f"expected {expected}"
             )
         self._in_flight.pop(index, None)
+        self._last_arrival = self._clock()
         if index in self._received:
             return False
         try:

@@ -136,6 +136,7 @@ class _Transfer:
     in_flight: dict[int, float] = field(default_factory=dict)
     received: set[int] = field(default_factory=set)
     size: int = 0
+    last_arrival: float = float("-inf")
 
     @property
     def artifact(self) -> p.Artifact:
@@ -146,9 +147,11 @@ class _Transfer:
         return len(self.received) == self.artifact.chunk_count
 
     def requests(self, now: float) -> list[tuple[int, int]]:
-        """Ranges to ask for now, at most ``window`` chunks in flight (as agent.transfer)."""
+        """Ranges to ask for now, at most ``window`` chunks in flight; re-asks only once no
+        chunk came for CHUNK_TIMEOUT_S (as agent.transfer.Download.requests)."""
+        stalled = now - self.last_arrival > CHUNK_TIMEOUT_S
         for index, asked in list(self.in_flight.items()):
-            if now - asked > CHUNK_TIMEOUT_S:
+            if stalled and now - asked > CHUNK_TIMEOUT_S:
                 del self.in_flight[index]
         budget = self.command.window - len(self.in_flight)
         wanted: list[int] = []
@@ -176,6 +179,7 @@ class _Transfer:
         if len(data) != expected:
             return f"chunk {index} has {len(data)} bytes, expected {expected}"
         self.in_flight.pop(index, None)
+        self.last_arrival = time.monotonic()
         if index in self.received:
             return None
         if index >= self.next_hash + 2 * self.command.window:

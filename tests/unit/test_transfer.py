@@ -63,6 +63,21 @@ def test_requests_keep_a_window_in_flight_and_re_ask_after_timeout(tmp_path: Pat
     assert dl.requests(window=4, timeout_s=5) == [(6, 1)]
 
 
+def test_overdue_chunks_are_not_asked_again_while_others_keep_arriving(tmp_path: Path) -> None:
+    """A slow link or a busy broker delivers a window late but steadily: asking again would
+    only have the same chunks published and delivered twice."""
+    clock = Clock()
+    dl = Download(tmp_path, artifact(), clock=clock)
+    dl.open()
+    assert dl.requests(window=4, timeout_s=5) == [(0, 4)]
+    for i in range(3):  # chunk i lands at 4, 8, 12 s: each one later than 5 s after asking
+        clock.now = 4.0 * (i + 1)
+        dl.accept(i, chunk(i))
+        assert dl.requests(window=4, timeout_s=5) == [(4 + i, 1)], "only the freed slot"
+    clock.now = 17.5  # then nothing for 5.5 s: the transfer stalled, ask again
+    assert dl.requests(window=4, timeout_s=5) == [(3, 4)]  # all four overdue by now
+
+
 def test_wrong_sized_and_out_of_range_chunks_are_refused(tmp_path: Path) -> None:
     dl = Download(tmp_path, artifact())
     dl.open()
