@@ -429,7 +429,8 @@ class MqttLink:
         Sent whenever paho has a connection (a duplicate SUBSCRIBE is harmless), so that a
         subscription added while ``_on_connect`` runs is not lost until the next reconnect.
         """
-        self._subscriptions = [*self._subscriptions, (topic, qos)]
+        if (topic, qos) not in self._subscriptions:
+            self._subscriptions = [*self._subscriptions, (topic, qos)]
         self._client.subscribe(topic, qos)  # MQTT_ERR_NO_CONN offline: _on_connect sends it
 
     def unsubscribe(self, topic: str) -> None:

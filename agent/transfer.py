@@ -304,12 +304,13 @@ class ChunkTopics:
         self.topics: set[str] = set()
 
     def asking(self, sha256: str, first: int, count: int) -> None:
-        """About to ask for chunks ``first`` .. ``first + count - 1``: subscribe to each."""
+        """About to ask for chunks ``first`` .. ``first + count - 1``: subscribe to each, again
+        for a re-ask, because a SUBSCRIBE makes the broker send the chunk's retained copy
+        (controller.blobs) and a chunk asked for again never came."""
         for index in range(first, first + count):
             topic = shared_blob_topic(sha256, index)
-            if topic not in self.topics:
-                self.topics.add(topic)
-                self._subscribe(topic)
+            self.topics.add(topic)
+            self._subscribe(topic)
 
     def arrived(self, sha256: str, index: int) -> None:
         """Chunk ``index`` came: stop following its topic."""

@@ -3,21 +3,28 @@
 Broker fan-out
 --------------
 Every chunk is published on ONE shared topic per artifact, ``gf/blobs/v1/{sha256}/{index}``
-(agent.protocol.shared_blob_topic), never once per device: the broker copies it to every agent
-that is subscribed. An agent subscribes to ``gf/blobs/v1/{sha256}/+`` while it fetches that
-artifact (and unsubscribes when it is done), and still asks for windows of chunks with a
-``BlobRequest`` on its own ``gf/v1/{device}/blob/req`` topic; flow control, re-asks after a
-timeout and resume after a restart stay per device (agent.transfer). Chunks it did not ask for,
-or already has, are harmless: ``Download.accept`` writes a chunk once and ignores duplicates.
+(agent.protocol.shared_blob_topic), never once per device, and **retained**: the broker copies it
+to every agent subscribed at that moment, and hands the retained copy to every agent that
+subscribes later, at its SUBSCRIBE. An agent subscribes to the topic of each chunk just before it
+asks for it with a ``BlobRequest`` on its own ``gf/v1/{device}/blob/req`` topic, and drops the
+subscription when the chunk arrives (agent.transfer.ChunkTopics); flow control, re-asks and
+resume after a restart stay per device. A re-ask subscribes again, which makes the broker send
+the retained copy again (MQTT: a SUBSCRIBE that replaces a subscription re-sends retained
+messages).
 
-The controller coalesces: a request for chunk ``i`` of an artifact that is still waiting to be
-published joins the pending entry instead of adding a copy (:class:`Coalescer`). Entries wait
-at most ``linger_s`` (0.2 s) after the first request so that devices asking at about the same
-time share one publish; under load the queue behind the publisher merges far more. A request
-that arrives after a chunk went out is served again: its device may have subscribed after that
-publish, and the broker keeps no copy. The only ordering needed is that a device's SUBSCRIBE
-reaches the broker before its BlobRequest, which holds because both go on the same connection
-in that order.
+So the controller publishes a chunk once, not once per wave of late devices: a request for a
+chunk it published less than ``REPUBLISH_AFTER_S`` ago is served by the retained copy. A request
+after that publishes it again, which also restores a retained copy a broker lost (a restart
+without persistence). Before retained chunks, every request after a publish was published again,
+and every re-publish went to every device still waiting for its earlier copy: 5,000 simulated
+devices each received the model ~7.6 times and Mosquitto grew past 10 GB (docs/scale.md).
+
+Requests for one chunk that arrive together are merged (:class:`Coalescer`): they wait at most
+``linger_s`` (0.2 s) after the first. The retained copies of an artifact nobody asked for in
+``CLEAR_AFTER_S`` are deleted (an empty retained publish), and all of them when the controller
+stops, so the broker does not keep models for ever. The only ordering needed is that a device's
+SUBSCRIBE reaches the broker before its BlobRequest, which holds because both go on the same
+connection in that order.
 
 The shared tree sits outside ``gf/v1/{device}`` so no device id can collide with it and the
 controller's ``gf/v1/+/...`` subscriptions never receive its own chunks. The broker ACL lets
@@ -45,6 +52,8 @@ from agent import protocol as p
 log = logging.getLogger(__name__)
 
 LINGER_S = 0.2  # how long the first request for a chunk waits for others to join it
+REPUBLISH_AFTER_S = 30.0  # a request for a chunk published longer ago publishes it again
+CLEAR_AFTER_S = 300.0  # retained chunks of an artifact nobody asked for in this long go
 
 ChunkKey = tuple[str, int, int]  # (sha256, chunk_size, index)
 
@@ -55,6 +64,7 @@ class BlobStats:
     chunks_requested: int = 0  # chunks they named (the per-device copies of the old design)
     chunks_published: int = 0
     bytes_published: int = 0
+    chunks_retained: int = 0  # asked for, and served by the broker's retained copy
 
 
 class Coalescer:
@@ -98,7 +108,8 @@ class Coalescer:
 
 
 class BlobServer:
-    """Reads chunks from the store and publishes each once on the shared topic of its artifact."""
+    """Reads chunks from the store and publishes each once, retained, on the shared topic of
+    its artifact. ``publish(topic, payload)`` must publish retained (an empty payload deletes)."""
 
     def __init__(
         self,
@@ -111,6 +122,8 @@ class BlobServer:
         self._publish = publish
         self._clock = clock
         self._coalescer = Coalescer(linger_s)
+        self._retained: dict[ChunkKey, float] = {}  # published retained, and when
+        self._asked: dict[str, float] = {}  # artifact -> last request
         self.stats = BlobStats()
         self._queue: queue.Queue[tuple[str, p.BlobRequest] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="gf-blobs", daemon=True)
@@ -129,6 +142,8 @@ class BlobServer:
         while True:
             due = self._coalescer.next_due()
             timeout = None if due is None else max(due - self._clock(), 0.0)
+            if self._retained:  # wake now and then to delete what nobody wants any more
+                timeout = min(timeout if timeout is not None else 10.0, 10.0)
             item: tuple[str, p.BlobRequest] | bool | None
             try:
                 item = self._queue.get(timeout=timeout)
@@ -136,13 +151,15 @@ class BlobServer:
                 item = False  # a pending chunk is due
             while item is not False:  # take everything already queued before publishing
                 if not isinstance(item, tuple):
-                    return  # None: stop()
+                    self.clear(everything=True)  # None: stop()
+                    return
                 self._admit_safely(*item)
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     item = False
             self.flush(self._clock())
+            self.clear()
 
     def _admit_safely(self, device: str, request: p.BlobRequest) -> None:
         try:
@@ -170,9 +187,15 @@ class BlobServer:
             return
         last = min(request.first + request.count, count)
         now = self._clock()
+        self._asked[request.sha256] = now
         for index in range(request.first, last):
             self.stats.chunks_requested += 1
-            self._coalescer.add((request.sha256, request.chunk_size, index), now)
+            key = (request.sha256, request.chunk_size, index)
+            published = self._retained.get(key)
+            if published is not None and now - published < REPUBLISH_AFTER_S:
+                self.stats.chunks_retained += 1  # the device's SUBSCRIBE fetched that copy
+                continue
+            self._coalescer.add(key, now)
 
     def flush(self, now: float) -> None:
         """Publish every chunk that is due."""
@@ -188,5 +211,21 @@ class BlobServer:
             except Exception:
                 log.exception("publishing chunk %d of %s failed", index, sha256[:12])
                 continue
+            self._retained[(sha256, chunk_size, index)] = now
             self.stats.chunks_published += 1
             self.stats.bytes_published += len(data)
+
+    def clear(self, everything: bool = False) -> None:
+        """Delete the retained chunks of artifacts nobody asked for in CLEAR_AFTER_S (or all)."""
+        now = self._clock()
+        idle = {
+            sha for sha, asked in self._asked.items() if everything or now - asked >= CLEAR_AFTER_S
+        }
+        for key in [k for k in self._retained if k[0] in idle]:
+            del self._retained[key]
+            try:
+                self._publish(p.shared_blob_topic(key[0], key[2]), b"")
+            except Exception:
+                log.exception("deleting the retained chunk %d of %s failed", key[2], key[0][:12])
+        for sha in idle:
+            del self._asked[sha]

@@ -164,17 +164,17 @@ class Controller:
         if self.api is not None:
             self.api.stop()
         self.scheduler.shutdown(wait=False)
+        self.blobs.stop()  # first: it deletes its retained chunks while the link is up
         self.link.stop(last=self._presence(online=False))
         if self.workers is not None:
             self.workers.stop()
         self.ingest.stop()
-        self.blobs.stop()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.ingest.offer(topic, payload)
 
     def _publish_chunk(self, topic: str, data: bytes) -> None:
-        self.link.publish(topic, data, qos=1)
+        self.link.publish(topic, data, qos=1, retain=True)  # retained: controller.blobs
 
     def _resolve_blob(self, sha256: str) -> Path | None:
         path = self.home.store / sha256

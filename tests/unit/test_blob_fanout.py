@@ -11,7 +11,7 @@ import pytest
 
 from agent import protocol as p
 from agent.transfer import ChunkTopics
-from controller.blobs import BlobServer, Coalescer
+from controller.blobs import CLEAR_AFTER_S, REPUBLISH_AFTER_S, BlobServer, Coalescer
 from controller.broker_config import acl_text
 from tests.conftest import Probe, wait_until
 
@@ -39,8 +39,7 @@ def test_a_chunk_asked_for_by_many_devices_is_due_once_after_the_linger() -> Non
     assert len(c) == 0 and c.next_due() is None
 
 
-def test_a_request_after_the_publish_is_published_again() -> None:
-    """The late device may have subscribed after the first publish: it needs its own."""
+def test_the_coalescer_forgets_a_chunk_once_it_is_due() -> None:
     c = Coalescer(linger_s=0.0)
     c.add((SHA, 4, 3), 1.0)
     assert c.due(1.0) == [(SHA, 4, 3)]
@@ -91,6 +90,50 @@ def test_server_publishes_each_chunk_once_on_the_shared_topic(tmp_path: Path) ->
     assert server.stats.bytes_published == 10
 
 
+def test_a_late_request_is_served_by_the_retained_copy_until_it_is_old(tmp_path: Path) -> None:
+    data = bytes(range(8))
+    server, sent, clock = _server(tmp_path, data)
+    ask = p.BlobRequest(sha256=SHA, first=0, count=2, chunk_size=4)
+    server._admit("early", ask)
+    clock.now += 0.5
+    server.flush(clock.now)
+    assert len(sent) == 2
+    clock.now += 10
+    server._admit("late", ask)  # subscribed just before: the broker gave it the retained copy
+    clock.now += 1
+    server.flush(clock.now)
+    assert len(sent) == 2 and server.stats.chunks_retained == 2
+    clock.now += REPUBLISH_AFTER_S
+    server._admit("lost", ask)  # long after: publish again (the broker may have lost it)
+    clock.now += 0.5
+    server.flush(clock.now)
+    assert sent[2:] == sent[:2]
+
+
+def test_retained_chunks_are_deleted_when_nobody_asks_and_when_the_server_stops(
+    tmp_path: Path,
+) -> None:
+    other = "a" * 64
+    store = {SHA: tmp_path / SHA, other: tmp_path / other}
+    for path in store.values():
+        path.write_bytes(b"12345678")
+    sent: list[tuple[str, bytes]] = []
+    clock = Clock()
+    server = BlobServer(store.get, lambda t, b: sent.append((t, b)), linger_s=0.0, clock=clock)
+    server._admit("d", p.BlobRequest(sha256=SHA, first=0, count=2, chunk_size=4))
+    server.flush(clock.now)
+    clock.now += CLEAR_AFTER_S - 1
+    server._admit("d", p.BlobRequest(sha256=other, first=1, count=1, chunk_size=4))
+    server.flush(clock.now)
+    server.clear()
+    assert [b for _, b in sent] == [b"1234", b"5678", b"5678"]  # nothing idle long enough
+    clock.now += 1
+    server.clear()  # SHA idle for CLEAR_AFTER_S: its two retained chunks are deleted
+    assert sent[3:] == [(p.shared_blob_topic(SHA, 0), b""), (p.shared_blob_topic(SHA, 1), b"")]
+    server.clear(everything=True)  # stopping: the rest go too
+    assert sent[5:] == [(p.shared_blob_topic(other, 1), b"")]
+
+
 def test_server_ignores_unknown_artifacts_and_chunks_past_the_end(tmp_path: Path) -> None:
     server, sent, clock = _server(tmp_path, b"x" * 8)
     server._admit("d", p.BlobRequest(sha256="b" * 64, first=0, count=1, chunk_size=4))
@@ -103,8 +146,8 @@ def test_server_ignores_unknown_artifacts_and_chunks_past_the_end(tmp_path: Path
 def test_server_thread_publishes_after_the_linger(tmp_path: Path) -> None:
     store = tmp_path / SHA
     store.write_bytes(b"abcdefgh")
-    sent: list[str] = []
-    server = BlobServer(lambda sha: store, lambda topic, payload: sent.append(topic), linger_s=0.05)
+    sent: list[tuple[str, bytes]] = []
+    server = BlobServer(lambda sha: store, lambda t, b: sent.append((t, b)), linger_s=0.05)
     server.start()
     try:
         for device in ("a", "b", "c"):
@@ -114,7 +157,9 @@ def test_server_thread_publishes_after_the_linger(tmp_path: Path) -> None:
             time.sleep(0.01)
     finally:
         server.stop()
-    assert sent == [p.shared_blob_topic(SHA, 0), p.shared_blob_topic(SHA, 1)]
+    chunks = [p.shared_blob_topic(SHA, 0), p.shared_blob_topic(SHA, 1)]
+    assert sent[:2] == list(zip(chunks, [b"abcd", b"efgh"], strict=True))
+    assert sent[2:] == [(t, b"") for t in chunks]  # stopping deletes the retained copies
 
 
 def test_shared_topics_round_trip_and_sit_outside_the_device_tree() -> None:
@@ -175,8 +220,8 @@ def test_a_device_follows_each_chunk_from_asking_for_it_until_it_arrives() -> No
     calls: list[tuple[str, str]] = []
     chunks = ChunkTopics(lambda t: calls.append(("sub", t)), lambda t: calls.append(("unsub", t)))
     chunks.asking(SHA, 0, 3)
-    chunks.asking(SHA, 1, 3)  # a re-ask of 1 and 2, and 3 for the first time
-    assert calls == [("sub", p.shared_blob_topic(SHA, i)) for i in (0, 1, 2, 3)]
+    chunks.asking(SHA, 1, 3)  # a re-ask of 1 and 2 subscribes again: the retained copy comes
+    assert calls == [("sub", p.shared_blob_topic(SHA, i)) for i in (0, 1, 2, 1, 2, 3)]
     calls.clear()
     chunks.arrived(SHA, 0)
     chunks.arrived(SHA, 0)  # a duplicate: nothing left to drop
@@ -189,35 +234,42 @@ def test_a_device_follows_each_chunk_from_asking_for_it_until_it_arrives() -> No
     assert chunks.topics == set()
 
 
-def test_a_chunk_published_again_reaches_only_the_devices_still_missing_it(
+def test_a_late_device_gets_the_retained_chunk_and_a_device_that_has_it_gets_no_copy(
     mosquitto: Any,
 ) -> None:
-    """The reason for per-chunk subscriptions, on a real broker: device A has chunk 0 when
-    the controller publishes it again for a late device C; only C gets the second copy."""
+    """On a real broker: the controller publishes chunk 0 once, retained. Device A, subscribed
+    before, gets it live; device C, subscribing later, gets the retained copy at its SUBSCRIBE
+    with no second publish; a re-publish reaches only devices still following chunk 0."""
     ctl = Probe(mosquitto.port)
     devices = {name: Probe(mosquitto.port) for name in ("a", "c")}
     follow = {name: ChunkTopics(*_client_calls(d)) for name, d in devices.items()}
+    chunk0, chunk1 = p.shared_blob_topic(SHA, 0), p.shared_blob_topic(SHA, 1)
 
     def settle(expected: dict[str, int]) -> None:
         wait_until(
             lambda: all(devices[n]._subscribed >= k for n, k in expected.items()), 10, "SUBACKs"
         )
 
-    follow["a"].asking(SHA, 0, 2)
-    settle({"a": 2})
-    ctl.publish(p.shared_blob_topic(SHA, 0), b"chunk-0")
-    devices["a"].wait_for(lambda t, b: b == b"chunk-0", 10, "chunk 0 at A")
-    follow["a"].arrived(SHA, 0)
-    follow["c"].asking(SHA, 0, 1)  # C comes late and asks for chunk 0
-    settle({"c": 1})
-    time.sleep(0.3)  # A's UNSUBSCRIBE has no callback here; give it the time the broker needs
-    ctl.publish(p.shared_blob_topic(SHA, 0), b"chunk-0 again")
-    devices["c"].wait_for(lambda t, b: b == b"chunk-0 again", 10, "chunk 0 at C")
-    ctl.publish(p.shared_blob_topic(SHA, 1), b"chunk-1")  # A still follows chunk 1
-    devices["a"].wait_for(lambda t, b: b == b"chunk-1", 10, "chunk 1 at A")
-    assert [b for _, b in devices["a"].history] == [b"chunk-0", b"chunk-1"]
-    for probe in (ctl, *devices.values()):
-        probe.close()
+    try:
+        follow["a"].asking(SHA, 0, 2)
+        settle({"a": 2})
+        ctl.client.publish(chunk0, b"chunk-0", qos=1, retain=True).wait_for_publish(5)
+        devices["a"].wait_for(lambda t, b: b == b"chunk-0", 10, "chunk 0 at A")
+        follow["a"].arrived(SHA, 0)
+        follow["c"].asking(SHA, 0, 1)  # C comes late: the broker has the retained copy
+        devices["c"].wait_for(lambda t, b: b == b"chunk-0", 10, "retained chunk 0 at C")
+        follow["c"].arrived(SHA, 0)
+        time.sleep(0.3)  # the UNSUBSCRIBEs have no callback here; give the broker the time
+        ctl.client.publish(chunk0, b"chunk-0 again", qos=1, retain=True).wait_for_publish(5)
+        ctl.publish(chunk1, b"chunk-1")  # A still follows chunk 1
+        devices["a"].wait_for(lambda t, b: b == b"chunk-1", 10, "chunk 1 at A")
+        time.sleep(0.3)
+        assert [b for _, b in devices["a"].history] == [b"chunk-0", b"chunk-1"]
+        assert [b for _, b in devices["c"].history] == [b"chunk-0"]
+    finally:
+        ctl.client.publish(chunk0, b"", qos=1, retain=True).wait_for_publish(5)  # clean broker
+        for probe in (ctl, *devices.values()):
+            probe.close()
 
 
 def _client_calls(probe: Probe) -> tuple[Any, Any]:
