@@ -361,6 +361,9 @@ class MqttLink:
         self._on_connected = on_connected
         self._keepalive = keepalive_s
         self.connected = threading.Event()
+        # set once the broker has acknowledged (SUBACK) every subscription made at connect
+        self.subscribed = threading.Event()
+        self._awaiting_subacks: set[int] = set()
         self.fatal: BrokerAuthError | None = None
         self._ever_connected = False
         self._warned_unreachable = False
@@ -384,6 +387,7 @@ class MqttLink:
         self._client.max_inflight_messages_set(max_inflight)
         self._client.max_queued_messages_set(0)
         self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_message = self._on_message
@@ -482,8 +486,12 @@ class MqttLink:
         for topic in dropped:
             if topic not in {t for t, _ in self._subscriptions}:
                 client.unsubscribe(topic)
+        self.subscribed.clear()
+        self._awaiting_subacks = set()
         for topic, qos in self._subscriptions:
-            client.subscribe(topic, qos)
+            self._awaiting_subacks.add(client.subscribe(topic, qos)[1] or 0)
+        if not self._awaiting_subacks:
+            self.subscribed.set()
         if self._birth is not None:
             birth_topic, payload = self._birth()
             client.publish(birth_topic, payload, qos=1, retain=True)
@@ -500,6 +508,12 @@ class MqttLink:
                 self._on_connected()
             except Exception:
                 log.exception("on_connected hook failed")
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, *_: Any) -> None:
+        if mid in self._awaiting_subacks:
+            self._awaiting_subacks.discard(mid)
+            if not self._awaiting_subacks:
+                self.subscribed.set()
 
     def _give_up(self) -> None:
         self._client.disconnect()

@@ -256,19 +256,9 @@ def cmd_controller_run(args: argparse.Namespace) -> int:
 def cmd_controller_ingest_worker(args: argparse.Namespace) -> int:
     from controller.ingest_workers import worker_main
 
-    conn = _connection(args)
     try:
-        return worker_main(
-            args.home,
-            args.index,
-            conn.host,
-            conn.port,
-            username=conn.username,
-            password=conn.password,
-            tls=conn.tls,
-            allow_plaintext=conn.allow_plaintext,
-            retire=args.retire,
-        )
+        conn = _connection(args)
+        return worker_main(args.home, args.index, conn, args.retire, args.ready_fd)
     except AgentConfigError as exc:
         raise InvalidRequest(str(exc)) from exc
 
@@ -401,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     api_commands.add_controller_options(run)
     worker.add_argument("--index", type=int, required=True, help="worker number, from 1")
+    worker.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)  # WorkerPool's pipe
     worker.add_argument(
         "--retire",
         action="store_true",

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -36,12 +37,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import protocol as p
-from agent.config import TlsConfig
 from agent.link import MqttLink
 from controller.home import Home
 from controller.ingest import BATCH, Ingest
+
+if TYPE_CHECKING:
+    from controller.device_commands import Connection
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ RESTART_S = (1.0, 30.0)  # first and longest wait before restarting a worker tha
 HEALTHY_S = 60.0  # a worker up this long has its restart backoff reset
 RETIRE_IDLE_S = 2.0  # retire mode: no message for this long means the session is drained
 RETIRE_TIMEOUT_S = 120.0
+READY_TIMEOUT_S = 30.0  # start: how long to wait for the workers' subscriptions
 
 
 def shared_topic() -> str:
@@ -69,31 +74,19 @@ def count_file(home: Home) -> Path:
 class IngestWorker:
     """The body of one worker process: a manual-ack MQTT 5 link feeding an ``Ingest``."""
 
-    def __init__(
-        self,
-        home: Home,
-        index: int,
-        host: str,
-        port: int,
-        *,
-        username: str | None = None,
-        password: str | None = None,
-        tls: TlsConfig | None = None,
-        allow_plaintext: bool = False,
-        retire: bool = False,
-    ) -> None:
+    def __init__(self, home: Home, index: int, conn: Connection, retire: bool = False) -> None:
         self.index = index
         self.retire = retire
         self.last_message = time.monotonic()
         self.ingest = Ingest(home.database, self._unexpected_blob_request)
         self.link = MqttLink(
             client_id=client_id(index),
-            host=host,
-            port=port,
-            username=username,
-            password=password,
-            tls=tls,
-            allow_plaintext=allow_plaintext,
+            host=conn.host,
+            port=conn.port,
+            username=conn.username,
+            password=conn.password,
+            tls=conn.tls,
+            allow_plaintext=conn.allow_plaintext,
             on_message_acked=self._on_message,
             # retire mode: the session's own subscription delivers what waits; subscribing
             # again would make a never-used index a member for the while it drains
@@ -110,9 +103,10 @@ class IngestWorker:
     def _unexpected_blob_request(self, device: str, request: p.BlobRequest) -> None:
         log.warning("ingest worker %d: ignored a chunk request from %s", self.index, device)
 
-    def run(self, stop: threading.Event) -> int:
+    def run(self, stop: threading.Event, ready_fd: int | None = None) -> int:
         """Serve until ``stop`` (or, in retire mode, until the session is drained); 3 when the
-        broker refuses the credentials, as ``controller run``."""
+        broker refuses the credentials, as ``controller run``. ``ready_fd``: a pipe to write
+        one line to once the broker has acknowledged the subscription (WorkerPool.start)."""
         self.ingest.start()
         self.link.start()
         parent = os.getppid()
@@ -126,6 +120,10 @@ class IngestWorker:
         deadline = time.monotonic() + RETIRE_TIMEOUT_S
         code = 0
         while not stop.wait(0.2):
+            if ready_fd is not None and self.link.subscribed.is_set():
+                os.write(ready_fd, b"subscribed\n")
+                os.close(ready_fd)
+                ready_fd = None
             if self.link.fatal is not None:
                 code = 3
                 break
@@ -173,10 +171,30 @@ class WorkerPool:
         previous = self._previous_count()
         self._retire(range(self.count + 1, previous + 1))
         count_file(self.home).write_text(json.dumps({"workers": self.count}) + "\n")
-        for index in range(1, self.count + 1):
-            self._spawn(index)
+        ready = {index: self._spawn(index, ready=True) for index in range(1, self.count + 1)}
+        self._wait_subscribed(ready)
         if self.count:
             self._thread.start()
+
+    def _wait_subscribed(self, pipes: dict[int, int]) -> None:
+        """Wait until every new worker's subscription is acknowledged, so that the controller,
+        which says "online" to agents once it is subscribed itself, never does so while
+        telemetry would reach no subscriber. A later restart needs no wait: the broker keeps
+        the session's subscription."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for index, fd in pipes.items():
+            try:
+                left = max(deadline - time.monotonic(), 0.0)
+                readable, _, _ = select.select([fd], [], [], left)
+                if not readable or not os.read(fd, 64):
+                    log.warning(
+                        "ingest worker %d is not subscribed after %.0f s (broker unreachable, "
+                        "or the worker failed: see its log above); going on",
+                        index,
+                        READY_TIMEOUT_S,
+                    )
+            finally:
+                os.close(fd)
 
     def stop(self) -> None:
         self._stop.set()
@@ -229,9 +247,21 @@ class WorkerPool:
                     client_id(index),
                 )
 
-    def _spawn(self, index: int) -> None:
-        self._procs[index] = subprocess.Popen([*self._command, "--index", str(index)])
+    def _spawn(self, index: int, ready: bool = False) -> int:
+        """Start worker ``index``; with ``ready``, the read end of its readiness pipe."""
+        command = [*self._command, "--index", str(index)]
+        if not ready:
+            self._procs[index] = subprocess.Popen(command)
+            self._started[index] = time.monotonic()
+            return -1
+        read, write = os.pipe()
+        try:
+            command += ["--ready-fd", str(write)]
+            self._procs[index] = subprocess.Popen(command, pass_fds=(write,))
+        finally:
+            os.close(write)
         self._started[index] = time.monotonic()
+        return read
 
     def _supervise(self) -> None:
         while not self._stop.wait(0.5):
@@ -264,33 +294,14 @@ class WorkerPool:
 
 
 def worker_main(
-    home: Home,
-    index: int,
-    host: str,
-    port: int,
-    *,
-    username: str | None,
-    password: str | None,
-    tls: TlsConfig | None,
-    allow_plaintext: bool,
-    retire: bool,
+    home: Home, index: int, conn: Connection, retire: bool, ready_fd: int | None = None
 ) -> int:
     """``greenfleet controller ingest-worker``: run one worker until SIGTERM."""
-    worker = IngestWorker(
-        home,
-        index,
-        host,
-        port,
-        username=username,
-        password=password,
-        tls=tls,
-        allow_plaintext=allow_plaintext,
-        retire=retire,
-    )
+    worker = IngestWorker(home, index, conn, retire)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    return worker.run(stop)
+    return worker.run(stop, ready_fd)
 
 
 def worker_command(home: Home, connection_args: Sequence[str]) -> list[str]:

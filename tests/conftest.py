@@ -188,7 +188,7 @@ class Processes:
     def agent(self, config: Path, name: str | None = None) -> subprocess.Popen[bytes]:
         return self.start(name or config.stem, "-m", "agent.cli", "run", "--config", str(config))
 
-    def controller(self, port: int) -> subprocess.Popen[bytes]:
+    def controller(self, port: int, *extra: str) -> subprocess.Popen[bytes]:
         self.controller_ports.add(port)
         return self.start(
             "controller",
@@ -200,6 +200,7 @@ class Processes:
             f"127.0.0.1:{port}",
             "--reconcile-interval",
             "0.5",
+            *extra,
         )
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:

@@ -31,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol as p
 from controller.broker import Mosquitto
-from tests.conftest import Processes, wait_until
+from tests.conftest import Probe, Processes, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 
@@ -98,19 +98,21 @@ def rows(db: Path) -> int:
 
 
 def controller(processes: Processes, port: int, workers: int) -> subprocess.Popen[bytes]:
-    return processes.start(
-        "controller",
-        "-m",
-        "controller.cli",
-        "controller",
-        "run",
-        "--broker",
-        f"127.0.0.1:{port}",
-        "--reconcile-interval",
-        "0.5",
-        "--ingest-workers",
-        str(workers),
-    )
+    """The controller with ``workers`` workers, returned once it says "online" to agents:
+    after its workers' subscriptions and its own (agents send telemetry only then)."""
+    presence = Probe(port, p.CONTROLLER_TOPIC)
+    mark = presence.mark()
+    proc = processes.controller(port, "--ingest-workers", str(workers))
+
+    def online(topic: str, payload: bytes) -> bool:
+        state = p.decode(payload) if payload else None
+        return isinstance(state, p.ControllerState) and state.online
+
+    try:
+        presence.wait_for(online, 60, "the controller online", since=mark)
+    finally:
+        presence.close()
+    return proc
 
 
 def workers_of(proc: subprocess.Popen[bytes]) -> dict[int, int]:
@@ -131,7 +133,6 @@ def test_a_killed_worker_loses_no_record(processes: Processes, broker: Mosquitto
     ctl = controller(processes, broker.port, workers=2)
     log = lambda: processes.log("controller")  # noqa: E731
     first = wait_until(lambda: len(workers_of(ctl)) == 2 and workers_of(ctl), 30, "2 workers", log)
-    wait_until(lambda: "ingest worker 2 started" in log(), 30, "workers subscribed", log)
 
     publisher = Publisher(broker.port)
     total = 24_000
@@ -161,7 +162,6 @@ def test_fewer_workers_retire_the_sessions_of_the_others(
     db = home / "greenfleet.db"
     log = lambda: processes.log("controller")  # noqa: E731
     ctl = controller(processes, broker.port, workers=2)
-    wait_until(lambda: "ingest worker 2 started" in log(), 30, "workers subscribed", log)
     publisher = Publisher(broker.port)
     publisher.send(200)
     wait_until(lambda: rows(db) == 200, 30, "200 records stored by the workers", log)
