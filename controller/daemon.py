@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -88,7 +89,9 @@ class Controller:
             # unless allow_plaintext, refused by MqttLink with a ConfigError otherwise
             tls=tls,
             allow_plaintext=allow_plaintext,
-            on_message=self._on_message,
+            # acknowledged to the broker once stored (Ingest), so a message in the ingest
+            # queue when the controller dies is delivered again to its persistent session
+            on_message_acked=self._on_message,
             subscriptions=[
                 (p.subscription(channel), 1)
                 for channel in (
@@ -170,8 +173,8 @@ class Controller:
             self.workers.stop()
         self.ingest.stop()
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        self.ingest.offer(topic, payload)
+    def _on_message(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
+        self.ingest.offer(topic, payload, ack)
 
     def _publish_chunk(self, topic: str, data: bytes) -> None:
         self.link.publish(topic, data, qos=1, retain=True)  # retained: controller.blobs

@@ -5,6 +5,7 @@
   SQLite committed, the pool restarts it under the same client id, and the broker sends again
   what it had not acknowledged. (Acknowledging on receipt instead lost 273 of 20,000 records in
   the same scenario while this test was written.)
+- The same holds for a controller without workers, SIGKILLed while it drains a backlog.
 - Going from 2 workers to none retires their broker sessions: records the broker had assigned
   to them while the controller was down are stored, and later records reach the controller,
   none left waiting for a worker that will never come back.
@@ -153,6 +154,33 @@ def test_a_killed_worker_loses_no_record(processes: Processes, broker: Mosquitto
     ctl.send_signal(signal.SIGTERM)
     assert ctl.wait(timeout=30) == 0
     assert not any(psutil.pid_exists(pid) for pid in (again, first[2])), "workers outlived it"
+
+
+def test_a_controller_killed_while_draining_a_backlog_loses_no_record(
+    processes: Processes, broker: Mosquitto
+) -> None:
+    """Without workers the controller ingests, and acknowledges only what it stored too. A
+    backlog (what a restart after an outage meets) fills its ingest queue at once: acked on
+    receipt, that queue died with the process (seen while this test was written)."""
+    db = Path(processes.env["GREENFLEET_HOME"]) / "greenfleet.db"
+    log = lambda: processes.log("controller")  # noqa: E731
+    ctl = controller(processes, broker.port, workers=0)
+    ctl.send_signal(signal.SIGTERM)
+    assert ctl.wait(timeout=30) == 0
+    publisher = Publisher(broker.port)
+    total = 30_000
+    publisher.send(total)  # into the controller's session while it is down
+    publisher.close()
+    ctl = processes.controller(broker.port, "--ingest-workers", "0")
+    wait_until(lambda: rows(db) >= 2_000, 60, "the first records of the backlog stored", log)
+    ctl.kill()
+    ctl.wait(timeout=10)
+    assert rows(db) < total, "the backlog was stored before the kill: nothing to lose"
+    ctl = controller(processes, broker.port, workers=0)
+    wait_until(lambda: rows(db) >= total, 60, f"all {total} records stored", log)
+    assert rows(db) == total
+    ctl.send_signal(signal.SIGTERM)
+    assert ctl.wait(timeout=30) == 0
 
 
 def test_fewer_workers_retire_the_sessions_of_the_others(
