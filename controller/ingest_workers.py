@@ -132,9 +132,14 @@ class IngestWorker:
                 # ids, and two of us would knock each other off the broker for ever
                 log.warning("ingest worker %d: controller gone; stopping", self.index)
                 break
-            if self.retire and self.link.connected.is_set():
-                idle = time.monotonic() - self.last_message
-                if idle >= RETIRE_IDLE_S or time.monotonic() > deadline:
+            if self.retire:
+                connected = self.link.connected.is_set()
+                idle = time.monotonic() - self.last_message >= RETIRE_IDLE_S
+                if time.monotonic() > deadline and not connected:
+                    log.error("ingest worker %d: cannot reach the broker to retire", self.index)
+                    code = 1
+                    break
+                if connected and (idle or time.monotonic() > deadline):
                     self.link.unsubscribe(shared_topic())
                     time.sleep(0.5)  # UNSUBACK; nothing is routed to us after it
                     break
@@ -169,8 +174,10 @@ class WorkerPool:
         """Retire the sessions of workers a previous run had beyond ``count``, then start
         ``count`` workers."""
         previous = self._previous_count()
-        self._retire(range(self.count + 1, previous + 1))
-        count_file(self.home).write_text(json.dumps({"workers": self.count}) + "\n")
+        failed = self._retire(range(self.count + 1, previous + 1))
+        # a session that could not be retired is tried again at the next start
+        recorded = max([self.count, *failed])
+        count_file(self.home).write_text(json.dumps({"workers": recorded}) + "\n")
         ready = {index: self._spawn(index, ready=True) for index in range(1, self.count + 1)}
         self._wait_subscribed(ready)
         if self.count:
@@ -224,9 +231,11 @@ class WorkerPool:
             log.warning("%s is unreadable (%s); not retiring old worker sessions", path, exc)
             return 0
 
-    def _retire(self, indexes: Sequence[int]) -> None:
-        """Run the surplus indexes in retire mode, all at once, and wait for them."""
+    def _retire(self, indexes: Sequence[int]) -> list[int]:
+        """Run the surplus indexes in retire mode, all at once, and wait for them; return
+        those that failed."""
         procs = {}
+        failed: list[int] = []
         for index in indexes:
             log.info(
                 "retiring the session of ingest worker %d (the pool is now %d)", index, self.count
@@ -239,13 +248,15 @@ class WorkerPool:
                 proc.kill()
                 code = -1
             if code != 0:
+                failed.append(index)
                 log.warning(
                     "retiring ingest worker %d failed (exit %s): messages the broker assigned "
-                    "to its session %s wait until a worker with that index runs again",
+                    "to its session %s wait until it is retired at the next start",
                     index,
                     code,
                     client_id(index),
                 )
+        return failed
 
     def _spawn(self, index: int, ready: bool = False) -> int:
         """Start worker ``index``; with ``ready``, the read end of its readiness pipe."""
@@ -272,9 +283,10 @@ class WorkerPool:
                     if now - self._started[index] > HEALTHY_S:
                         self._backoff.pop(index, None)
                     continue
-                if code == 3:
+                if code == 3:  # as controller run: not retried with credentials the broker rejects
                     log.error("ingest worker %d: the broker refused its credentials", index)
-                    continue  # as controller run: not retried with credentials it rejects
+                    del self._procs[index]
+                    continue
                 if index not in self._next_start:
                     wait = self._backoff.get(index, RESTART_S[0])
                     self._backoff[index] = min(wait * 2, RESTART_S[1])
