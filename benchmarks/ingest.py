@@ -29,6 +29,7 @@ elsewhere.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sqlite3
 import subprocess
@@ -360,6 +361,9 @@ def fleet_load(workdir: Path, devices: int, window_s: float) -> dict[str, Any]:
                 "SELECT start, window_s, received_at FROM telemetry WHERE device LIKE 'load-%'"
             ).fetchall()
             conn.close()
+    sent_total = None
+    if done:  # every record the simulator sent (its stats), against every row stored
+        sent_total = int(ast.literal_eval(done[-1].split("done ", 1)[1])["records_sent"])
     delays = []
     for start, window, received in got:
         sent = _parse_ts(start) + timedelta(seconds=window)
@@ -377,6 +381,9 @@ def fleet_load(workdir: Path, devices: int, window_s: float) -> dict[str, Any]:
         "delay_p50_ms": round(percentile(delays, 50), 1) if delays else None,
         "delay_p99_ms": round(percentile(delays, 99), 1) if delays else None,
         "delay_max_ms": round(max(delays), 1) if delays else None,
+        "records_sent": sent_total,
+        "rows_stored": len(got),
+        "lost": None if sent_total is None else sent_total - len(got),
         "simulator": done[-1] if done else "",
     }
 
