@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, str] = {
     "rollout_abort": "benchmarks.rollout_abort",
     "ingest": "benchmarks.ingest",
     "fleet_rollout": "benchmarks.fleet_rollout",
+    "telemetry_reads": "benchmarks.telemetry_reads",
 }
 
 

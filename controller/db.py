@@ -276,6 +276,66 @@ def _m7_identities(db: sqlite_utils.Database) -> None:
     db.table("settings").create({"key": str, "value": str}, pk="key", not_null={"key"})
 
 
+TOTALS_KEY = "device, model, tier, power_method"
+
+
+def _m8_telemetry_rollups(db: sqlite_utils.Database) -> None:
+    """Running totals and the newest window per device, kept by triggers on ``telemetry``.
+
+    Metrics scrapes, the plan's field figures and ``devices list`` used to aggregate the whole
+    telemetry table: with 1,000 devices x 1,000 windows (1M rows, under 17 minutes of a
+    1,000-device fleet at 1 msg/s) a /metrics scrape took 1.06 s, the plan's figures 0.63 s and
+    the newest window per device 0.26 s, growing with the table. The triggers fire only for
+    rows actually inserted (a replayed record that INSERT OR IGNORE skips adds nothing), in the
+    same transaction as the row. ``telemetry_totals`` keys model by '' for "no model"; its sums
+    stay NULL until a window reports the quantity, as SQL's SUM over NULLs does.
+    """
+    db.execute(
+        "CREATE TABLE telemetry_totals ("
+        " device TEXT NOT NULL, model TEXT NOT NULL, tier TEXT NOT NULL,"
+        " power_method TEXT NOT NULL, windows INTEGER NOT NULL, inferences INTEGER NOT NULL,"
+        " errors INTEGER NOT NULL, energy_j REAL, device_j REAL, p50_x_n REAL, p95_x_n REAL,"
+        f" PRIMARY KEY ({TOTALS_KEY}))"
+    )
+    db.execute(
+        "CREATE TABLE telemetry_latest (device TEXT PRIMARY KEY, start TEXT NOT NULL,"
+        " row INTEGER NOT NULL)"
+    )
+    add = "CASE WHEN {new} IS NULL THEN {old} ELSE COALESCE({old}, 0) + {new} END"
+    db.execute(
+        "CREATE TRIGGER telemetry_rollups AFTER INSERT ON telemetry BEGIN "
+        f"INSERT INTO telemetry_totals ({TOTALS_KEY}, windows, inferences, errors, energy_j,"
+        " device_j, p50_x_n, p95_x_n) VALUES (NEW.device, COALESCE(NEW.model, ''),"
+        " COALESCE(NEW.tier, ''), COALESCE(NEW.power_method, ''), 1, NEW.inferences,"
+        " NEW.errors, NEW.energy_per_inference_j * NEW.inferences, NEW.power_w * NEW.window_s,"
+        " NEW.latency_p50_ms * NEW.inferences, NEW.latency_p95_ms * NEW.inferences)"
+        f" ON CONFLICT ({TOTALS_KEY}) DO UPDATE SET windows = windows + 1,"
+        " inferences = inferences + excluded.inferences, errors = errors + excluded.errors,"
+        f" energy_j = {add.format(old='energy_j', new='excluded.energy_j')},"
+        f" device_j = {add.format(old='device_j', new='excluded.device_j')},"
+        f" p50_x_n = {add.format(old='p50_x_n', new='excluded.p50_x_n')},"
+        f" p95_x_n = {add.format(old='p95_x_n', new='excluded.p95_x_n')};"
+        " INSERT INTO telemetry_latest (device, start, row) VALUES (NEW.device, NEW.start,"
+        " NEW.rowid) ON CONFLICT (device) DO UPDATE SET start = excluded.start,"
+        " row = excluded.row WHERE excluded.start >= telemetry_latest.start; "
+        "END"
+    )
+    # what is already there
+    db.execute(
+        f"INSERT INTO telemetry_totals ({TOTALS_KEY}, windows, inferences, errors, energy_j,"
+        " device_j, p50_x_n, p95_x_n) SELECT device, COALESCE(model, ''), COALESCE(tier, ''),"
+        " COALESCE(power_method, ''), COUNT(*), SUM(inferences), SUM(errors),"
+        " SUM(energy_per_inference_j * inferences), SUM(power_w * window_s),"
+        " SUM(latency_p50_ms * inferences), SUM(latency_p95_ms * inferences) FROM telemetry"
+        " GROUP BY device, COALESCE(model, ''), COALESCE(tier, ''), COALESCE(power_method, '')"
+    )
+    db.execute(
+        "INSERT INTO telemetry_latest (device, start, row) SELECT device, start, rowid FROM"
+        " telemetry t WHERE rowid = (SELECT rowid FROM telemetry WHERE device = t.device"
+        " ORDER BY start DESC LIMIT 1)"
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m1_initial,
     _m2_variants,
@@ -284,6 +344,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m5_preload,
     _m6_rollouts,
     _m7_identities,
+    _m8_telemetry_rollups,
 ]
 
 

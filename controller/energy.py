@@ -97,15 +97,20 @@ def energy_report(
         row["id"]: (json.loads(row["labels"] or "{}").get("site", "-"), row["device_class"])
         for row in db.table("devices").rows
     }
-    where, params = "model IS NOT NULL", []
-    if since:
-        where += " AND start >= ?"
+    params: list[str] = []
+    if since:  # a time range: the windows themselves
         params.append(since)
-    query = (
-        "SELECT device, model, power_method, SUM(inferences), SUM(power_w * window_s), "
-        "SUM(energy_per_inference_j * inferences) FROM telemetry "
-        f"WHERE {where} GROUP BY device, model, power_method"
-    )
+        query = (
+            "SELECT device, model, power_method, SUM(inferences), SUM(power_w * window_s), "
+            "SUM(energy_per_inference_j * inferences) FROM telemetry "
+            "WHERE model IS NOT NULL AND start >= ? GROUP BY device, model, power_method"
+        )
+    else:  # all time: the running totals a trigger keeps (controller.db, m8)
+        query = (
+            "SELECT device, model, NULLIF(power_method, ''), SUM(inferences), SUM(device_j), "
+            "SUM(energy_j) FROM telemetry_totals WHERE model != '' "
+            "GROUP BY device, model, power_method"
+        )
     rows: dict[tuple[str, str, str], EnergyRow] = {}
     for device, model, method, inferences, device_j, inference_j in db.execute(query, params):
         device_site, device_class = devices.get(device, ("-", "unknown"))

@@ -140,9 +140,9 @@ def _telemetry_families(
     per_device: dict[str, list[float]] = {}  # inferences, errors, latency sum (s)
     joules: dict[tuple[str, str], float] = {}
     for device, model, tier, method, n, failed, j, latency_ms in db.execute(
-        "SELECT device, model, tier, power_method, SUM(inferences), SUM(errors), "
-        "SUM(energy_per_inference_j * inferences), SUM(latency_p50_ms * inferences) "
-        "FROM telemetry GROUP BY device, model, tier, power_method"
+        # running totals kept by a trigger (controller.db, m8): no scan of the telemetry table
+        "SELECT device, NULLIF(model, ''), NULLIF(tier, ''), NULLIF(power_method, ''), "
+        "inferences, errors, energy_j, p50_x_n FROM telemetry_totals"
     ):
         key3 = (device, model or "", tier or "")
         counts[key3] = counts.get(key3, 0.0) + (n or 0)

@@ -104,12 +104,12 @@ def device_needs(row: Mapping[str, Any], profile: DeviceProfile | None) -> Devic
 
 def measured(db: sqlite_utils.Database) -> dict[tuple[str, str], Measured]:
     """Telemetry per (device class, variant): inferences, J per inference, typical p95."""
-    rows = db.execute(
+    rows = db.execute(  # running totals kept by a trigger (controller.db, m8)
         "SELECT d.device_class, t.model, SUM(t.inferences), "
-        "SUM(t.energy_per_inference_j * t.inferences) / NULLIF(SUM(t.inferences), 0), "
-        "SUM(t.latency_p95_ms * t.inferences) / NULLIF(SUM(t.inferences), 0) "
-        "FROM telemetry t JOIN devices d ON d.id = t.device "
-        "WHERE t.model IS NOT NULL AND t.inferences > 0 GROUP BY d.device_class, t.model"
+        "SUM(t.energy_j) / NULLIF(SUM(t.inferences), 0), "
+        "SUM(t.p95_x_n) / NULLIF(SUM(t.inferences), 0) "
+        "FROM telemetry_totals t JOIN devices d ON d.id = t.device "
+        "WHERE t.model != '' AND t.inferences > 0 GROUP BY d.device_class, t.model"
     ).fetchall()
     return {(cls, model): Measured(n or 0, epi, p95) for cls, model, n, epi, p95 in rows}
 

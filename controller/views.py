@@ -14,10 +14,8 @@ from controller import registry
 
 
 def latest_telemetry(db: sqlite_utils.Database) -> dict[str, dict[str, Any]]:
-    rows = db.execute(
-        "SELECT * FROM telemetry t WHERE rowid = (SELECT rowid FROM telemetry "
-        "WHERE device = t.device ORDER BY start DESC LIMIT 1)"
-    )
+    # telemetry_latest is kept by a trigger (controller.db, m8): no scan of the table
+    rows = db.execute("SELECT t.* FROM telemetry_latest l JOIN telemetry t ON t.rowid = l.row")
     cols = [c[0] for c in rows.description]
     return {r[0]: dict(zip(cols, r, strict=True)) for r in rows.fetchall()}
 
