@@ -53,7 +53,6 @@ from typing import Any
 
 import onnx
 import sqlite_utils
-import yaml
 from onnx import TensorProto, helper
 
 from agent import protocol as p
@@ -72,7 +71,7 @@ from controller import registry, rollout, rollout_store
 from controller.config import load_controller_config
 from controller.daemon import Controller
 from controller.db import open_db
-from controller.demo import DEVICES, DemoDevice
+from controller.demo import DEVICES, write_agent_config
 from controller.home import Home
 from controller.rollout import (
     DeviceFacts,
@@ -82,7 +81,6 @@ from controller.rollout import (
     Status,
 )
 from controller.rollouts_job import device_facts, rollout_metrics
-from device_configs.schema import load_profiles
 from model_store.catalog import Catalog
 
 NAME = "rollout_abort"
@@ -135,29 +133,6 @@ def bad_model(path: Path, tag: str) -> Path:
     built.doc_string = f"bench bad model {tag}"
     onnx.checker.check_model(built)
     onnx.save(built, path)
-    return path
-
-
-def agent_config(
-    workdir: Path, device: DemoDevice, port: int, seed: int, telemetry_s: float
-) -> Path:
-    """controller.demo's agent config with a short telemetry window and no enrolled controller
-    key: the models here are added as files, without the signed manifests that the demo's
-    compress step makes (and that enrolled agents require)."""
-    power = load_profiles()[device.device_class].power
-    config = {
-        "device_id": device.id,
-        "device_class": device.device_class,
-        "labels": device.labels,
-        "state_dir": str(workdir / device.id),
-        "broker": {"host": "127.0.0.1", "port": port},
-        "input": {"type": "vibration", "rpm": device.rpm, "seed": seed},
-        "inference": {"rate_hz": RATE_HZ},
-        "telemetry": {"interval_s": telemetry_s},
-        "power": {"idle_w": power.idle_w, "active_w_per_core": power.active_w_per_core},
-    }
-    path = workdir / f"{device.id}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
@@ -478,7 +453,9 @@ def start_fleet(
     procs = []
     for seed, device in enumerate(DEVICES, start=1):
         log_path = workdir / f"{device.id}.log"
-        config = agent_config(workdir, device, port, seed, telemetry_s)
+        config = write_agent_config(
+            workdir, device, port, seed, None, rate_hz=RATE_HZ, telemetry_s=telemetry_s
+        )
         procs.append((agents.enter_context(agent_process(config, log_path)), log_path))
 
     def check() -> None:

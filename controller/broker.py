@@ -57,66 +57,6 @@ def mosquitto_path() -> str | None:
     )
 
 
-class Mosquitto:
-    """A Mosquitto process on a loopback port with a config suited to greenfleet.
-
-    ``max_queued_messages 0`` (no limit) and a large in-flight window: Mosquitto's default of
-    1000 queued messages silently drops QoS 1 traffic for a subscriber that falls behind.
-    """
-
-    def __init__(
-        self, workdir: Path, port: int | None = None, password_file: Path | None = None
-    ) -> None:
-        self.workdir = workdir
-        self.port = port or free_port()
-        self.password_file = password_file
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Mosquitto:
-        binary = mosquitto_path()
-        if binary is None:
-            raise FileNotFoundError("mosquitto is not installed (apt-get install -y mosquitto)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        conf = self.workdir / "mosquitto.conf"
-        auth = (
-            f"allow_anonymous false\npassword_file {self.password_file}\n"
-            if self.password_file
-            else "allow_anonymous true\n"
-        )
-        conf.write_text(
-            # Started as root, Mosquitto drops to user "mosquitto" and could not read our files.
-            f"user {getpass.getuser()}\n"
-            f"listener {self.port} 127.0.0.1\n"
-            f"{auth}"
-            "persistence false\n"
-            "set_tcp_nodelay true\n"
-            "max_queued_messages 0\n"
-            "max_inflight_messages 0\n"
-            "message_size_limit 0\n"
-        )
-        with (self.workdir / "mosquitto.log").open("ab") as log_file:
-            self.process = subprocess.Popen(
-                [binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT
-            )
-        try:
-            wait_for_port(
-                self.port, alive=lambda: self.process is not None and self.process.poll() is None
-            )
-        except TimeoutError as exc:
-            self.stop()
-            log_text = (self.workdir / "mosquitto.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"mosquitto did not start: {exc}\n{log_text}") from exc
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
 class ConfiguredMosquitto:
     """Mosquitto run with a configuration file made elsewhere (``greenfleet broker config``):
     started, waited for on ``port`` (its first listener), stopped. Output goes to ``log``."""
@@ -162,6 +102,43 @@ class ConfiguredMosquitto:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=5)
+
+
+class Mosquitto(ConfiguredMosquitto):
+    """A Mosquitto process on a loopback port with a config suited to greenfleet's tests,
+    written to ``workdir/mosquitto.conf``.
+
+    ``max_queued_messages 0`` (no limit) and a large in-flight window: Mosquitto's default of
+    1000 queued messages silently drops QoS 1 traffic for a subscriber that falls behind.
+    """
+
+    def __init__(
+        self, workdir: Path, port: int | None = None, password_file: Path | None = None
+    ) -> None:
+        super().__init__(workdir / "mosquitto.conf", port or free_port(), workdir / "mosquitto.log")
+        self.workdir = workdir
+        self.password_file = password_file
+
+    def start(self) -> Mosquitto:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        auth = (
+            f"allow_anonymous false\npassword_file {self.password_file}\n"
+            if self.password_file
+            else "allow_anonymous true\n"
+        )
+        self.conf.write_text(
+            # Started as root, Mosquitto drops to user "mosquitto" and could not read our files.
+            f"user {getpass.getuser()}\n"
+            f"listener {self.port} 127.0.0.1\n"
+            f"{auth}"
+            "persistence false\n"
+            "set_tcp_nodelay true\n"
+            "max_queued_messages 0\n"
+            "max_inflight_messages 0\n"
+            "message_size_limit 0\n"
+        )
+        super().start()
+        return self
 
 
 class EmbeddedBroker:

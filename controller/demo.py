@@ -185,24 +185,35 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
     raise TimeoutError(f"demo: timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _write_agent_config(
-    workdir: Path, device: DemoDevice, port: int, seed: int, keys: Path
+def write_agent_config(
+    workdir: Path,
+    device: DemoDevice,
+    port: int,
+    seed: int,
+    keys: Path | None,
+    *,
+    rate_hz: float = 20,
+    telemetry_s: float = 2,
 ) -> Path:
+    """A demo agent's config. ``keys``: the controller's signing keys, whose public key the
+    agent is enrolled with (it then runs only signed manifests); None for an agent that also
+    takes unsigned deploys (benchmarks/rollout_abort.py adds models without manifests)."""
     power = load_profiles()[device.device_class].power
-    config = {
+    config: dict[str, object] = {
         "device_id": device.id,
         "device_class": device.device_class,
         "labels": device.labels,
         "state_dir": str(workdir / device.id),
         "broker": {"host": "127.0.0.1", "port": port},
         "input": {"type": "vibration", "rpm": device.rpm, "seed": seed},
-        "inference": {"rate_hz": 20},
-        "telemetry": {"interval_s": 2},
+        "inference": {"rate_hz": rate_hz},
+        "telemetry": {"interval_s": telemetry_s},
         # What an enrollment bundle would carry: the class profile's power figures, and the
-        # controller's signing key (the agent then runs only signed manifests).
+        # controller's signing key.
         "power": {"idle_w": power.idle_w, "active_w_per_core": power.active_w_per_core},
-        "controller_keys": [Signer.load_or_create(keys).public_raw.hex()],
     }
+    if keys is not None:
+        config["controller_keys"] = [Signer.load_or_create(keys).public_raw.hex()]
     path = workdir / f"{device.id}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -234,7 +245,7 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
         controller.start()
         db = open_db(home.database)
         for seed, device in enumerate(DEVICES, start=1):
-            config = _write_agent_config(workdir, device, broker.port, seed, home.keys)
+            config = write_agent_config(workdir, device, broker.port, seed, home.keys)
             with (workdir / f"{device.id}.log").open("ab") as log:
                 agents.append(
                     subprocess.Popen(
