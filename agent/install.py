@@ -678,19 +678,14 @@ def _header(plan: Plan) -> str:
 def _print_steps(root_steps: list[str], steps: list[str], bundle_path: str, user: bool) -> None:
     """The next steps, saying which need root (a user install's only root step is optional)."""
     print()
-    if user:
-        print("Next (no root needed):")
-        for step in steps:
-            print(f"  {step}")
-        print("Optionally, as root (sudo):")
-        for step in root_steps:
-            print(f"  {step}")
-    else:
-        print("Next, as root (sudo):")
-        for step in root_steps:
-            print(f"  {step}")
-        print("Then, to check it (no root needed):")
-        for step in steps:
+    sections = (
+        [("Next (no root needed):", steps), ("Optionally, as root (sudo):", root_steps)]
+        if user
+        else [("Next, as root (sudo):", root_steps), ("Then, to check it (no root needed):", steps)]
+    )
+    for heading, items in sections:
+        print(heading)
+        for step in items:
             print(f"  {step}")
     print(f"Delete the bundle now: it holds this device's credentials: rm {_sh(bundle_path)}")
 

@@ -152,10 +152,11 @@ class Ingest:
     def _commit(self, db: Any, batch: list[Item]) -> None:
         """Write ``batch``, again and again while SQLite refuses it for a passing reason; then
         acknowledge its messages."""
+        decoded = self._decode(batch)
         wait = RETRY_S[0]
         while True:
             try:
-                self._write(db, batch)
+                self._write(db, decoded)
                 break
             except sqlite3.OperationalError as exc:  # locked, disk full, I/O error
                 self.retries += 1
@@ -175,7 +176,24 @@ class Ingest:
             if ack is not None:
                 ack()
 
-    def _write(self, db: Any, batch: list[Item]) -> None:
+    def _decode(self, batch: list[Item]) -> list[tuple[str, str, p.Message]]:
+        """(topic, device, message) for every well-formed message, once per batch however
+        often it is written; chunk requests go to the blob server here (they are not stored)."""
+        decoded = []
+        for topic, payload, _ack in batch:
+            try:
+                parsed = p.parse_topic(topic)
+                message = p.decode(payload)
+            except p.ProtocolError as exc:
+                self.rejected += 1
+                log.warning("rejected message on %s: %s", topic, exc)
+                continue
+            if isinstance(message, p.BlobRequest):
+                self._on_blob_request(parsed.device, message)
+            decoded.append((topic, parsed.device, message))
+        return decoded
+
+    def _write(self, db: Any, decoded: list[tuple[str, str, p.Message]]) -> None:
         now = p.utcnow()
         received = registry.iso(now)
         telemetry: list[dict[str, Any]] = []
@@ -185,18 +203,10 @@ class Ingest:
         seen: set[str] = set()
         changed = False
         with db.conn:
-            for topic, payload, _ack in batch:
-                try:
-                    parsed = p.parse_topic(topic)
-                    message = p.decode(payload)
-                except p.ProtocolError as exc:
-                    self.rejected += 1
-                    log.warning("rejected message on %s: %s", topic, exc)
-                    continue
-                device = parsed.device
+            for topic, device, message in decoded:
                 seen.add(device)
                 if isinstance(message, p.BlobRequest):
-                    self._on_blob_request(device, message)
+                    pass  # served in _decode; it still shows the device is alive
                 elif isinstance(message, p.Birth):
                     registry.apply_birth(db, device, message, now)
                     changed = True

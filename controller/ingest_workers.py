@@ -178,7 +178,13 @@ class WorkerPool:
         # a session that could not be retired is tried again at the next start
         recorded = max([self.count, *failed])
         count_file(self.home).write_text(json.dumps({"workers": recorded}) + "\n")
-        ready = {index: self._spawn(index, ready=True) for index in range(1, self.count + 1)}
+        ready = {}
+        for index in range(1, self.count + 1):
+            ready[index], write = os.pipe()
+            try:
+                self._spawn(index, ready_fd=write)
+            finally:
+                os.close(write)
         self._wait_subscribed(ready)
         if self.count:
             self._thread.start()
@@ -258,21 +264,15 @@ class WorkerPool:
                 )
         return failed
 
-    def _spawn(self, index: int, ready: bool = False) -> int:
-        """Start worker ``index``; with ``ready``, the read end of its readiness pipe."""
+    def _spawn(self, index: int, ready_fd: int | None = None) -> None:
+        """Start worker ``index``; ``ready_fd``: the write end of its readiness pipe."""
         command = [*self._command, "--index", str(index)]
-        if not ready:
+        if ready_fd is None:
             self._procs[index] = subprocess.Popen(command)
-            self._started[index] = time.monotonic()
-            return -1
-        read, write = os.pipe()
-        try:
-            command += ["--ready-fd", str(write)]
-            self._procs[index] = subprocess.Popen(command, pass_fds=(write,))
-        finally:
-            os.close(write)
+        else:
+            command += ["--ready-fd", str(ready_fd)]
+            self._procs[index] = subprocess.Popen(command, pass_fds=(ready_fd,))
         self._started[index] = time.monotonic()
-        return read
 
     def _supervise(self) -> None:
         while not self._stop.wait(0.5):
