@@ -428,25 +428,38 @@ class MqttLink:
         self._client.loop_stop()
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
-        """Add a subscription now and after every reconnect.
+        """Add a subscription now and after every reconnect."""
+        self.subscribe_all([topic], qos)
+
+    def subscribe_all(self, topics: list[str], qos: int = 1) -> None:
+        """Add subscriptions now (one SUBSCRIBE) and after every reconnect.
 
         Sent whenever paho has a connection (a duplicate SUBSCRIBE is harmless), so that a
         subscription added while ``_on_connect`` runs is not lost until the next reconnect.
         """
-        if (topic, qos) not in self._subscriptions:
-            self._subscriptions = [*self._subscriptions, (topic, qos)]
-        self._client.subscribe(topic, qos)  # MQTT_ERR_NO_CONN offline: _on_connect sends it
+        known = set(self._subscriptions)
+        self._subscriptions = [
+            *self._subscriptions,
+            *((t, qos) for t in topics if (t, qos) not in known),
+        ]
+        # MQTT_ERR_NO_CONN offline: _on_connect sends them
+        self._client.subscribe([(topic, qos) for topic in topics])
 
     def unsubscribe(self, topic: str) -> None:
-        """Drop a subscription now and for later reconnects.
+        """Drop a subscription now and for later reconnects."""
+        self.unsubscribe_all([topic])
+
+    def unsubscribe_all(self, topics: list[str]) -> None:
+        """Drop subscriptions now (one UNSUBSCRIBE) and for later reconnects.
 
         Offline, the UNSUBSCRIBE is sent at the next connect: the session is persistent, so the
         broker would otherwise keep the subscription.
         """
-        self._subscriptions = [s for s in self._subscriptions if s[0] != topic]
-        rc, _mid = self._client.unsubscribe(topic)
+        gone = set(topics)
+        self._subscriptions = [s for s in self._subscriptions if s[0] not in gone]
+        rc, _mid = self._client.unsubscribe(topics)
         if rc != mqtt.MQTT_ERR_SUCCESS:
-            self._dropped = [*self._dropped, topic]
+            self._dropped = [*self._dropped, *topics]
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Delivery:
         """Queue a message; the returned handle says when the broker has acknowledged it."""

@@ -728,13 +728,13 @@ class Agent:
         """Drop the chunk subscriptions of an artifact no longer being fetched (ChunkTopics)."""
         self._chunks.keep_only(None if transfer is None else transfer.download.artifact.sha256)
 
-    def _subscribe(self, topic: str) -> None:
+    def _subscribe(self, topics: list[str]) -> None:
         if self.link is not None:
-            self.link.subscribe(topic, 1)
+            self.link.subscribe_all(topics, 1)
 
-    def _unsubscribe(self, topic: str) -> None:
+    def _unsubscribe(self, topics: list[str]) -> None:
         if self.link is not None:
-            self.link.unsubscribe(topic)
+            self.link.unsubscribe_all(topics)
 
     def _handle_chunk(self, sha256: str, index: int, data: bytes) -> None:
         self._chunks.arrived(sha256, index)

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 TELEMETRY_REFRESH_S = 30.0  # how stale the plan's field figures may be
 TRANSFER_STALE = timedelta(minutes=10)  # an unanswered Deploy older than this holds no slot
 ROLLBACK_GRANT_TTL = timedelta(hours=1)  # a re-sent rollback gets a fresh grant
+BLOB_REQ_SUFFIX = "/" + p.Channel.BLOB_REQ.value  # gf/v1/{device}/blob/req
 
 
 class Controller:
@@ -113,7 +114,7 @@ class Controller:
             # workers left in it, or both would store every record
             self.link.unsubscribe(p.subscription(p.Channel.TELEMETRY))
         self.blobs = BlobServer(self._resolve_blob, self._publish_chunk)
-        self.ingest = Ingest(home.database, self.blobs.request, on_change=self.reconcile_soon)
+        self.ingest = Ingest(home.database, on_change=self.reconcile_soon)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._profile_cache: dict[str, DeviceProfile] | None = None
         self._measured: tuple[float, dict[tuple[str, str], Measured]] | None = None
@@ -174,6 +175,10 @@ class Controller:
         self.ingest.stop()
 
     def _on_message(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
+        if topic.endswith(BLOB_REQ_SUFFIX):  # served, not stored: controller.blobs
+            self.blobs.offer(topic, payload)
+            ack()
+            return
         self.ingest.offer(topic, payload, ack)
 
     def _publish_chunk(self, topic: str, data: bytes) -> None:

@@ -4,7 +4,7 @@ The MQTT network thread only calls :meth:`Ingest.offer`, which puts the raw mess
 bounded queue (blocking the network thread when full, which pushes back on the broker instead
 of growing memory). One thread drains the queue and writes up to ``BATCH`` messages per
 transaction. Telemetry rows are keyed (device, session, seq), so a replayed record is ignored.
-Blob requests are not written: they go straight to the blob server.
+Chunk requests never come here: the controller hands them to its blob server.
 
 A message may come with an ``ack``: it is called only after the transaction that stored the
 message has committed (the ingest workers of ``controller.ingest_workers`` acknowledge to the
@@ -103,12 +103,10 @@ class Ingest:
     def __init__(
         self,
         database: Path,
-        on_blob_request: Callable[[str, p.BlobRequest], None],
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._database = database
         self._queue: queue.Queue[Item | None] = queue.Queue(maxsize=QUEUE_LIMIT)
-        self._on_blob_request = on_blob_request
         self._on_change = on_change
         self._thread = threading.Thread(target=self._run, name="gf-ingest", daemon=True)
         self._stopping = threading.Event()
@@ -178,7 +176,7 @@ class Ingest:
 
     def _decode(self, batch: list[Item]) -> list[tuple[str, str, p.Message]]:
         """(topic, device, message) for every well-formed message, once per batch however
-        often it is written; chunk requests go to the blob server here (they are not stored)."""
+        often it is written."""
         decoded = []
         for topic, payload, _ack in batch:
             try:
@@ -188,8 +186,6 @@ class Ingest:
                 self.rejected += 1
                 log.warning("rejected message on %s: %s", topic, exc)
                 continue
-            if isinstance(message, p.BlobRequest):
-                self._on_blob_request(parsed.device, message)
             decoded.append((topic, parsed.device, message))
         return decoded
 
@@ -205,9 +201,7 @@ class Ingest:
         with db.conn:
             for topic, device, message in decoded:
                 seen.add(device)
-                if isinstance(message, p.BlobRequest):
-                    pass  # served in _decode; it still shows the device is alive
-                elif isinstance(message, p.Birth):
+                if isinstance(message, p.Birth):
                     registry.apply_birth(db, device, message, now)
                     changed = True
                 elif isinstance(message, p.Death):

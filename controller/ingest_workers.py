@@ -78,7 +78,7 @@ class IngestWorker:
         self.index = index
         self.retire = retire
         self.last_message = time.monotonic()
-        self.ingest = Ingest(home.database, self._unexpected_blob_request)
+        self.ingest = Ingest(home.database)
         self.link = MqttLink(
             client_id=client_id(index),
             host=conn.host,
@@ -99,9 +99,6 @@ class IngestWorker:
     def _on_message(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
         self.last_message = time.monotonic()
         self.ingest.offer(topic, payload, ack)
-
-    def _unexpected_blob_request(self, device: str, request: p.BlobRequest) -> None:
-        log.warning("ingest worker %d: ignored a chunk request from %s", self.index, device)
 
     def run(self, stop: threading.Event, ready_fd: int | None = None) -> int:
         """Serve until ``stop`` (or, in retire mode, until the session is drained); 3 when the

@@ -36,7 +36,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol as p
-from agent.transfer import ChunkTopics
+from agent.transfer import ChunkTopics, request_batch
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +147,16 @@ class _Transfer:
         return len(self.received) == self.artifact.chunk_count
 
     def requests(self, now: float) -> list[tuple[int, int]]:
-        """Ranges to ask for now, at most ``window`` chunks in flight; re-asks only once no
-        chunk came for CHUNK_TIMEOUT_S (as agent.transfer.Download.requests)."""
+        """Ranges to ask for now, at most ``window`` chunks in flight, at least a quarter of it
+        at a time; re-asks only once no chunk came for CHUNK_TIMEOUT_S (as
+        agent.transfer.Download.requests)."""
         stalled = now - self.last_arrival > CHUNK_TIMEOUT_S
         for index, asked in list(self.in_flight.items()):
             if stalled and now - asked > CHUNK_TIMEOUT_S:
                 del self.in_flight[index]
         budget = self.command.window - len(self.in_flight)
+        if self.in_flight and budget < request_batch(self.command.window):
+            return []
         wanted: list[int] = []
         index = self.next_hash
         while budget > 0 and index < self.artifact.chunk_count:
@@ -223,8 +226,8 @@ class SimDevice:
         self.last_good: p.ActiveModel | None = None
         self.transfer: _Transfer | None = None
         self.chunks = ChunkTopics(  # shared chunk topics, as the agent
-            lambda topic: self.client.subscribe(topic, 1),
-            lambda topic: self.client.unsubscribe(topic),
+            lambda topics: self.client.subscribe([(topic, 1) for topic in topics]),
+            lambda topics: self.client.unsubscribe(topics),
         )
         self.connected = False
         self.held = False  # the retained ControllerState says the controller is offline

@@ -443,10 +443,16 @@ class StandInLink:
         return Delivered()
 
     def subscribe(self, topic: str, qos: int = 0) -> None:
-        self.subscriptions.append((topic, qos))
+        self.subscribe_all([topic], qos)
+
+    def subscribe_all(self, topics: list[str], qos: int = 0) -> None:
+        self.subscriptions.extend((topic, qos) for topic in topics)
 
     def unsubscribe(self, topic: str) -> None:
-        self.subscriptions = [s for s in self.subscriptions if s[0] != topic]
+        self.unsubscribe_all([topic])
+
+    def unsubscribe_all(self, topics: list[str]) -> None:
+        self.subscriptions = [s for s in self.subscriptions if s[0] not in topics]
 
     def messages(self, channel: p.Channel) -> list[Any]:
         name = p.topic(DEVICE, channel)

@@ -174,7 +174,7 @@ def build_fleet(root: Path) -> Fleet:
     home = Home(root).prepare()
     now = p.utcnow()
     _models(home)
-    ingest = Ingest(home.database, on_blob_request=lambda device, request: None)
+    ingest = Ingest(home.database)
     ingest.start()
     for topic, payload in _agent_messages(now):
         ingest.offer(topic, payload)

@@ -162,6 +162,28 @@ def test_server_thread_publishes_after_the_linger(tmp_path: Path) -> None:
     assert sent[2:] == [(t, b"") for t in chunks]  # stopping deletes the retained copies
 
 
+def test_raw_requests_are_decoded_by_the_server_and_bad_ones_counted(tmp_path: Path) -> None:
+    """The controller hands blob/req messages to the server undecoded (never through ingest):
+    the server serves the good one and counts every malformed or misplaced one."""
+    store = tmp_path / SHA
+    store.write_bytes(b"abcdefgh")
+    sent: list[tuple[str, bytes]] = []
+    server = BlobServer(lambda sha: store, lambda t, b: sent.append((t, b)))
+    good = p.encode(p.BlobRequest(sha256=SHA, first=1, count=1, chunk_size=4))
+    server.start()
+    try:
+        server.offer(p.topic("d1", p.Channel.BLOB_REQ), b"{garbage")
+        server.offer(p.topic("d1", p.Channel.BLOB_REQ), p.encode(p.Ping()))
+        server.offer(p.topic("d1", p.Channel.EVENTS), good)  # a request on the wrong topic
+        server.offer("gf/v1/bad id/blob/req", good)
+        server.offer(p.topic("d1", p.Channel.BLOB_REQ), good)
+        wait_until(lambda: len(sent) == 1, 5, "the good request served")
+    finally:
+        server.stop()
+    assert sent[0] == (p.shared_blob_topic(SHA, 1), b"efgh")
+    assert server.stats.rejected == 4 and server.stats.requests == 1
+
+
 def test_shared_topics_round_trip_and_sit_outside_the_device_tree() -> None:
     topic = p.shared_blob_topic(SHA, 7)
     assert topic == f"gf/blobs/v1/{SHA}/7"
@@ -194,11 +216,13 @@ def test_link_unsubscribes_offline_at_the_next_connect() -> None:
     calls: list[tuple[str, str]] = []
 
     class Client:
-        def subscribe(self, topic: str, qos: int = 0) -> Any:
-            calls.append(("sub", topic))
+        def subscribe(self, topic: Any, qos: int = 0) -> Any:
+            for t in topic if isinstance(topic, list) else [(topic, qos)]:
+                calls.append(("sub", t[0]))
 
-        def unsubscribe(self, topic: str) -> Any:
-            calls.append(("unsub", topic))
+        def unsubscribe(self, topic: Any) -> Any:
+            for t in topic if isinstance(topic, list) else [topic]:
+                calls.append(("unsub", t))
             return (4, None)  # MQTT_ERR_NO_CONN: offline
 
     link._client = Client()  # type: ignore[assignment]
@@ -217,20 +241,25 @@ class _Ok:
 
 
 def test_a_device_follows_each_chunk_from_asking_for_it_until_it_arrives() -> None:
-    calls: list[tuple[str, str]] = []
+    calls: list[tuple[str, list[str]]] = []
     chunks = ChunkTopics(lambda t: calls.append(("sub", t)), lambda t: calls.append(("unsub", t)))
+    topic = [p.shared_blob_topic(SHA, i) for i in range(5)]
     chunks.asking(SHA, 0, 3)
     chunks.asking(SHA, 1, 3)  # a re-ask of 1 and 2 subscribes again: the retained copy comes
-    assert calls == [("sub", p.shared_blob_topic(SHA, i)) for i in (0, 1, 2, 1, 2, 3)]
+    assert calls == [("sub", topic[0:3]), ("sub", topic[1:4])], "one SUBSCRIBE per request"
     calls.clear()
     chunks.arrived(SHA, 0)
     chunks.arrived(SHA, 0)  # a duplicate: nothing left to drop
-    assert calls == [("unsub", p.shared_blob_topic(SHA, 0))]
+    assert calls == [], "dropped with the next request, not one UNSUBSCRIBE per chunk"
+    chunks.asking(SHA, 4, 1)
+    assert calls == [("unsub", [topic[0]]), ("sub", [topic[4]])]
     calls.clear()
     chunks.keep_only(SHA)
     assert calls == []
-    chunks.keep_only(None)  # transfer over: the rest go
-    assert sorted(calls) == [("unsub", p.shared_blob_topic(SHA, i)) for i in (1, 2, 3)]
+    chunks.arrived(SHA, 1)
+    chunks.keep_only(None)  # transfer over: the rest go, in one UNSUBSCRIBE
+    assert len(calls) == 1 and calls[0][0] == "unsub"
+    assert sorted(calls[0][1]) == topic[1:5]
     assert chunks.topics == set()
 
 
@@ -246,26 +275,29 @@ def test_a_late_device_gets_the_retained_chunk_and_a_device_that_has_it_gets_no_
     chunk0, chunk1 = p.shared_blob_topic(SHA, 0), p.shared_blob_topic(SHA, 1)
 
     def settle(expected: dict[str, int]) -> None:
+        """Wait for each device's SUBACKs: the broker has also done what came before them on
+        that connection (the UNSUBSCRIBE of the chunks that arrived)."""
         wait_until(
             lambda: all(devices[n]._subscribed >= k for n, k in expected.items()), 10, "SUBACKs"
         )
 
     try:
         follow["a"].asking(SHA, 0, 2)
-        settle({"a": 2})
+        settle({"a": 1})
         ctl.client.publish(chunk0, b"chunk-0", qos=1, retain=True).wait_for_publish(5)
         devices["a"].wait_for(lambda t, b: b == b"chunk-0", 10, "chunk 0 at A")
         follow["a"].arrived(SHA, 0)
         follow["c"].asking(SHA, 0, 1)  # C comes late: the broker has the retained copy
         devices["c"].wait_for(lambda t, b: b == b"chunk-0", 10, "retained chunk 0 at C")
         follow["c"].arrived(SHA, 0)
-        time.sleep(0.3)  # the UNSUBSCRIBEs have no callback here; give the broker the time
+        follow["a"].asking(SHA, 2, 1)  # the next requests drop chunk 0's topic
+        follow["c"].asking(SHA, 1, 1)
+        settle({"a": 2, "c": 2})
         ctl.client.publish(chunk0, b"chunk-0 again", qos=1, retain=True).wait_for_publish(5)
-        ctl.publish(chunk1, b"chunk-1")  # A still follows chunk 1
-        devices["a"].wait_for(lambda t, b: b == b"chunk-1", 10, "chunk 1 at A")
-        time.sleep(0.3)
-        assert [b for _, b in devices["a"].history] == [b"chunk-0", b"chunk-1"]
-        assert [b for _, b in devices["c"].history] == [b"chunk-0"]
+        ctl.publish(chunk1, b"chunk-1")  # both follow chunk 1; it comes after the re-publish
+        for name in ("a", "c"):
+            devices[name].wait_for(lambda t, b: b == b"chunk-1", 10, f"chunk 1 at {name}")
+            assert [b for _, b in devices[name].history] == [b"chunk-0", b"chunk-1"], name
     finally:
         ctl.client.publish(chunk0, b"", qos=1, retain=True).wait_for_publish(5)  # clean broker
         for probe in (ctl, *devices.values()):
@@ -273,4 +305,7 @@ def test_a_late_device_gets_the_retained_chunk_and_a_device_that_has_it_gets_no_
 
 
 def _client_calls(probe: Probe) -> tuple[Any, Any]:
-    return (lambda t: probe.client.subscribe(t, 1), lambda t: probe.client.unsubscribe(t))
+    return (
+        lambda topics: probe.client.subscribe([(t, 1) for t in topics]),
+        lambda topics: probe.client.unsubscribe(topics),
+    )

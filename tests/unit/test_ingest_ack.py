@@ -44,7 +44,7 @@ def test_a_refused_batch_is_held_retried_and_acknowledged_once_stored(
     database = tmp_path / "greenfleet.db"
     open_db(database).conn.close()
     monkeypatch.setattr(ingest, "RETRY_S", (0.01, 0.02))
-    sink = Ingest(database, lambda device, request: None)
+    sink = Ingest(database)
     real_write = sink._write
     refusals = iter(["database or disk is full", "database is locked"])
 
@@ -74,7 +74,7 @@ def test_a_malformed_message_is_rejected_and_still_acknowledged(tmp_path: Path) 
     """Otherwise it would be sent again at every reconnect, for ever."""
     database = tmp_path / "greenfleet.db"
     open_db(database).conn.close()
-    sink = Ingest(database, lambda device, request: None)
+    sink = Ingest(database)
     acks: list[str] = []
     sink.start()
     sink.offer(p.topic("ack-dev", p.Channel.TELEMETRY), b"{not json", lambda: acks.append("bad"))

@@ -69,8 +69,7 @@ def test_selectors_and_desired_state(tmp_path: Path) -> None:
 def test_ingest_writes_batches_dedups_replays_and_survives_garbage(tmp_path: Path) -> None:
     path = tmp_path / "g.db"
     open_db(path)
-    blob_requests: list[tuple[str, p.BlobRequest]] = []
-    ingest = Ingest(path, lambda d, r: blob_requests.append((d, r)))
+    ingest = Ingest(path)
     record = p.TelemetryRecord(
         seq=0,
         start=NOW,
@@ -84,17 +83,12 @@ def test_ingest_writes_batches_dedups_replays_and_survives_garbage(tmp_path: Pat
         energy_per_inference_j=0.001,
     )
     batch = p.TelemetryBatch(session="s1", records=[record])
-    sha = "a" * 64
     ingest.start()
     ingest.offer(p.topic("d1", p.Channel.STATE), p.encode(birth()))
     ingest.offer(p.topic("d1", p.Channel.TELEMETRY), p.encode(batch))
     ingest.offer(p.topic("d1", p.Channel.TELEMETRY), p.encode(batch))  # replayed after reconnect
     ingest.offer(p.topic("d1", p.Channel.TELEMETRY), b"{garbage")
     ingest.offer("gf/v1/d1/nonsense", b"{}")
-    ingest.offer(
-        p.topic("d1", p.Channel.BLOB_REQ),
-        p.encode(p.BlobRequest(sha256=sha, first=0, count=2, chunk_size=1024)),
-    )
     ingest.offer(
         p.topic("d1", p.Channel.EVENTS),
         p.encode(p.Event(event=p.EventKind.ACTIVATED, session="s1", message="m:1 active")),
@@ -104,7 +98,6 @@ def test_ingest_writes_batches_dedups_replays_and_survives_garbage(tmp_path: Pat
     assert db["telemetry"].count == 1
     assert db["events"].count == 1
     assert ingest.rejected == 2
-    assert [(d, r.first) for d, r in blob_requests] == [("d1", 0)]
     row = views.fleet(db)[0]
     assert (row["id"], row["online"], row["inferences"]) == ("d1", True, 10)
 
@@ -141,7 +134,7 @@ def test_ingest_stores_fallback_and_the_newest_tier_report(tmp_path: Path) -> No
         )
 
     def run(*messages: tuple[p.Channel, p.Envelope]) -> None:
-        ingest = Ingest(path, lambda d, r: None)
+        ingest = Ingest(path)
         ingest.start()
         for channel, message in messages:
             ingest.offer(p.topic("d1", channel), p.encode(message))

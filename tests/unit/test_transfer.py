@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,53 @@ def test_overdue_chunks_are_not_asked_again_while_others_keep_arriving(tmp_path:
     assert dl.requests(window=4, timeout_s=5) == [(3, 4)]  # all four overdue by now
 
 
+def test_while_chunks_are_in_flight_a_request_waits_for_a_quarter_of_the_window() -> None:
+    data = os.urandom(CHUNK * 40)
+    with tempfile.TemporaryDirectory() as tmp:
+        dl = Download(Path(tmp), artifact(data))
+        dl.open()
+        assert dl.requests(window=16, timeout_s=5) == [(0, 16)]
+        for i in range(3):
+            dl.accept(i, chunk(i, data))
+            assert dl.requests(window=16, timeout_s=5) == [], f"{i + 1} free: not worth asking"
+        dl.accept(3, chunk(3, data))
+        assert dl.requests(window=16, timeout_s=5) == [(16, 4)]
+        for i in range(4, 16):
+            dl.accept(i, chunk(i, data))
+        assert dl.requests(window=16, timeout_s=5) == [(20, 12)]
+        for i in range(16, 32):
+            dl.accept(i, chunk(i, data))
+        assert dl.requests(window=16, timeout_s=5) == [(32, 8)], "the end of the file"
+        dl.discard()
+
+
+def test_the_running_sha256_covers_chunks_in_any_order_and_a_resume(tmp_path: Path) -> None:
+    """The hash is fed by the background flushes in file order, whatever order the chunks
+    came in and across a restart; a corrupted chunk on disk is caught."""
+    data = os.urandom(CHUNK * 40 + 5)
+    order = list(range(41))
+    random.Random(7).shuffle(order)
+    dl = Download(tmp_path, artifact(data), clock=Clock())
+    dl.open()
+    for i in order[:25]:
+        dl.accept(i, chunk(i, data))
+    dl.close()
+    again = Download(tmp_path, artifact(data))
+    assert again.open() == 25
+    for i in order[25:]:
+        again.accept(i, chunk(i, data))
+    assert again.finish(tmp_path / "m.onnx").read_bytes() == data
+    bad = Download(tmp_path, artifact(data))
+    bad.open()
+    for i in range(41):
+        bad.accept(i, chunk(i, data))
+    with open(bad.part, "r+b") as fh:  # the disk returns other bytes than were written
+        fh.seek(CHUNK * 39)
+        fh.write(b"\x00" * 8)
+    with pytest.raises(IntegrityError, match="does not match"):
+        bad.finish(tmp_path / "m2.onnx")
+
+
 def test_wrong_sized_and_out_of_range_chunks_are_refused(tmp_path: Path) -> None:
     dl = Download(tmp_path, artifact())
     dl.open()
@@ -134,5 +183,6 @@ def test_progress_reaches_disk_within_a_second_on_a_slow_link(tmp_path: Path) ->
     assert not dl.sidecar.exists()
     clock.now = 1.5
     dl.accept(1, chunk(1))
+    dl.wait_flushed()  # the flush runs in the background
     assert dl.sidecar.exists(), "a crash now loses nothing already received"
     assert Download(tmp_path, artifact()).open() == 2
