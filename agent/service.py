@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from agent.hardware import read_hardware
 from agent.link import MqttLink, Will
 from agent.outbox import Outbox, OutboxSender
 from agent.power.chain import MeterChain
+from agent.results import ResultWriter
 from agent.rules import RulesModel
 from agent.runtime import EXTRAS, available_formats, load_model
 from agent.runtime.base import InferenceError, LoadedModel, ModelLoadError
@@ -75,6 +77,18 @@ class Serving:
     model: LoadedModel | RulesModel
     active: p.ActiveModel
     tier: p.Tier = p.Tier.ACTIVE
+    # worked out once, not on every inference:
+    input_name: str = field(init=False)
+    feed_shape: tuple[int, ...] = field(init=False)  # the input's shape, -1 where it is free
+    feeds: dict[str, Any] = field(init=False)  # the inference thread's feed, refilled each run
+    results: ResultWriter = field(init=False)
+
+    def __post_init__(self) -> None:
+        spec = self.model.inputs[0]
+        self.input_name = spec.name
+        self.feed_shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in spec.shape)
+        self.feeds = {}
+        self.results = ResultWriter(self.active.model, self.tier)
 
 
 @dataclass
@@ -115,6 +129,8 @@ class Agent:
         self.link: MqttLink | None = None
         self.input_link: MqttLink | None = None
         self.inference_seq = 0
+        self._results_topic = p.topic(self.device, p.Channel.RESULTS)
+        self._publish_results = config.inference.publish_results
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -992,49 +1008,64 @@ class Agent:
                 next_tick = time.monotonic()  # behind: skip ticks rather than build a backlog
 
     def _infer_once(self, serving: Serving, reading: Any, window: TelemetryWindow) -> float | str:
-        """Run one inference and publish its result: its latency in ms, or why it failed."""
-        spec = serving.model.inputs[0]
+        """Run one inference and publish its result: its latency in ms, or why it failed.
+
+        Paid on every inference, so nothing here is worked out twice: the feed shape and the
+        Result's constant fields belong to ``serving``, the thread's CPU time (a system call,
+        ~1.5 us) is read for one inference in ``CPU_SAMPLE_EVERY``, and the Result is encoded
+        without being validated (benchmarks/README.md, "Inference overhead").
+        """
         try:
-            feed = reading.values.reshape(
-                tuple(d if isinstance(d, int) and d > 0 else -1 for d in spec.shape)
-            )
+            feed = reading.values.reshape(serving.feed_shape)
         except ValueError:
             window.error()
             reason = (
                 f"input has {reading.values.size} values; model {serving.active.model} expects "
-                f"shape {spec.shape}. Check the input source's window size."
+                f"shape {serving.model.inputs[0].shape}. Check the input source's window size."
             )
             self._event(p.EventKind.INPUT_ERROR, reason, throttle="input-shape")
             return reason
-        t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
+        sample_cpu = window.wants_cpu_sample()
+        c0 = time.thread_time_ns() if sample_cpu else 0
+        feeds = serving.feeds
+        feeds[serving.input_name] = feed
+        t0 = time.perf_counter_ns()
         try:
-            outputs = serving.model.run({spec.name: feed})
+            outputs = serving.model.run(feeds)
         except InferenceError as exc:
             window.error()
             self._event(p.EventKind.INFERENCE_ERROR, str(exc), throttle="inference")
             return str(exc)
         latency_ms = (time.perf_counter_ns() - t0) / 1e6
-        if not all(np.all(np.isfinite(v)) for v in outputs.values()):
-            window.error()
-            reason = f"model {serving.active.model} returned NaN or infinity; result withheld"
-            self._event(p.EventKind.INFERENCE_ERROR, reason, throttle="non-finite")
-            return reason
-        window.observe(latency_ms, (time.thread_time_ns() - c0) / 1e9)
+        cpu_s = (time.thread_time_ns() - c0) / 1e9 if sample_cpu else None
+        values: dict[str, list[float]] | None = None
+        if self._publish_results:  # the lists are needed anyway: check them, not the arrays
+            values = {}
+            for name, v in outputs.items():
+                xs = values[name] = (v if v.dtype.kind == "f" else v.astype(float)).ravel().tolist()
+                if not math.isfinite(sum(xs)) and not all(map(math.isfinite, xs)):
+                    return self._non_finite(serving, window)  # a finite sum proves every term
+        elif not all(np.isfinite(v).all() for v in outputs.values()):
+            return self._non_finite(serving, window)
+        window.observe(latency_ms, cpu_s)
         seq = self.inference_seq
-        self.inference_seq += 1
-        if self.config.inference.publish_results:
-            result = p.Result(
-                seq=seq,
-                model=serving.active.model,
-                tier=serving.tier,
-                latency_ms=latency_ms,
-                outputs={
-                    k: np.asarray(v, dtype=np.float64).ravel().tolist() for k, v in outputs.items()
-                },
-                input_ts=reading.ts,
+        self.inference_seq = seq + 1
+        if values is not None:
+            link = self.link
+            assert link is not None
+            id_ = f"{self.session}-{seq}"
+            link.publish(
+                self._results_topic,
+                serving.results.encode(id_, seq, latency_ms, values, reading.ts),
+                qos=0,
             )
-            self._publish(p.Channel.RESULTS, result, qos=0)
         return latency_ms
+
+    def _non_finite(self, serving: Serving, window: TelemetryWindow) -> str:
+        window.error()
+        reason = f"model {serving.active.model} returned NaN or infinity; result withheld"
+        self._event(p.EventKind.INFERENCE_ERROR, reason, throttle="non-finite")
+        return reason
 
     def _cpu_s(self) -> float:
         return time.process_time()  # user + system time of all the agent's threads

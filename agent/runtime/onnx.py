@@ -70,6 +70,11 @@ class OnnxModel:
         self.inputs = tuple(_spec(arg) for arg in session.get_inputs())
         self.outputs = tuple(_spec(arg) for arg in session.get_outputs())
         self._output_names = [spec.name for spec in self.outputs]
+        # The session's C++ run, called directly: the Python ``InferenceSession.run`` checks
+        # the feed's names and owners on every call (~6 us of a 40 us model on a 2-core EPYC),
+        # and the agent builds its feeds from this model's own input names. A wrong name or
+        # shape still fails, in C++, as an InferenceError.
+        self._run = getattr(session, "_sess", session).run
 
     @classmethod
     def load(cls, path: Path, *, threads: int = 1) -> OnnxModel:
@@ -101,14 +106,15 @@ class OnnxModel:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once; feeds are passed to onnxruntime as they are, unchecked."""
         try:
-            values = self._session.run(self._output_names, feeds)  # type: ignore[union-attr]
+            values = self._run(self._output_names, feeds, None)
         except Exception as exc:
             raise self._inference_error(feeds, exc) from exc
-        return dict(zip(self._output_names, values, strict=True))
+        return dict(zip(self._output_names, values, strict=False))  # as many as were named
 
     def close(self) -> None:
         """Drop the session; onnxruntime frees it once no run is in flight."""
         self._session = None
+        self._run = _closed
 
     def _inference_error(self, feeds: dict[str, Any], exc: Exception) -> InferenceError:
         if self._session is None:
@@ -117,6 +123,10 @@ class OnnxModel:
             f"inference on {self.path} failed: {_gist(exc)}; got {describe_feeds(feeds)}; "
             f"the model takes {describe_specs(self.inputs)}"
         )
+
+
+def _closed(*args: Any) -> list[Any]:
+    raise RuntimeError("the session is closed")
 
 
 def _gist(exc: BaseException) -> str:

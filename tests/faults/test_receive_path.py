@@ -293,7 +293,11 @@ def test_parse_topic_returns_a_parsed_topic_or_protocol_error(name: str) -> None
         return
     if parsed.channel is p.Channel.BLOB:
         assert parsed.sha256 is not None and parsed.index is not None
-        rebuilt = p.blob_topic(parsed.device, parsed.sha256, parsed.index)
+        rebuilt = (
+            p.blob_topic(parsed.device, parsed.sha256, parsed.index)
+            if parsed.device
+            else p.shared_blob_topic(parsed.sha256, parsed.index)  # the fleet's shared tree
+        )
     else:
         assert parsed.sha256 is None and parsed.index is None
         rebuilt = p.topic(parsed.device, parsed.channel)

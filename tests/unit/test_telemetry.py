@@ -45,3 +45,18 @@ def test_estimate_is_labelled_and_scales_with_cpu() -> None:
     assert reading.power_w == pytest.approx(3.0 + 2.0 * 0.5)
     assert reading.energy_per_inference_j == pytest.approx(2.0 * 1.0 / 100)
     assert meter.read(10.0, 0.0, 0.0, 0).energy_per_inference_j is None
+
+
+def test_inference_cpu_is_estimated_from_one_inference_in_eight() -> None:
+    """The thread CPU clock is read for the first inference of a window and every 8th after
+    it; the window's inference CPU is the sampled mean times the inferences."""
+    window = TelemetryWindow(T0, start_cpu_s=0.0)
+    sampled = []
+    for i in range(20):
+        sample = window.wants_cpu_sample()
+        sampled.append(sample)
+        window.observe(1.0, 0.002 + 0.001 * (i % 2) if sample else None)
+    assert [i for i, s in enumerate(sampled) if s] == [0, 8, 16]
+    assert window.inference_cpu_s == pytest.approx(0.002 * 20)  # samples 0, 8, 16 are even
+    window.cut(T0 + timedelta(seconds=1), 1.0, None, "active", None, None, PowerMethod.ESTIMATE)
+    assert window.inference_cpu_s == 0.0 and window.wants_cpu_sample(), "a new window samples"
