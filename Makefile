@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint bench e2e clean venv
+.PHONY: demo test lint bench bench-check e2e clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+
+# The performance gate CI runs after the tests: the benchmarks of the paths every device pays
+# for, each held to a regression line (benchmarks/gate.py); then which recorded figures are
+# stale (benchmarks/freshness.py). Needs Mosquitto, as the tests do.
+bench-check: $(STAMP)
+	$(BIN)/python -m benchmarks.run --gate
+	$(BIN)/python -m benchmarks.freshness
 
 clean:
 	rm -rf $(VENV) .venv-tflite-runtime .venv-tf .greenfleet

@@ -37,10 +37,10 @@ from benchmarks.rig import (
 from model_store.catalog import file_sha256
 
 NAME = "agent_memory"
-TITLE = "Agent peak RSS vs bare onnxruntime import"
+TITLE = "Agent peak RSS vs a bare process holding a session"
 DEVICE = "bench-mem-1"
 SAMPLE = Path(__file__).resolve().parents[1] / "model_store" / "samples" / "vibration-ae.onnx"
-TARGET_RATIO = 1.5
+TARGET_RATIO = 1.25  # issue 14: against a bare process holding a session on the same model
 RATE_HZ = 20.0
 
 _HOLD = "import sys\nprint('ready', flush=True)\nsys.stdin.read()\n"
@@ -147,21 +147,22 @@ def run(quick: bool) -> Outcome:
     both = measure_script(IMPORT_BOTH_RUNTIMES)
     with tempfile.TemporaryDirectory(prefix="gf-bench-mem-") as tmp:
         agent = measure_agent(Path(tmp), run_s)
-    ratio = agent["peak_kib"] / bare["peak_kib"]
+    ratio = agent["peak_kib"] / session["peak_kib"]
     return outcome(
         NAME,
         TITLE,
         measured=f"{agent['peak_kib'] / 1024:.1f} MiB (agent)",
-        baseline=f"{bare['peak_kib'] / 1024:.1f} MiB (import onnxruntime)",
+        baseline=f"{session['peak_kib'] / 1024:.1f} MiB (session), {bare['peak_kib'] / 1024:.1f} "
+        f"MiB (import; {agent['peak_kib'] / bare['peak_kib']:.2f}x)",
         ratio=ratio,
-        target=f"<= {TARGET_RATIO}x bare import",
+        target=f"<= {TARGET_RATIO}x bare session",
         passed=ratio <= TARGET_RATIO,
         numbers={
             "agent": agent,
             "bare_import": bare,
             "bare_session": session,
             "import_onnxruntime_and_litert": both,
-            "ratio_vs_bare_import": round(ratio, 3),
-            "ratio_vs_bare_session": round(agent["peak_kib"] / session["peak_kib"], 3),
+            "ratio_vs_bare_import": round(agent["peak_kib"] / bare["peak_kib"], 3),
+            "ratio_vs_bare_session": round(ratio, 3),
         },
     )

@@ -34,7 +34,7 @@ from benchmarks.rig import Outcome, outcome, percentile
 NAME = "inference_overhead"
 TITLE = "Agent inference path vs bare session.run"
 SAMPLE = Path(__file__).resolve().parents[1] / "model_store" / "samples" / "vibration-ae.onnx"
-TARGET_ADDED_US = 50.0
+TARGET_ADDED_US = 10.0  # issue 14: the agent costs less than the smallest model it runs
 WINDOWS = 256
 WARM_UP = 200
 

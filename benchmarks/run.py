@@ -1,9 +1,10 @@
 """Run greenfleet's benchmarks and print each against its same-run baseline.
 
-    python -m benchmarks.run [--quick] [--json PATH] [--check] [NAME ...]
+    python -m benchmarks.run [--quick] [--json PATH] [--check | --gate] [NAME ...]
 
 Exit status: 0 when every benchmark ran (targets missed or not, unless ``--check``), 1 with
-``--check`` when a target was missed, 2 when a benchmark could not run.
+``--check`` when a target was missed, or with ``--gate`` when a figure crossed its regression
+line twice in a row (benchmarks/gate.py; ``make bench-check``), 2 when a benchmark could not run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks import gate
 from benchmarks.rig import Outcome
 
 BENCHMARKS: dict[str, str] = {
@@ -61,13 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(BENCHMARKS)}")
     parser.add_argument("--quick", action="store_true", help="one round, fewer iterations")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
-    parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    mode.add_argument(
+        "--gate",
+        action="store_true",
+        help=f"exit 1 if a figure crosses its regression line twice (default names: "
+        f"{', '.join(gate.LINES)})",
+    )
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    names = args.names or list(BENCHMARKS)
+    names = args.names or list(gate.LINES if args.gate else BENCHMARKS)
     machine = (
         f"{platform.machine()}, {psutil.cpu_count()} cores, Python {platform.python_version()}"
     )
@@ -75,10 +84,34 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [["benchmark", "measured", "baseline (same run)", "ratio", "target", "result", "time"]]
     results: list[dict[str, object]] = []
-    crashed = missed = False
+    gated = [["benchmark", "gated figure", "line", "runs", "result"]]
+    crashed = missed = crossed = False
     for name in names:
         print(f"running {name} ...", flush=True)
         result, seconds, error = run_one(name, args.quick)
+        if args.gate and result is not None and name in gate.LINES:
+            figures = [gate.verdict(name, dict(result))]
+            while not figures[-1][1] and len(figures) <= gate.RETRIES:
+                print(f"{name} crossed its line ({figures[-1][0]:.3g}); running it again")
+                again, more, error = run_one(name, args.quick)
+                seconds += more
+                if again is None:
+                    result = None
+                    break
+                result = again
+                figures.append(gate.verdict(name, dict(result)))
+            if result is not None:
+                held = figures[-1][1]
+                crossed |= not held
+                gated.append(
+                    [
+                        name,
+                        ", ".join(f"{f:.3g}" for f, _ in figures),
+                        gate.LINES[name].describe(),
+                        str(len(figures)),
+                        "ok" if held else "REGRESSION",
+                    ]
+                )
         if result is None:
             crashed = True
             print(error, file=sys.stderr)
@@ -100,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append({**result, "seconds": round(seconds, 1)})
     print()
     print(table(rows))
+    if args.gate:
+        print("\nperformance gate (benchmarks/gate.py: regression lines, not targets)")
+        print(table(gated) if len(gated) > 1 else "no gated benchmark ran")
     if args.json is not None:
         report = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -111,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwrote {args.json}")
     if crashed:
         return 2
-    return 1 if args.check and missed else 0
+    return 1 if (args.check and missed) or (args.gate and crossed) else 0
 
 
 if __name__ == "__main__":
