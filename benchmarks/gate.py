@@ -41,7 +41,7 @@ LINES: dict[str, Line] = {
         "ratio",
         0.4,
         True,
-        "transfer MB/s over raw paho: target 0.8, 0.84-0.86 after issue 14, 0.06 before it",
+        "transfer MB/s over raw paho: target 0.8, 0.61-0.86 after issue 14, 0.06 before it",
     ),
     "inference_overhead": Line(
         "ratio",
@@ -51,9 +51,10 @@ LINES: dict[str, Line] = {
     ),
     "agent_memory": Line(
         "ratio_vs_bare_session",
-        1.5,
+        1.65,
         False,
-        "agent peak RSS over a bare process holding a session: target 1.25, 1.43 today",
+        "agent peak RSS over a bare process holding a session: target 1.25, 1.43-1.52 after "
+        "issue 14 (the VM's page state moves it); an import the size of LiteRT's crosses it",
     ),
 }
 
