@@ -118,7 +118,7 @@ class Download:
         self._fh: int | None = None
         # Owned by the flusher (one at a time; the caller's thread after wait_flushed()):
         self._flusher: threading.Thread | None = None
-        self._flush_error: OSError | None = None
+        self._flush_error: OSError | IntegrityError | None = None
         self._digest = hashlib.sha256()
         self._hashed = 0  # chunks 0 .. _hashed - 1 are in _digest
 
@@ -201,21 +201,22 @@ class Download:
         def flush() -> None:
             try:
                 self._flush(fh, received)
-            except OSError as exc:  # a full or failing disk: the next accept() raises it
+            except (OSError, IntegrityError) as exc:  # the next accept() or close() raises it
                 self._flush_error = exc
 
         self._flusher = threading.Thread(target=flush, name="gf-download-flush", daemon=True)
         self._flusher.start()
 
     def wait_flushed(self) -> None:
-        """Wait for a background flush to end; raise what it failed with (an OSError)."""
+        """Wait for a background flush to end; raise what it failed with: an OSError (a full
+        disk as NoSpaceError) or an IntegrityError (the file shrank under us)."""
         if self._flusher is not None:
             self._flusher.join()
             self._flusher = None
         error, self._flush_error = self._flush_error, None
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            raise self._no_space() from error
         if error is not None:
-            if error.errno in NO_SPACE:
-                raise self._no_space() from error
             raise error
 
     def close(self, record: bool = True) -> None:
@@ -233,7 +234,7 @@ class Download:
     def discard(self) -> None:
         """Forget everything fetched so far and give its disk space back (after an integrity
         failure, a full disk, a failed deploy); never raises for a file already gone."""
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, TransferError):
             self.wait_flushed()  # never close the file under a running flush
         if self._fh is not None:
             with contextlib.suppress(OSError):

@@ -12,7 +12,7 @@ import pytest
 
 from agent.errors import IntegrityError, TransferError
 from agent.protocol import Artifact, ModelFormat
-from agent.transfer import Download
+from agent.transfer import Download, NoSpaceError
 
 DATA = os.urandom(10_000)
 CHUNK = 1024  # 10 chunks, the last one 784 bytes
@@ -186,3 +186,25 @@ def test_progress_reaches_disk_within_a_second_on_a_slow_link(tmp_path: Path) ->
     dl.wait_flushed()  # the flush runs in the background
     assert dl.sidecar.exists(), "a crash now loses nothing already received"
     assert Download(tmp_path, artifact()).open() == 2
+
+
+def test_a_disk_error_in_the_background_flush_reaches_the_next_chunk(tmp_path: Path) -> None:
+    """The flush runs on its own thread; what it meets (a full disk here) is raised by the
+    next accept(), as a write error would be, and discard() still gives everything back."""
+    data = os.urandom(CHUNK * 4)
+    clock = Clock()
+    dl = Download(tmp_path, artifact(data), clock=clock)
+    dl.open()
+    full = OSError(28, "No space left on device")
+
+    def failing_flush(*args: object, **kwargs: object) -> None:
+        raise full
+
+    dl._flush = failing_flush  # type: ignore[method-assign]
+    clock.now = 2.0  # past FLUSH_PERIOD_S: this chunk starts a background flush
+    dl.accept(0, chunk(0, data))
+    dl._flusher.join()  # type: ignore[union-attr]
+    with pytest.raises(NoSpaceError, match="is full"):
+        dl.accept(1, chunk(1, data))
+    dl.discard()
+    assert not dl.part.exists() and not dl.sidecar.exists()
