@@ -47,7 +47,7 @@ LINES: dict[str, Line] = {
         "ratio",
         2.0,
         False,
-        "agent p50 over bare session.run p50: 1.23-1.35 after issue 14, 3.1 before it",
+        "agent p50 over bare session.run p50: 1.23-1.34 after issue 14, 3.0-3.3 before it",
     ),
     "agent_memory": Line(
         "ratio_vs_bare_session",
