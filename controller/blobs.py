@@ -44,6 +44,7 @@ published (benchmarks/fleet_rollout.py reports it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 LINGER_S = 0.0  # how long the first request for a chunk waits for others to join it (none)
 REPUBLISH_AFTER_S = 30.0  # a request for a chunk published longer ago publishes it again
 CLEAR_AFTER_S = 300.0  # retained chunks of an artifact nobody asked for in this long go
+QUEUE_LIMIT = 10_000  # requests waiting for the server thread; more are dropped, not queued
 
 ChunkKey = tuple[str, int, int]  # (sha256, chunk_size, index)
 
@@ -71,6 +73,7 @@ class BlobStats:
     bytes_published: int = 0
     chunks_retained: int = 0  # asked for, and served by the broker's retained copy
     rejected: int = 0  # requests that were not a well-formed BlobRequest on a device's topic
+    dropped: int = 0  # requests that found the queue full (the device asks again after a stall)
 
 
 class Coalescer:
@@ -131,14 +134,17 @@ class BlobServer:
         self._retained: dict[ChunkKey, float] = {}  # published retained, and when
         self._asked: dict[str, float] = {}  # artifact -> last request
         self.stats = BlobStats()
-        self._queue: queue.Queue[tuple[str, bytes | p.BlobRequest] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, bytes | p.BlobRequest] | None] = queue.Queue(
+            maxsize=QUEUE_LIMIT
+        )
         self._thread = threading.Thread(target=self._run, name="gf-blobs", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._queue.put(None)
+        with contextlib.suppress(queue.Full):  # full: the thread drains it, or never ran
+            self._queue.put(None, timeout=10)
         self._thread.join(timeout=10)
 
     def request(self, device: str, request: p.BlobRequest) -> None:
@@ -147,8 +153,18 @@ class BlobServer:
 
     def offer(self, topic: str, payload: bytes) -> None:
         """Network thread: a raw message from a ``gf/v1/{device}/blob/req`` topic; it is
-        decoded on the server's thread."""
-        self._queue.put((topic, payload))
+        decoded on the server's thread. A full queue drops it (counted) rather than block the
+        network thread that carries every other device's messages, or grow without bound
+        under a flood; an agent asks again once its transfer stalls."""
+        try:
+            self._queue.put_nowait((topic, payload))
+        except queue.Full:
+            self.stats.dropped += 1
+            if self.stats.dropped % 1000 == 1:
+                log.warning(
+                    "chunk requests arrive faster than they are served: %d dropped",
+                    self.stats.dropped,
+                )
 
     def _run(self) -> None:
         while True:

@@ -11,6 +11,7 @@ import pytest
 
 from agent import protocol as p
 from agent.transfer import ChunkTopics
+from controller import blobs
 from controller.blobs import CLEAR_AFTER_S, REPUBLISH_AFTER_S, BlobServer, Coalescer
 from controller.broker_config import acl_text
 from tests.conftest import Probe, wait_until
@@ -182,6 +183,19 @@ def test_raw_requests_are_decoded_by_the_server_and_bad_ones_counted(tmp_path: P
         server.stop()
     assert sent[0] == (p.shared_blob_topic(SHA, 1), b"efgh")
     assert server.stats.rejected == 4 and server.stats.requests == 1
+
+
+def test_a_flood_of_requests_is_dropped_and_counted_not_queued_without_bound(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A device that floods blob/req cannot grow the controller's memory or block its network
+    thread: past the queue's limit requests are dropped (agents ask again after a stall)."""
+    monkeypatch.setattr(blobs, "QUEUE_LIMIT", 10)
+    server = BlobServer(lambda sha: None, lambda t, b: None)  # not started: nothing drains
+    request = p.encode(p.BlobRequest(sha256=SHA, first=0, count=1, chunk_size=4))
+    for _ in range(15):
+        server.offer(p.topic("d1", p.Channel.BLOB_REQ), request)  # never blocks
+    assert server.stats.dropped == 5
 
 
 def test_shared_topics_round_trip_and_sit_outside_the_device_tree() -> None:
