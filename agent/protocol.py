@@ -146,11 +146,20 @@ class ParsedTopic:
     index: int | None = None
 
 
+def _chunk_index(text: str) -> int | None:
+    """A chunk index as the topic builders accept it (0 .. MAX_ARTIFACT_BYTES), or None: 13
+    digits alone would let a topic parse that no builder can make again."""
+    if not _INDEX.fullmatch(text):
+        return None
+    index = int(text)
+    return index if index <= MAX_ARTIFACT_BYTES else None
+
+
 def parse_topic(name: str) -> ParsedTopic:
     """Take a greenfleet topic apart; raise ProtocolError for anything else."""
     parts = name.split("/")
     if len(parts) == 5 and "/".join(parts[:3]) == BLOB_ROOT:
-        if _SHA256.match(parts[3]) and _INDEX.fullmatch(parts[4]):
+        if _SHA256.match(parts[3]) and _chunk_index(parts[4]) is not None:
             return ParsedTopic("", Channel.BLOB, parts[3], int(parts[4]))
         raise ProtocolError(f"malformed blob topic {name!r}")
     if len(parts) < 4 or f"{parts[0]}/{parts[1]}" != ROOT:
@@ -160,7 +169,7 @@ def parse_topic(name: str) -> ParsedTopic:
     if rest[0] == "blob":
         if rest[1:] == ["req"]:
             return ParsedTopic(device, Channel.BLOB_REQ)
-        if len(rest) == 3 and _SHA256.match(rest[1]) and _INDEX.fullmatch(rest[2]):
+        if len(rest) == 3 and _SHA256.match(rest[1]) and _chunk_index(rest[2]) is not None:
             return ParsedTopic(device, Channel.BLOB, rest[1], int(rest[2]))
         raise ProtocolError(f"malformed blob topic {name!r}")
     if len(rest) == 1:

@@ -123,6 +123,8 @@ def test_topics_round_trip() -> None:
         ("gf/v1/a/reboot", "unknown channel"),
         ("gf/v1/a b/cmd", "invalid device id"),
         ("gf/v1/a/blob/zz/1", "malformed blob topic"),
+        (f"gf/v1/a/blob/{'0' * 64}/{2**40 + 1}", "malformed blob topic"),  # past any artifact
+        (f"gf/blobs/v1/{'0' * 64}/{2**40 + 1}", "malformed blob topic"),
     ],
 )
 def test_bad_topics_are_named(bad: str, needle: str) -> None:
