@@ -29,6 +29,7 @@ BEGIN, END = "<!-- ledger:begin -->", "<!-- ledger:end -->"
 # What each benchmark measures: a change under any of these paths can move its figure.
 PATHS: dict[str, tuple[str, ...]] = {
     "model_push": (
+        "agent/protocol.py",
         "agent/transfer.py",
         "agent/service.py",
         "agent/link.py",
@@ -39,6 +40,7 @@ PATHS: dict[str, tuple[str, ...]] = {
         "benchmarks/rig.py",
     ),
     "inference_overhead": (
+        "agent/protocol.py",
         "agent/service.py",
         "agent/results.py",
         "agent/telemetry.py",
@@ -74,6 +76,7 @@ PATHS: dict[str, tuple[str, ...]] = {
         "controller/blobs.py",
         "controller/daemon.py",
         "controller/reconcile.py",
+        "agent/protocol.py",
         "agent/transfer.py",
         "simulator",
         "benchmarks/fleet_rollout.py",
