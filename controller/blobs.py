@@ -195,7 +195,13 @@ class BlobServer:
                 source, request = self._decode(source, request)
             except p.ProtocolError as exc:
                 self.stats.rejected += 1
-                log.warning("rejected chunk request on %s: %s", source, exc)
+                if self.stats.rejected % 1000 == 1:  # a flood must not flood the log too
+                    log.warning(
+                        "rejected chunk request on %s: %s (%d rejected so far)",
+                        source,
+                        exc,
+                        self.stats.rejected,
+                    )
                 return
         try:
             self._admit(source, request)

@@ -486,6 +486,72 @@ def test_the_controller_daemon_logs_in_with_the_home_credentials(
         daemon.stop()
 
 
+FLOOD = 20_000
+
+
+def test_a_device_flooding_chunk_requests_does_not_stop_anothers_transfer(
+    site: Site, clients: Callable[..., Client], tmp_path: Path
+) -> None:
+    """dev-a, with its own login, floods its blob/req topic with garbage and with requests
+    for chunks; the controller's network thread never blocks on them and its memory does not
+    grow with them (the blob server's queue is bounded, what does not fit is dropped and
+    counted), and dev-b, asking as an agent does (again after a stall), gets its chunk."""
+    from benchmarks.model_push import build_model
+    from controller.daemon import Controller
+    from controller.db import open_db
+    from model_store.catalog import Catalog
+
+    version = Catalog(open_db(site.home.database), site.home.store).add(
+        build_model(tmp_path / "m.onnx", seed=3, rows=64, cols=1100), "flood-test", "1.0.0"
+    )
+    conn = device_commands.controller_connection(site.home, None)
+    daemon = Controller(
+        site.home,
+        "127.0.0.1",
+        conn.port,
+        username=conn.username,
+        password=conn.password,
+        tls=conn.tls,
+        client_id=f"gf-controller-{uuid.uuid4().hex[:6]}",
+    )
+    daemon.start()
+    try:
+        assert daemon.link.connected.wait(10), site.log()
+        a = clients(site, "dev-a", password_of(site, "dev-a")).connected()
+        b = clients(site, "dev-b", password_of(site, "dev-b")).connected()
+        chunk = p.shared_blob_topic(version.sha256, 1)
+        assert b.subscribe(chunk)[0].value < 128
+        flood = p.topic("dev-a", p.Channel.BLOB_REQ)
+        ask = p.encode(p.BlobRequest(sha256=version.sha256, first=0, count=1, chunk_size=64 * 1024))
+        sent = [a.client.publish(flood, b"{garbage" if i % 2 else ask, qos=1) for i in range(FLOOD)]
+        request = p.encode(
+            p.BlobRequest(sha256=version.sha256, first=1, count=1, chunk_size=64 * 1024)
+        )
+        got_chunk = lambda: any(t == chunk for t, _ in b.messages)  # noqa: E731
+        for _attempt in range(60):  # an agent asks again after a stall; here every second
+            b.publish(p.topic("dev-b", p.Channel.BLOB_REQ), request)
+            try:
+                b.wait(got_chunk, "chunk 1 at dev-b", timeout=1.0)
+                break
+            except AssertionError:
+                continue
+        assert got_chunk(), f"dev-b never got its chunk; blob server {daemon.blobs.stats}"
+        sent[-1].wait_for_publish(60)  # the broker has taken the whole flood
+        stats = daemon.blobs.stats
+
+        def accounted() -> int:  # served, rejected or dropped: none unaccounted
+            return stats.requests + stats.rejected + stats.dropped
+
+        deadline = time.monotonic() + 60
+        while accounted() < FLOOD + 1 and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling a counter, not standing in for an acknowledgement
+        assert accounted() >= FLOOD + 1, stats  # the flood and dev-b's request at least
+        assert stats.rejected >= 1 and stats.rejected + stats.dropped >= FLOOD // 2, stats
+        assert daemon.link.connected.is_set(), "the controller stayed on the broker"
+    finally:
+        daemon.stop()
+
+
 def test_the_embedded_broker_says_it_is_for_demos_only(tmp_path: Path) -> None:
     port = free_port()
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin", "GREENFLEET_HOME": str(tmp_path)}
