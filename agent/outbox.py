@@ -4,12 +4,12 @@ Every message is appended to an SQLite file (WAL mode) in the agent's state dir 
 sent, so a broker outage or an agent restart loses nothing that fits the bounds. The bounds
 are a total size (topics + payloads; the oldest messages go first) and an age; every message
 dropped is counted by reason (``size``: over the size bound; ``age``: too old; ``disk``: could
-not be stored, e.g. a full disk; ``rejected``: the MQTT client refused it), and the counts
-survive restarts. :class:`OutboxSender` replays the outbox oldest first with at most
-``window`` messages awaiting their PUBACK, and deletes a message only once the broker has
-confirmed it; after a reconnect it resends, in order, the unconfirmed ones that the MQTT
-client does not resend by itself. Duplicates are
-possible by design: the controller de-duplicates telemetry on (session, seq), and events
+not be stored, e.g. a full disk; ``rejected``: the MQTT client or the controller refused it
+for good), and the counts survive restarts. :class:`OutboxSender` sends the outbox oldest
+first with at most ``window`` messages the controller has not acknowledged, and deletes a
+message only once the controller says it stored it (protocol.Stored: an end-to-end
+acknowledgement, not the broker's PUBACK); what stays unacknowledged is sent again. Duplicates
+are possible by design: the controller de-duplicates telemetry on (session, seq), and events
 carry unique ids.
 
 The outbox never raises into its callers for storage trouble: a corrupt file is set aside
@@ -21,6 +21,7 @@ store (``stats()["durable"]`` is then false).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sqlite3
 import threading
@@ -29,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ DEFAULT_MAX_BYTES = 16 * MiB
 DEFAULT_MAX_AGE_S = 7 * 24 * 3600.0
 DROP_REASONS = ("size", "age", "disk", "rejected")
 WARN_EVERY_S = 60.0  # each kind of recurring storage warning is logged at most this often
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the key column (the envelope id the controller acknowledges)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -46,7 +47,8 @@ CREATE TABLE IF NOT EXISTS messages (
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     created REAL NOT NULL,
-    size INTEGER NOT NULL
+    size INTEGER NOT NULL,
+    key TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_created ON messages (created);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -59,16 +61,27 @@ _SQLITE_NOTADB = 26
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One stored message; ``id`` grows with every put and is never reused."""
+    """One stored message; ``id`` grows with every put and is never reused; ``key`` is the
+    envelope id the controller names when it has stored the message (protocol.Stored)."""
 
     id: int
     topic: str
     payload: bytes
     created: float
+    key: str
 
 
 class _Unusable(Exception):
     """The file opened but is not an outbox we can use (corrupt, or an unknown schema)."""
+
+
+def _payload_id(payload: bytes) -> str:
+    """The JSON ``id`` of a payload stored without a key (a schema 1 file), or ``""``."""
+    try:
+        value = json.loads(payload).get("id")
+    except (ValueError, AttributeError, RecursionError):
+        return ""
+    return value if isinstance(value, str) else ""
 
 
 def _is_corrupt(exc: BaseException) -> bool:
@@ -140,8 +153,9 @@ class Outbox:
 
     # -- storing ------------------------------------------------------------------------------
 
-    def put(self, topic: str, payload: bytes) -> None:
-        """Append one message; drop the oldest (counted) to stay within the bounds."""
+    def put(self, topic: str, payload: bytes, key: str = "") -> None:
+        """Append one message; drop the oldest (counted) to stay within the bounds. ``key``:
+        the id the controller acknowledges it by (by default the payload's JSON ``id``)."""
         size = len(topic.encode()) + len(payload)
         with self._lock:
             self._puts[topic] += 1
@@ -167,9 +181,9 @@ class Outbox:
                         self._expire(db, now)
                         self._make_room(db, size)
                         cursor = db.execute(
-                            "INSERT INTO messages (topic, payload, created, size) "
-                            "VALUES (?, ?, ?, ?)",
-                            (topic, payload, now, size),
+                            "INSERT INTO messages (topic, payload, created, size, key) "
+                            "VALUES (?, ?, ?, ?, ?)",
+                            (topic, payload, now, size, key or None),
                         )
                         self._count += 1
                         self._bytes += size
@@ -209,14 +223,17 @@ class Outbox:
                     with self._transaction() as db:
                         self._expire(db, now)
                 rows = self._db.execute(
-                    "SELECT id, topic, payload, created FROM messages WHERE id > ? "
+                    "SELECT id, topic, payload, created, key FROM messages WHERE id > ? "
                     "ORDER BY id LIMIT ?",
                     (after, limit),
                 ).fetchall()
             except sqlite3.Error as exc:
                 self._failed(exc, "read")
                 return []
-        return [Entry(int(i), str(t), bytes(p), float(c)) for i, t, p, c in rows]
+        return [
+            Entry(int(i), str(t), bytes(p), float(c), k or _payload_id(bytes(p)))
+            for i, t, p, c, k in rows
+        ]
 
     def ack(self, ids: Sequence[int]) -> None:
         """Delete messages the broker has confirmed (unknown ids are ignored)."""
@@ -445,9 +462,12 @@ class Outbox:
             if check is None or check[0] != "ok":
                 raise _Unusable(f"integrity check failed: {check[0] if check else 'no answer'}")
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 raise _Unusable(f"unknown outbox schema version {version}")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+            if "key" not in columns:  # a schema 1 file: its messages are keyed by their payload
+                db.execute("ALTER TABLE messages ADD COLUMN key TEXT")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             count, size = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages"
@@ -495,136 +515,152 @@ class Outbox:
                     source.unlink()
 
 
-class PublishHandle(Protocol):
-    """What a publish returns (paho's ``MQTTMessageInfo`` is one; so is the link's Delivery).
-
-    A handle may also have a true attribute ``resent_on_reconnect``: the MQTT client keeps the
-    message until its PUBACK and sends it again itself after a reconnect (paho does, for QoS 1).
-    """
-
-    def is_published(self) -> bool: ...
-
-
-def _client_resends(handle: PublishHandle) -> bool:
-    return bool(getattr(handle, "resent_on_reconnect", False))
+ACK_TIMEOUT_S = (10.0, 120.0)  # first and longest wait for the controller's Stored
 
 
 class OutboxSender:
-    """Sends the outbox oldest first, at most ``window`` unconfirmed, and acks confirmed ones.
+    """Sends the outbox oldest first, at most ``window`` messages the controller has not yet
+    said it stored, and deletes each one when it does (protocol.Stored, via :meth:`stored`).
 
-    ``publish(topic, payload)`` must send with QoS 1 and return a handle whose
-    ``is_published()`` turns true on the PUBACK; ``connected()`` says whether the link is up.
-    Call :meth:`pump` often from one thread, and :meth:`reset` when the link (re)connects.
+    ``publish(topic, payload)`` sends with QoS 1 (the MQTT client keeps the message through a
+    reconnect and sends it again itself); ``connected()`` says whether the link is up. Call
+    :meth:`pump` often from one thread; :meth:`stored`, :meth:`hold`, :meth:`release` and
+    :meth:`reset` are safe from any thread.
 
-    After a disconnect, unconfirmed messages are sent again from the oldest, except those whose
-    handle says the client resends them itself (``resent_on_reconnect``): the sender keeps
-    waiting for their PUBACK. Sending those too put every message of a stalled link on the wire
-    twice after the reconnect, once from paho and once from here (tests/faults/test_network_cut).
+    A broker's PUBACK deletes nothing: a broker restarted without persistence, or one whose
+    controller has not subscribed yet, acknowledges messages it hands to nobody. What the
+    controller has not acknowledged is sent again, from the oldest, in order:
 
-    :meth:`hold` and :meth:`release` follow the controller's presence (agent.protocol
-    ControllerState): while held nothing new is sent, and what the broker confirms is kept in
-    the outbox, because a broker that restarted without persistence confirms messages that no
-    subscriber receives. :meth:`release` then acks them (the controller's subscription never
-    lapsed) or sends everything unacknowledged again from the oldest (it lapsed; the controller
-    de-duplicates on (session, seq)).
+    - when the controller's presence shows a connection of it this sender has not seen
+      (``release(resend=True)``): a subscription that lapsed, or a controller seen for the first
+      time, got nothing of what the broker took before;
+    - when the oldest unacknowledged message waited ``ack_timeout_s[0]`` while the link was up
+      and the controller online (a Stored lost, a controller that lost messages); the wait
+      doubles, up to ``ack_timeout_s[1]``, each time it runs out, and starts again at the first
+      once an acknowledgement comes.
+
+    A reconnect alone sends nothing again, it only restarts the clock: the MQTT client resends
+    what the broker had not confirmed, and doing it here as well put every message of a stalled
+    link on the wire twice (tests/faults/test_network_cut). Duplicates remain possible (a late
+    acknowledgement); the controller stores a message once and names it again.
+
+    While :meth:`hold` (the controller is offline) nothing new is sent and no clock runs.
     """
 
     def __init__(
         self,
         outbox: Outbox,
-        publish: Callable[[str, bytes], PublishHandle],
+        publish: Callable[[str, bytes], object],
         connected: Callable[[], bool],
+        *,
+        ack_timeout_s: tuple[float, float] = ACK_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._outbox = outbox
         self._publish = publish
         self._connected = connected
-        self._in_flight: list[tuple[Entry, PublishHandle]] = []
-        self._resend = threading.Event()
+        self._clock = clock
+        self._timeouts = ack_timeout_s
+        self._timeout = ack_timeout_s[0]
+        self._sent: dict[str, tuple[int, float]] = {}  # key -> (outbox id, sent at), in order
+        self._last_sent = 0  # outbox id of the newest message sent
         self._lock = threading.Lock()
+        self._acked: list[str] = []
+        self._refused: list[str] = []
         self._held = False
-        self._release: bool | None = None  # pending release: whether the subscription lapsed
-        self._limbo: list[int] = []  # confirmed by the broker while held
+        self._resend = False
+        self._paused = True  # the clocks must start again when sending resumes
 
     @property
     def held(self) -> bool:
         return self._held
 
-    def hold(self) -> None:
-        """The controller may not be subscribed: send nothing new (safe from any thread)."""
-        with self._lock:
-            self._held, self._release = True, None
-
-    def release(self, lapsed: bool) -> None:
-        """The controller is subscribed; ``lapsed``: its subscription lapsed while held."""
-        with self._lock:
-            if self._held:
-                self._held, self._release = False, lapsed
-
     @property
     def in_flight(self) -> int:
-        """Messages sent and not yet confirmed."""
-        return len(self._in_flight)
+        """Messages sent and not yet acknowledged by the controller."""
+        return len(self._sent)
+
+    def stored(self, ids: Sequence[str], rejected: Sequence[str] = ()) -> None:
+        """The controller stored ``ids`` and refused ``rejected`` for good (protocol.Stored)."""
+        with self._lock:
+            self._acked.extend(ids)
+            self._refused.extend(rejected)
+
+    def hold(self) -> None:
+        """The controller is offline: send nothing new until :meth:`release`."""
+        with self._lock:
+            self._held = True
+
+    def release(self, resend: bool) -> None:
+        """The controller is online; ``resend``: on a connection this sender has not seen, so
+        everything unacknowledged goes again from the oldest."""
+        with self._lock:
+            self._held = False
+            self._resend |= resend
 
     def reset(self) -> None:
-        """Resend every unconfirmed message on the next pump (safe from any thread)."""
-        self._resend.set()
+        """The link connected again: the clocks of the unacknowledged messages start again."""
+        with self._lock:
+            self._paused = True
 
     def pump(self, window: int) -> int:
-        """Ack what the broker confirmed, then send what fits the window; return acks."""
+        """Delete what the controller acknowledged, then send what fits the window; return the
+        number of messages acknowledged."""
         if window < 1:
             raise ValueError("window must be at least 1")
         with self._lock:
-            held, released, self._release = self._held, self._release, None
-        if released is not None:
-            if released:  # what the broker confirmed went nowhere: all again from the oldest
-                self._limbo.clear()
-                self._in_flight = []
-            else:
-                self._outbox.ack(self._limbo)
-                self._limbo.clear()
-        confirmed: list[int] = []
-        waiting: list[tuple[Entry, PublishHandle]] = []
-        first_broken: int | None = None
-        for entry, handle in self._in_flight:
-            try:
-                done = handle.is_published()
-            except (RuntimeError, ValueError) as exc:
-                # paho: the message was never queued (or not while connected): send it again.
-                log.debug("outbox: resending message %d: %s", entry.id, exc)
-                done = False
-                if first_broken is None:
-                    first_broken = len(waiting)
-            if done:
-                confirmed.append(entry.id)
-            else:
-                waiting.append((entry, handle))
-        if held:
-            self._limbo.extend(confirmed)
-        else:
-            self._outbox.ack(confirmed)
-        self._in_flight = waiting
-        connected = self._connected() and not held
-        if first_broken is not None or self._resend.is_set() or not connected:
-            # Start again from the oldest unconfirmed message the client will not resend by
-            # itself, so the order holds and nothing goes out twice.
-            self._resend.clear()
-            keep = 0
-            for _, handle in waiting:
-                if keep == first_broken or not _client_resends(handle):
-                    break
-                keep += 1
-            self._in_flight = waiting[:keep]
-            if not connected:
-                return len(confirmed)
-        room = window - len(self._in_flight)
-        after = self._in_flight[-1][0].id if self._in_flight else 0
-        if room > 0 and self._outbox.has_after(after):
-            for entry in self._outbox.pending(room, after=after):
+            acked, self._acked = self._acked, []
+            refused, self._refused = self._refused, []
+            held, resend, paused = self._held, self._resend, self._paused
+        done = self._settle(acked, refused)
+        if held or not self._connected():
+            with self._lock:
+                self._paused = True
+            return done
+        now = self._clock()
+        with self._lock:
+            self._resend = self._paused = False
+        if paused:
+            self._sent = {key: (row, now) for key, (row, _) in self._sent.items()}
+        elif self._sent and now - next(iter(self._sent.values()))[1] >= self._timeout:
+            log.info(
+                "outbox: the controller acknowledged none of %d message(s) in %.0f s; "
+                "sending them again",
+                len(self._sent),
+                self._timeout,
+            )
+            self._timeout = min(self._timeout * 2, self._timeouts[1])
+            resend = True
+        if resend:
+            self._sent.clear()
+            self._last_sent = 0
+        room = window - len(self._sent)
+        if room > 0 and self._outbox.has_after(self._last_sent):
+            for entry in self._outbox.pending(room, after=self._last_sent):
+                self._last_sent = entry.id
+                if not entry.key:
+                    log.error("outbox: dropped a message on %s that names no id", entry.topic)
+                    self._outbox.reject([entry.id])
+                    continue
                 try:
-                    handle = self._publish(entry.topic, entry.payload)
+                    self._publish(entry.topic, entry.payload)
                 except ValueError as exc:  # paho: an invalid topic or an oversized payload
                     log.error("outbox: dropped unsendable message on %s: %s", entry.topic, exc)
                     self._outbox.reject([entry.id])
                     continue
-                self._in_flight.append((entry, handle))
-        return len(confirmed)
+                self._sent[entry.key] = (entry.id, now)
+        return done
+
+    def _settle(self, acked: list[str], refused: list[str]) -> int:
+        """Delete acknowledged messages; drop (counted) those the controller refused."""
+        if not acked and not refused:
+            return 0
+        stored = [self._sent.pop(key)[0] for key in acked if key in self._sent]
+        bad = [self._sent.pop(key)[0] for key in refused if key in self._sent]
+        if bad:
+            log.error("outbox: the controller refused %d message(s) for good; dropped", len(bad))
+        self._outbox.ack(stored)
+        self._outbox.reject(bad)
+        if stored or bad:
+            self._timeout = self._timeouts[0]
+        return len(stored) + len(bad)

@@ -77,6 +77,7 @@ class Channel(StrEnum):
     EVENTS = "events"
     TELEMETRY = "telemetry"
     RESULTS = "results"
+    ACK = "ack"
     BLOB_REQ = "blob/req"
     BLOB = "blob"
 
@@ -197,6 +198,10 @@ class Strict(BaseModel):
     """Base of every wire model: unknown fields are errors, so typos never pass silently."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+MessageId = Annotated[str, Field(min_length=1, max_length=64)]
+MAX_ACKED = 1000  # ids one Stored message may name: twice the controller's ingest batch
 
 
 class Envelope(Strict):
@@ -416,6 +421,25 @@ class EventKind(StrEnum):
     PRELOADED = "preloaded"  # a model is verified and staged on disk, not yet active
 
 
+class Stored(Envelope):
+    """Controller -> agent, on the device's ``ack`` topic: these outbox messages are stored.
+
+    The end-to-end acknowledgement. A broker's PUBACK says only that the broker took a message:
+    a broker restarted without persistence, or a controller not yet subscribed, takes it and
+    hands it to nobody. So an agent deletes a telemetry batch or an event from its outbox only
+    when the controller names its envelope ``id`` here, after the database transaction that
+    stored it committed, and sends again what stays unnamed (agent.outbox.OutboxSender). A
+    message stored before is named again (the controller de-duplicates on (session, seq) and
+    event ids), so a resend is always answered. ``rejected`` names messages the controller will
+    never store (malformed, out of bounds): the agent drops them, counted, instead of resending
+    them for ever. Published at QoS 0: a lost acknowledgement costs a resend, not a record.
+    """
+
+    kind: Literal["stored"] = "stored"
+    ids: list[MessageId] = Field(default_factory=list, max_length=MAX_ACKED)
+    rejected: list[MessageId] = Field(default_factory=list, max_length=MAX_ACKED)
+
+
 class Event(Envelope):
     """Agent -> controller: something happened; ``message`` is for people, ``detail`` for code."""
 
@@ -624,6 +648,7 @@ Message = Annotated[
     | Ping
     | InjectFault
     | ControllerState
+    | Stored
     | Reply
     | Event
     | TelemetryBatch

@@ -130,6 +130,7 @@ class Agent:
         self.input_link: MqttLink | None = None
         self.inference_seq = 0
         self._results_topic = p.topic(self.device, p.Channel.RESULTS)
+        self._ack_topic = p.topic(self.device, p.Channel.ACK)
         self._publish_results = config.inference.publish_results
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -157,6 +158,7 @@ class Agent:
             on_message=self._on_message,
             subscriptions=[
                 (p.topic(self.device, p.Channel.CMD), 1),
+                (p.topic(self.device, p.Channel.ACK), 0),
                 (p.blob_subscription(self.device), 1),
                 (p.topic(self.device, p.Channel.STATE), 1),
                 (p.CONTROLLER_TOPIC, 1),
@@ -429,9 +431,21 @@ class Agent:
         if self._transfer is not None:
             self._transfer.download.reset_in_flight()
         if self.sender is not None:
-            self.sender.reset()  # resend what the broker never acknowledged, oldest first
+            self.sender.reset()  # paho resends what the broker had not confirmed
             if self._controller_since is not None:
                 self.sender.hold()  # until the retained ControllerState says it is subscribed
+
+    def _stored(self, payload: bytes) -> None:
+        """The controller stored outbox messages (paho's thread; see protocol.Stored)."""
+        try:
+            stored = p.decode(payload)
+        except p.ProtocolError as exc:
+            log.warning("ignored acknowledgement: %s", exc)
+            return
+        if isinstance(stored, p.Stored) and self.sender is not None:
+            self.sender.stored(stored.ids, stored.rejected)
+            with contextlib.suppress(queue.Full):  # the worker deletes them and sends more
+                self._inbox.put_nowait(WAKE)
 
     def _controller_state(self, payload: bytes) -> None:
         """Follow the controller's presence (paho's thread; see protocol.ControllerState)."""
@@ -448,16 +462,18 @@ class Agent:
             log.info("controller offline: holding telemetry and events on disk")
             self.sender.hold()
             return
-        lapsed = self._controller_since is not None and state.since != self._controller_since
-        if state.since != self._controller_since:
+        # a connection of the controller this agent has not seen: what the broker took before
+        # it subscribed reached nobody, so everything unacknowledged goes again
+        new = state.since != self._controller_since
+        if new:
             self._controller_since = state.since
             self._save_controller_since(state.since)
-        if self.sender.held:
+        if self.sender.held or new:
             log.info(
-                "controller online%s: sending what was held",
-                " again after a lapse; resending what the broker took meanwhile" if lapsed else "",
+                "controller online%s",
+                ": sending again what it has not acknowledged" if new else "",
             )
-        self.sender.release(lapsed)
+        self.sender.release(resend=new)
 
     def _load_controller_since(self) -> datetime | None:
         try:
@@ -482,6 +498,9 @@ class Agent:
         if topic == p.CONTROLLER_TOPIC:
             self._controller_state(payload)
             return
+        if topic == self._ack_topic:
+            self._stored(payload)
+            return
         for sub, handler in self._input_handlers:
             if topic_matches_sub(sub, topic):
                 handler(payload)
@@ -495,7 +514,7 @@ class Agent:
         """Telemetry and events go through the on-disk outbox (they must survive outages and
         restarts); replies, results and chunk requests only matter now and go straight out."""
         if channel in (p.Channel.TELEMETRY, p.Channel.EVENTS):
-            self.outbox.put(p.topic(self.device, channel), p.encode(message))
+            self.outbox.put(p.topic(self.device, channel), p.encode(message), message.id)
             with contextlib.suppress(queue.Full):  # wake the worker: it sends the outbox
                 self._inbox.put_nowait(WAKE)
             return

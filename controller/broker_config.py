@@ -68,7 +68,7 @@ DATA = "data"
 
 # What each device may do with its own topics (``%u`` is its username: its device id).
 DEVICE_WRITES = [p.Channel.REPLY, p.Channel.EVENTS, p.Channel.TELEMETRY, p.Channel.RESULTS]
-DEVICE_READS = [p.Channel.CMD]
+DEVICE_READS = [p.Channel.CMD, p.Channel.ACK]
 # The controller's side of the same contract (controller.daemon's subscriptions, its publishes).
 CONTROLLER_READS = [
     p.Channel.STATE,
@@ -202,7 +202,10 @@ def acl_text(revoked: list[str] | None = None) -> str:
     ]
     lines += [f"pattern write {root}/%u/{c.value}" for c in DEVICE_WRITES]
     lines.append(f"pattern write {root}/%u/{p.Channel.BLOB_REQ.value}")
-    lines += ["", "# controller -> device: commands and model chunks (blob/{sha256}/{index})"]
+    lines += [
+        "",
+        "# controller -> device: commands, what it stored (ack), model chunks (blob/{sha}/{i})",
+    ]
     lines += [f"pattern read {root}/%u/{c.value}" for c in DEVICE_READS]
     lines.append(f"pattern read {root}/%u/blob/+/+")
     lines += [
@@ -222,6 +225,7 @@ def acl_text(revoked: list[str] | None = None) -> str:
     lines += [f"topic read {root}/+/{c.value}" for c in CONTROLLER_READS]
     lines += [
         f"topic write {root}/+/{p.Channel.CMD.value}",
+        f"topic write {root}/+/{p.Channel.ACK.value}",
         f"topic write {root}/+/blob/+/+",
         f"topic write {p.BLOB_ROOT}/+/+",
         f"topic readwrite {p.CONTROLLER_TOPIC}",

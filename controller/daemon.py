@@ -23,7 +23,7 @@ from controller.config import ControllerConfig, load_controller_config
 from controller.db import open_db
 from controller.errors import InvalidRequest
 from controller.home import Home
-from controller.ingest import Ingest
+from controller.ingest import Ingest, stored_messages
 from controller.planning import fallbacks, is_planned, measured, plan
 from controller.reconcile import (
     DeployDecision,
@@ -114,7 +114,7 @@ class Controller:
             # workers left in it, or both would store every record
             self.link.unsubscribe(p.subscription(p.Channel.TELEMETRY))
         self.blobs = BlobServer(self._resolve_blob, self._publish_chunk)
-        self.ingest = Ingest(home.database, on_change=self.reconcile_soon)
+        self.ingest = Ingest(home.database, on_change=self.reconcile_soon, on_stored=self._stored)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._profile_cache: dict[str, DeviceProfile] | None = None
         self._measured: tuple[float, dict[tuple[str, str], Measured]] | None = None
@@ -180,6 +180,11 @@ class Controller:
             ack()
             return
         self.ingest.offer(topic, payload, ack)
+
+    def _stored(self, acks: dict[str, tuple[list[str], list[str]]]) -> None:
+        """Tell agents what ingest stored (protocol.Stored); QoS 0: a lost one costs a resend."""
+        for topic, payload in stored_messages(acks):
+            self.link.publish(topic, payload, qos=0)
 
     def _publish_chunk(self, topic: str, data: bytes) -> None:
         self.link.publish(topic, data, qos=1, retain=True)  # retained: controller.blobs

@@ -13,6 +13,13 @@ refuses for a reason that passes (locked by another writer, disk full, an I/O er
 with backoff, holding its messages, not dropped; the bounded queue then pushes back on the
 broker.
 
+Agents keep a telemetry batch or an event in their outbox until the controller says it is
+stored: after every commit ``on_stored`` gets, per device, the envelope ids of the telemetry
+batches and events the database now holds (new or stored before) and of those it refused for
+good (malformed, or failing on their own), and the controller publishes them as
+``protocol.Stored`` on the device's ack topic. A message that fails inside a batch is written
+again alone, so one device's bad record never costs the batch, nor another device its data.
+
 Births, telemetry and tier_changed events each name the agent's fallback tier; the newest of
 them (by the agent's own timestamps) is kept on the device row as its current tier.
 """
@@ -42,6 +49,23 @@ RETRY_S = (0.5, 30.0)  # first and longest wait before writing a refused batch a
 
 Ack = Callable[[], None]
 Item = tuple[str, bytes, Ack | None]
+Decoded = tuple[str, str, p.Message]  # topic, device, message
+# device -> (ids stored, ids refused for good), after the transaction that stored them
+OnStored = Callable[[dict[str, tuple[list[str], list[str]]]], None]
+
+
+def stored_messages(acks: dict[str, tuple[list[str], list[str]]]) -> list[tuple[str, bytes]]:
+    """The ``protocol.Stored`` messages that tell agents what ingest stored: (topic, payload)
+    per device, each naming at most ``protocol.MAX_ACKED`` ids."""
+    out = []
+    for device, (ids, rejected) in acks.items():
+        topic = p.topic(device, p.Channel.ACK)
+        for start in range(0, max(len(ids), len(rejected)), p.MAX_ACKED):
+            end = start + p.MAX_ACKED
+            out.append(
+                (topic, p.encode(p.Stored(ids=ids[start:end], rejected=rejected[start:end])))
+            )
+    return out
 
 
 def telemetry_rows(device: str, batch: p.TelemetryBatch, received: str) -> list[dict[str, Any]]:
@@ -104,10 +128,12 @@ class Ingest:
         self,
         database: Path,
         on_change: Callable[[], None] = lambda: None,
+        on_stored: OnStored | None = None,
     ) -> None:
         self._database = database
         self._queue: queue.Queue[Item | None] = queue.Queue(maxsize=QUEUE_LIMIT)
         self._on_change = on_change
+        self._on_stored = on_stored
         self._thread = threading.Thread(target=self._run, name="gf-ingest", daemon=True)
         self._stopping = threading.Event()
         self.rejected = 0
@@ -149,8 +175,8 @@ class Ingest:
 
     def _commit(self, db: Any, batch: list[Item]) -> None:
         """Write ``batch``, again and again while SQLite refuses it for a passing reason; then
-        acknowledge its messages."""
-        decoded = self._decode(batch)
+        acknowledge its messages to the broker, and the stored ones to their agents."""
+        decoded, refused = self._decode(batch)
         wait = RETRY_S[0]
         while True:
             try:
@@ -167,29 +193,83 @@ class Ingest:
                 if self._stopping.wait(wait):
                     return
                 wait = min(wait * 2, RETRY_S[1])
-            except Exception:
-                log.exception("ingest batch of %d messages failed; dropped", len(batch))
+            except Exception as exc:  # one message the database or our code cannot take
+                log.warning(
+                    "an ingest batch of %d failed (%r); writing it one by one", len(batch), exc
+                )
+                decoded = self._write_alone(db, decoded, refused)
                 break
         for _topic, _payload, ack in batch:
             if ack is not None:
                 ack()
+        self._tell_agents(decoded, refused)
 
-    def _decode(self, batch: list[Item]) -> list[tuple[str, str, p.Message]]:
+    def _write_alone(
+        self, db: Any, decoded: list[Decoded], refused: dict[str, list[str]]
+    ) -> list[Decoded]:
+        """Write each message in its own transaction; return the stored ones, and add the ids
+        of those that fail to ``refused`` (a database that refuses everything for a passing
+        reason raises, and the batch is retried whole)."""
+        stored = []
+        for item in decoded:
+            try:
+                self._write(db, [item])
+            except sqlite3.OperationalError:
+                raise
+            except Exception as exc:
+                topic, device, message = item
+                self.rejected += 1
+                log.warning(
+                    "rejected %s message %s on %s: %r", message.kind, message.id, topic, exc
+                )
+                refused.setdefault(device, []).append(message.id)
+            else:
+                stored.append(item)
+        return stored
+
+    def _tell_agents(self, decoded: list[Decoded], refused: dict[str, list[str]]) -> None:
+        """Name what is now stored, per device (see protocol.Stored)."""
+        if self._on_stored is None:
+            return
+        acks: dict[str, tuple[list[str], list[str]]] = {
+            device: ([], ids) for device, ids in refused.items()
+        }
+        for _topic, device, message in decoded:
+            if isinstance(message, p.TelemetryBatch | p.Event):
+                acks.setdefault(device, ([], []))[0].append(message.id)
+        acks = {device: pair for device, pair in acks.items() if pair[0] or pair[1]}
+        if acks:
+            try:
+                self._on_stored(acks)
+            except Exception:  # never let a publish problem stop ingest; agents resend
+                log.exception("could not acknowledge stored messages to their agents")
+
+    def _decode(self, batch: list[Item]) -> tuple[list[Decoded], dict[str, list[str]]]:
         """(topic, device, message) for every well-formed message, once per batch however
-        often it is written."""
-        decoded = []
+        often it is written; and per device the ids of malformed messages that name one."""
+        decoded: list[Decoded] = []
+        refused: dict[str, list[str]] = {}
         for topic, payload, _ack in batch:
             try:
                 parsed = p.parse_topic(topic)
-                message = p.decode(payload)
             except p.ProtocolError as exc:
                 self.rejected += 1
                 log.warning("rejected message on %s: %s", topic, exc)
                 continue
+            try:
+                message = p.decode(payload)
+            except p.ProtocolError as exc:
+                self.rejected += 1
+                log.warning("rejected message on %s: %s", topic, exc)
+                if parsed.channel in (p.Channel.TELEMETRY, p.Channel.EVENTS):
+                    named = p.command_id(payload)
+                    if named:
+                        refused.setdefault(parsed.device, []).append(named)
+                continue
             decoded.append((topic, parsed.device, message))
-        return decoded
+        return decoded, refused
 
-    def _write(self, db: Any, decoded: list[tuple[str, str, p.Message]]) -> None:
+    def _write(self, db: Any, decoded: list[Decoded]) -> None:
         now = p.utcnow()
         received = registry.iso(now)
         telemetry: list[dict[str, Any]] = []

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 from agent import protocol as p
 from agent.link import MqttLink
 from controller.home import Home
-from controller.ingest import BATCH, Ingest
+from controller.ingest import BATCH, Ingest, stored_messages
 
 if TYPE_CHECKING:
     from controller.device_commands import Connection
@@ -78,7 +78,7 @@ class IngestWorker:
         self.index = index
         self.retire = retire
         self.last_message = time.monotonic()
-        self.ingest = Ingest(home.database)
+        self.ingest = Ingest(home.database, on_stored=self._stored)
         self.link = MqttLink(
             client_id=client_id(index),
             host=conn.host,
@@ -95,6 +95,11 @@ class IngestWorker:
             receive_maximum=RECEIVE_MAXIMUM,
             max_inflight=16,
         )
+
+    def _stored(self, acks: dict[str, tuple[list[str], list[str]]]) -> None:
+        """Tell agents what this worker stored (protocol.Stored), as the controller does."""
+        for topic, payload in stored_messages(acks):
+            self.link.publish(topic, payload, qos=0)
 
     def _on_message(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
         self.last_message = time.monotonic()

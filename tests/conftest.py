@@ -19,6 +19,7 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent import protocol as p
 from controller.broker import Mosquitto, mosquitto_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,10 +59,16 @@ def unique(prefix: str) -> str:
 
 
 class Probe:
-    """A paho client that records everything on the topics it subscribes to."""
+    """A paho client that records everything on the topics it subscribes to.
 
-    def __init__(self, port: int, *topics: str) -> None:
+    Where it stands in for the controller it also answers like one: every telemetry batch and
+    event it receives is acknowledged on the device's ack topic (protocol.Stored), or agents
+    would keep their outbox window full and send it again (``acks=False`` to watch that).
+    """
+
+    def __init__(self, port: int, *topics: str, acks: bool = True) -> None:
         self.history: list[tuple[str, bytes]] = []
+        self._acks = acks
         self._arrived = threading.Condition()
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=unique("probe")
@@ -88,6 +95,11 @@ class Probe:
         with self._arrived:
             self.history.append((msg.topic, msg.payload))
             self._arrived.notify_all()
+        if self._acks and msg.topic.endswith(("/telemetry", "/events")):
+            with contextlib.suppress(p.ProtocolError, ValueError):
+                device = p.parse_topic(msg.topic).device
+                stored = p.Stored(ids=[p.decode(msg.payload).id])
+                client.publish(p.topic(device, p.Channel.ACK), p.encode(stored), qos=0)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
         self.client.publish(topic, payload, qos=qos).wait_for_publish(5)

@@ -7,16 +7,18 @@ count comes from the line it logs when it stops cleanly (SIGTERM), the user-visi
 site engineer would compare with what ``greenfleet devices show`` and the database say.
 
 The broker is Mosquitto as the tests configure it (no persistence), so a restart forgets every
-session and subscription: the agent and the controller must both come back on their own. Who
-comes back first matters, so each test fixes the order with a proxy instead of leaving it to
-the reconnect backoffs:
+session and subscription, and its PUBACK proves nothing: the agent deletes a record only when
+the controller says it stored it (protocol.Stored) and sends again what it did not. Who comes
+back first matters, so each test fixes the order with a proxy instead of leaving it to the
+reconnect backoffs:
 
 - the controller first (it usually sits next to the broker; gateways are further away): nothing
   may be lost. The agent's proxy is also slow (150 kB/s, a gateway's uplink) so that the 0.7 MB
   model takes seconds to arrive and the first crash lands in the middle of it;
-- the agent first: what it replays before the controller has subscribed again would reach
-  nobody, so the agent holds its outbox until the controller's retained presence
-  (protocol.ControllerState) says it is back, then resends what the broker took meanwhile.
+- the agent first: what it replays before the controller has subscribed again reaches nobody;
+  the agent holds its outbox while the controller's retained presence
+  (protocol.ControllerState) says it is offline, and sends everything unacknowledged again
+  when a new connection of the controller appears.
 """
 
 from __future__ import annotations
@@ -70,6 +72,12 @@ def telemetry(processes: Processes, device: str, session: str | None = None) -> 
         return db.execute(sql + " ORDER BY seq", args).fetchall()
     finally:
         db.close()
+
+
+def caught_up(processes: Processes, device: str, at_least: int) -> bool:
+    """The controller holds seqs 0..N-1 of the agent's session without a gap, N >= at_least."""
+    seqs = [r["seq"] for r in telemetry(processes, device)]
+    return len(seqs) >= at_least and seqs == list(range(len(seqs)))
 
 
 def crash(broker: Mosquitto) -> None:
@@ -151,7 +159,8 @@ def test_broker_crashes_mid_transfer_and_mid_inference_lose_nothing(
                     "the controller to reconnect",
                     logs,
                 )
-                time.sleep(0.5)  # its SUBSCRIBE packets reach the broker
+                # no wait for its SUBSCRIBEs: the agent deletes nothing the controller did not
+                # acknowledge as stored (protocol.Stored), whichever arrives first
                 uplink.heal()
                 return restarted
 
@@ -234,10 +243,16 @@ def test_telemetry_replayed_before_the_controller_is_back_is_not_lost(
             broker = restart(broker)
             before = reconnects(processes, device)
             wait_until(lambda: reconnects(processes, device) > before, 20, "agent back", logs)
-            time.sleep(2.0)  # the agent replays its outbox and goes on reporting
+            time.sleep(2.0)  # the agent reports with nobody to store it (the scenario's point)
+            before_heal = len(telemetry(processes, device))
             controller_link.heal()
             wait_until(lambda: reconnects(processes, "controller") >= 1, 30, "controller", logs)
-            time.sleep(1.0)
+            wait_until(
+                lambda: caught_up(processes, device, at_least=before_heal + 4),
+                30,
+                "the controller to store what the agent held and what came after",
+                logs,
+            )
             _, made, seqs = stop_and_account(processes, agent, device, logs)
         assert seqs == list(range(made)), f"the agent made 0..{made - 1}; the controller has {seqs}"
     finally:

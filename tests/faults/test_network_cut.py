@@ -28,7 +28,6 @@ import pytest
 
 from agent import protocol as p
 from agent.activation import Activation
-from agent.outbox import Outbox, OutboxSender
 from controller.broker import Mosquitto
 from tests.conftest import SAMPLES, Probe, Processes, agent_config, unique
 from tests.faults.proxy import TcpProxy
@@ -201,54 +200,3 @@ def test_a_stalled_network_is_found_by_the_keepalive_and_telemetry_catches_up(
         assert KEEPALIVE_S - 1 <= detected_s <= 2 * KEEPALIVE_S + 3, detected_s
 
         check_catch_up(probe, session, cut_start, cut_end, log)
-
-
-class Held:
-    """A publish handle like the link's for QoS 1: paho keeps the message and resends it."""
-
-    resent_on_reconnect = True
-
-    def __init__(self) -> None:
-        self.published = False
-        self.error: Exception | None = None
-
-    def is_published(self) -> bool:
-        if self.error is not None:
-            raise self.error
-        return self.published
-
-
-def test_the_outbox_leaves_resending_to_the_client_that_holds_the_message(
-    tmp_path: Path,
-) -> None:
-    """The unit behind the stall test: after a reconnect the outbox must not send again what
-    paho resends by itself, or every message of a stalled link goes out twice."""
-    box = Outbox(tmp_path / "outbox.db")
-    box.open()
-    for i in range(5):
-        box.put("t", f"m{i}".encode())
-    sent: list[tuple[bytes, Held]] = []
-    up = [True]
-
-    def publish(topic: str, payload: bytes) -> Held:
-        sent.append((payload, Held()))
-        return sent[-1][1]
-
-    sender = OutboxSender(box, publish, lambda: up[0])
-    sender.pump(window=3)
-    assert [m for m, _ in sent] == [b"m0", b"m1", b"m2"]
-    up[0] = False  # the keepalive found the link dead; paho keeps m0..m2
-    sender.pump(window=3)
-    up[0] = True
-    sender.reset()  # what the agent's on_connected hook calls
-    sender.pump(window=3)
-    assert [m for m, _ in sent] == [b"m0", b"m1", b"m2"], "nothing sent twice"
-    for _, handle in sent:
-        handle.published = True  # paho's resends were acknowledged
-    sender.pump(window=3)
-    assert [m for m, _ in sent] == [b"m0", b"m1", b"m2", b"m3", b"m4"]
-    # a handle that failed (never queued by paho) is resent, from it onwards, in order
-    sent[3][1].error = RuntimeError("not queued")
-    sender.pump(window=3)
-    assert [m for m, _ in sent][5:] == [b"m3", b"m4"]
-    box.close()

@@ -83,3 +83,57 @@ def test_a_malformed_message_is_rejected_and_still_acknowledged(tmp_path: Path) 
     assert sorted(acks) == ["bad", "good"]
     assert sink.rejected == 1
     assert rows(database) == 1
+
+
+def batch_of(device: str, seq: int, **changes: Any) -> tuple[str, bytes, str]:
+    topic, payload = telemetry(seq)
+    batch = p.decode(payload)
+    assert isinstance(batch, p.TelemetryBatch)
+    record = batch.records[0].model_copy(update=changes)
+    batch = batch.model_copy(update={"records": [record], "session": f"s-{device}"})
+    return p.topic(device, p.Channel.TELEMETRY), p.encode(batch), batch.id
+
+
+def test_one_bad_record_is_refused_alone_and_agents_hear_what_was_stored(
+    tmp_path: Path,
+) -> None:
+    """A record that passes the schema but breaks the write (a window of 1e300 s overflows the
+    tier's timestamp) costs only itself: the other devices' records in the same batch are
+    stored, and each agent is told which of its messages are stored and which refused."""
+    database = tmp_path / "greenfleet.db"
+    open_db(database).conn.close()
+    told: list[dict[str, tuple[list[str], list[str]]]] = []
+    sink = Ingest(database, on_stored=told.append)
+    good_a = batch_of("dev-a", 0)
+    bad = batch_of("dev-b", 0, window_s=1e300)
+    good_b = batch_of("dev-b", 1)
+    good_c = batch_of("dev-c", 0)
+    acks: list[str] = []
+    for topic, payload, _id in (good_a, bad, good_b, good_c):
+        sink._queue.put((topic, payload, lambda: acks.append("broker")))  # one batch
+    sink.start()
+    sink.stop()
+    assert len(acks) == 4, "every message acknowledged to the broker: stored or refused"
+    assert rows(database) == 3
+    merged: dict[str, tuple[list[str], list[str]]] = {}
+    for acked in told:
+        for device, (ids, rejected) in acked.items():
+            merged.setdefault(device, ([], []))[0].extend(ids)
+            merged[device][1].extend(rejected)
+    assert merged == {
+        "dev-a": ([good_a[2]], []),
+        "dev-b": ([good_b[2]], [bad[2]]),
+        "dev-c": ([good_c[2]], []),
+    }
+    assert sink.rejected == 1
+
+
+def test_a_malformed_message_that_names_an_id_is_refused_by_that_id(tmp_path: Path) -> None:
+    database = tmp_path / "greenfleet.db"
+    open_db(database).conn.close()
+    told: list[dict[str, tuple[list[str], list[str]]]] = []
+    sink = Ingest(database, on_stored=told.append)
+    sink.start()
+    sink.offer(p.topic("dev-x", p.Channel.EVENTS), b'{"id": "e-1", "kind": "event"}')
+    sink.stop()
+    assert told == [{"dev-x": ([], ["e-1"])}]

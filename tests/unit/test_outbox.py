@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,41 +25,27 @@ class Clock:
         return self.now
 
 
-class Handle:
-    def __init__(self) -> None:
-        self.published = False
-        self.error: Exception | None = None
-
-    def is_published(self) -> bool:
-        if self.error is not None:
-            raise self.error
-        return self.published
-
-
 class FakeLink:
-    """Records what was published; the test decides when the broker confirms."""
+    """Records what was published; the test plays the controller's acknowledgements."""
 
     def __init__(self, up: bool = True) -> None:
         self.up = up
-        self.sent: list[tuple[bytes, Handle]] = []
+        self.sent: list[bytes] = []
 
-    def publish(self, topic: str, payload: bytes) -> Handle:
+    def publish(self, topic: str, payload: bytes) -> None:
         if topic == "bad/#":
             raise ValueError("Publish topic cannot contain wildcards.")
-        handle = Handle()
-        self.sent.append((payload, handle))
-        return handle
+        self.sent.append(payload)
 
     def connected(self) -> bool:
         return self.up
 
     def payloads(self) -> list[bytes]:
-        return [payload for payload, _ in self.sent]
+        return list(self.sent)
 
-    def confirm(self, *payloads: bytes) -> None:
-        for payload, handle in self.sent:
-            if payload in payloads:
-                handle.published = True
+
+def keys(*payloads: bytes) -> list[str]:
+    return [payload.decode() for payload in payloads]
 
 
 def opened(path: Path, **kwargs: object) -> Outbox:
@@ -72,8 +59,9 @@ def msgs(n: int, start: int = 0) -> list[bytes]:
 
 
 def fill(box: Outbox, payloads: list[bytes]) -> None:
+    """Each message keyed by its payload (the agent keys by the envelope id)."""
     for payload in payloads:
-        box.put("gf/v1/d/telemetry", payload)
+        box.put("gf/v1/d/telemetry", payload, payload.decode())
 
 
 def test_messages_survive_a_restart_in_order(tmp_path: Path) -> None:
@@ -136,7 +124,9 @@ def test_sender_sends_nothing_while_disconnected(tmp_path: Path) -> None:
     box.close()
 
 
-def test_sender_keeps_at_most_window_in_flight_and_acks_confirmed(tmp_path: Path) -> None:
+def test_sender_keeps_at_most_window_unacknowledged_and_deletes_what_is_stored(
+    tmp_path: Path,
+) -> None:
     box = opened(tmp_path / "outbox.db")
     fill(box, msgs(10))
     link = FakeLink()
@@ -145,59 +135,122 @@ def test_sender_keeps_at_most_window_in_flight_and_acks_confirmed(tmp_path: Path
     assert link.payloads() == msgs(4)
     sender.pump(window=4)
     assert link.payloads() == msgs(4), "window is full: nothing more is sent"
-    link.confirm(b"m0", b"m2")  # PUBACKs may come in any order
+    sender.stored(keys(b"m0", b"m2"))  # acknowledgements may come in any order
     assert sender.pump(window=4) == 2
     assert link.payloads() == msgs(6)
     assert sender.in_flight == 4
     assert [e.payload for e in box.pending(100)] == [b"m1", *msgs(7, start=3)]
-    link.confirm(*msgs(10))
     while box.stats()["pending"]:
+        sender.stored(keys(*msgs(10)))
         sender.pump(window=4)
-        link.confirm(*msgs(10))
-    assert link.payloads() == msgs(10)
+    assert link.payloads() == msgs(10), "each sent once"
     box.close()
 
 
-def test_unconfirmed_messages_are_resent_in_order_after_a_reconnect(tmp_path: Path) -> None:
-    box = opened(tmp_path / "outbox.db")
-    fill(box, msgs(6))
-    link = FakeLink()
-    sender = OutboxSender(box, link.publish, link.connected)
-    sender.pump(window=4)
-    link.confirm(b"m0", b"m2")
-    link.up = False
-    assert sender.pump(window=4) == 2, "confirmations that arrived are still acked"
-    assert len(link.sent) == 4
-    link.up = True
-    link.sent.clear()
-    sender.pump(window=4)
-    assert link.payloads() == [b"m1", b"m3", b"m4", b"m5"]
-    box.close()
-
-
-def test_reset_resends_after_a_reconnect_the_pump_did_not_see(tmp_path: Path) -> None:
+def test_a_broker_confirmation_deletes_nothing_only_the_controller_does(tmp_path: Path) -> None:
+    """A PUBACK is not proof of storage: the sender waits for the controller, then sends
+    everything unacknowledged again, oldest first, with a growing wait."""
     box = opened(tmp_path / "outbox.db")
     fill(box, msgs(5))
     link = FakeLink()
-    sender = OutboxSender(box, link.publish, link.connected)
+    clock = Clock(0.0)
+    sender = OutboxSender(box, link.publish, link.connected, ack_timeout_s=(10, 25), clock=clock)
     sender.pump(window=3)
-    sender.reset()  # what the link's on_connected hook calls
-    link.sent.clear()
+    clock.now = 9.9
     sender.pump(window=3)
     assert link.payloads() == msgs(3)
-    link.sent[1][1].error = RuntimeError("Message publish failed: The client is not connected.")
-    link.confirm(b"m0")
-    link.sent.clear()
+    clock.now = 10.0
+    sender.pump(window=3)
+    assert link.payloads() == msgs(3) + msgs(3), "no acknowledgement in 10 s: all again"
+    clock.now = 29.9
+    sender.pump(window=3)
+    assert len(link.sent) == 6, "the second wait is twice the first"
+    clock.now = 30.0
+    sender.pump(window=3)
+    assert len(link.sent) == 9
+    clock.now = 55.0
+    sender.pump(window=3)
+    assert len(link.sent) == 12, "the wait stops growing at the longest"
+    sender.stored(keys(b"m0"))
     assert sender.pump(window=3) == 1
-    assert link.payloads() == msgs(3, start=1), "a failed handle resends from the oldest unacked"
+    assert link.payloads()[12:] == [b"m3"]
+    assert box.stats()["pending"] == 4
+    clock.now = 64.9
+    sender.pump(window=3)
+    assert len(link.sent) == 13, "an acknowledgement brings the first wait back"
+    clock.now = 65.0
+    sender.pump(window=3)
+    assert link.payloads()[13:] == msgs(3, start=1)
+    box.close()
+
+
+def test_a_reconnect_restarts_the_clock_and_resends_nothing_itself(tmp_path: Path) -> None:
+    """After a reconnect the MQTT client resends what the broker had not confirmed; sending it
+    here too would put every message of a stalled link on the wire twice."""
+    box = opened(tmp_path / "outbox.db")
+    fill(box, msgs(5))
+    link = FakeLink()
+    clock = Clock(0.0)
+    sender = OutboxSender(box, link.publish, link.connected, clock=clock)
+    sender.pump(window=3)
+    link.up = False
+    clock.now = 60.0  # no clock runs while the link is down
+    sender.pump(window=3)
+    link.up = True
+    sender.reset()  # what the agent's on_connected hook calls
+    sender.pump(window=3)
+    assert link.payloads() == msgs(3), "nothing sent twice"
+    sender.stored(keys(*msgs(3)))
+    sender.pump(window=3)
+    assert link.payloads() == msgs(5)
+    box.close()
+
+
+def test_what_the_controller_refuses_for_good_is_dropped_and_counted(tmp_path: Path) -> None:
+    box = opened(tmp_path / "outbox.db")
+    fill(box, msgs(3))
+    link = FakeLink()
+    sender = OutboxSender(box, link.publish, link.connected)
+    sender.pump(window=8)
+    sender.stored(keys(b"m0", b"m2"), rejected=keys(b"m1"))
+    assert sender.pump(window=8) == 3
+    assert box.stats()["pending"] == 0
+    assert box.stats()["dropped_rejected"] == 1
+    box.close()
+
+
+def test_an_outbox_file_of_schema_1_is_keyed_by_its_payloads(tmp_path: Path) -> None:
+    """An agent upgraded with messages waiting: they are acknowledged by their JSON ids."""
+    path = tmp_path / "outbox.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
+        "payload BLOB NOT NULL, created REAL NOT NULL, size INTEGER NOT NULL);"
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+        "PRAGMA user_version=1;"
+    )
+    db.execute(
+        "INSERT INTO messages (topic, payload, created, size) VALUES (?, ?, ?, ?)",
+        ("t", b'{"id": "old-1", "kind": "event"}', time.time(), 10),
+    )
+    db.commit()
+    db.close()
+    box = opened(path)
+    link = FakeLink()
+    sender = OutboxSender(box, link.publish, link.connected)
+    sender.pump(window=8)
+    assert link.payloads() == [b'{"id": "old-1", "kind": "event"}']
+    sender.stored(["old-1"])
+    assert sender.pump(window=8) == 1
+    assert box.stats()["pending"] == 0
     box.close()
 
 
 def test_a_message_the_client_refuses_is_dropped_and_counted(tmp_path: Path) -> None:
     box = opened(tmp_path / "outbox.db")
-    box.put("t", b"m0")
-    box.put("bad/#", b"never")
-    box.put("t", b"m1")
+    box.put("t", b"m0", "m0")
+    box.put("bad/#", b"never", "never")
+    box.put("t", b"m1", "m1")
     link = FakeLink()
     sender = OutboxSender(box, link.publish, link.connected)
     sender.pump(window=8)
@@ -217,8 +270,7 @@ def test_put_from_one_thread_while_another_sends_loses_and_reorders_nothing(
     producer.start()
     while producer.is_alive() or box.stats()["pending"]:
         sender.pump(window=16)
-        for _, handle in link.sent:
-            handle.published = True
+        sender.stored(keys(*link.sent))
     producer.join()
     assert link.payloads() == payloads
     box.close()
@@ -354,26 +406,26 @@ def test_corruption_found_while_running_sets_the_file_aside_and_keeps_going(
     box.close()
 
 
-@pytest.mark.parametrize("lapsed", [False, True], ids=["subscription-kept", "subscription-lapsed"])
-def test_held_for_the_controller_then_released(tmp_path: Path, lapsed: bool) -> None:
-    """While the controller may not be subscribed nothing new goes out, and what the broker
-    confirms stays in the outbox until the release says whether it reached the controller."""
+@pytest.mark.parametrize("resend", [False, True], ids=["same-connection", "new-connection"])
+def test_held_for_the_controller_then_released(tmp_path: Path, resend: bool) -> None:
+    """While the controller is offline nothing new goes out; when it is back on a connection
+    the sender has not seen, everything unacknowledged goes again from the oldest."""
     box = opened(tmp_path / "outbox.db")
     fill(box, msgs(5))
     link = FakeLink()
-    sender = OutboxSender(box, link.publish, link.connected)
-    sender.pump(window=2)  # m0, m1 in flight
+    clock = Clock(0.0)
+    sender = OutboxSender(box, link.publish, link.connected, clock=clock)
+    sender.pump(window=2)  # m0, m1 sent
     sender.hold()
-    link.confirm(b"m0", b"m1")  # e.g. paho's own resend, confirmed by a restarted broker
-    assert sender.pump(window=2) == 2
+    clock.now = 600.0  # no clock runs while held
+    sender.pump(window=2)
     assert link.payloads() == msgs(2), "nothing new is sent while held"
-    assert box.stats()["pending"] == 5, "confirmed while held: kept until the release"
     link.sent.clear()
-    sender.release(lapsed)
+    sender.release(resend)
     sender.pump(window=5)
-    if lapsed:
-        assert link.payloads() == msgs(5), "the broker's confirmations went nowhere: all again"
+    if resend:
+        assert link.payloads() == msgs(5), "the broker took them for nobody: all again"
     else:
         assert link.payloads() == msgs(3, start=2)
-        assert box.stats()["pending"] == 3
+    assert box.stats()["pending"] == 5, "nothing is deleted without the controller"
     box.close()

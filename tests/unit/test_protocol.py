@@ -87,6 +87,7 @@ EXAMPLES: dict[str, BaseModel] = {
     ),
     "blob_request": p.BlobRequest(id="m7", ts=TS, sha256=SHA, first=8, count=8, chunk_size=262144),
     "controller_state": p.ControllerState(id="m9", ts=TS, online=True, session="c1", since=TS),
+    "stored": p.Stored(id="m10", ts=TS, ids=["m4", "m5"], rejected=["m11"]),
     "reading": p.SensorReading(id="m8", ts=TS, values=[0.1, -0.2, 0.3], sample_rate_hz=12800.0),
 }
 
