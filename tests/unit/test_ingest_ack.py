@@ -86,7 +86,7 @@ def test_a_malformed_message_is_rejected_and_still_acknowledged(tmp_path: Path) 
 
 
 def batch_of(device: str, seq: int, **changes: Any) -> tuple[str, bytes, str]:
-    topic, payload = telemetry(seq)
+    _topic, payload = telemetry(seq)
     batch = p.decode(payload)
     assert isinstance(batch, p.TelemetryBatch)
     record = batch.records[0].model_copy(update=changes)
