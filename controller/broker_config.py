@@ -173,6 +173,22 @@ def default_settings(home: Home) -> BrokerSettings:
     return BrokerSettings(out_dir=home.broker_dir)
 
 
+# Every listener replaces the client id a client asks for with its login (username, or a
+# certificate's CN): a device that connects as ``gf-controller``, or as another device, gets a
+# session of its own and knocks nobody off. So every process that connects at the same time
+# needs a login of its own: the ingest workers have theirs (ingest_worker_user).
+CLIENT_ID_IS_LOGIN = [
+    "# The client id is the login: no client can take over another's session (or kick it).",
+    "use_username_as_clientid true",
+]
+MAX_INGEST_WORKERS = 16  # logins gf-ingest-0 .. gf-ingest-15 (controller run --ingest-workers)
+
+
+def ingest_worker_user(index: int) -> str:
+    """The login of ingest worker ``index``: the controller's password, its own name."""
+    return f"gf-ingest-{index}"
+
+
 # ------------------------------------------------------------------------------ file text
 
 
@@ -230,12 +246,31 @@ def acl_text(revoked: list[str] | None = None) -> str:
         f"topic write {p.BLOB_ROOT}/+/+",
         f"topic readwrite {p.CONTROLLER_TOPIC}",
     ]
+    for index in range(MAX_INGEST_WORKERS):
+        lines += [
+            "",
+            f"# ingest worker {index}: stores telemetry, tells agents what it stored"
+            if index == 0
+            else f"# ingest worker {index}",
+            f"user {ingest_worker_user(index)}",
+            f"topic read {root}/+/{p.Channel.TELEMETRY.value}",
+            f"topic write {root}/+/{p.Channel.ACK.value}",
+        ]
     if revoked:
         lines += ["", "# revoked devices: denied everything (a `deny` wins over every pattern)"]
         for device in revoked:
             lines += [f"user {device}", "topic deny #"]
     lines.append("")
     return "\n".join(lines)
+
+
+def with_worker_logins(entries: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The password entries plus one login per ingest worker, each with the controller's
+    password hash (a worker runs with the controller's credentials, under its own name)."""
+    hashed = dict(entries).get(CONTROLLER_USER)
+    if hashed is None:
+        return entries
+    return entries + [(ingest_worker_user(i), hashed) for i in range(MAX_INGEST_WORKERS)]
 
 
 def passwd_text(entries: list[tuple[str, str]]) -> str:
@@ -283,6 +318,7 @@ def conf_text(settings: BrokerSettings, files: BrokerFiles) -> str:
         f"certfile {files.server_cert}",
         f"keyfile {files.server_key}",
         "require_certificate false",
+        *CLIENT_ID_IS_LOGIN,
     ]
     if settings.cert_port is not None:
         lines += [
@@ -297,6 +333,7 @@ def conf_text(settings: BrokerSettings, files: BrokerFiles) -> str:
             f"crlfile {files.crl}",
             "require_certificate true",
             "use_identity_as_username true",
+            *CLIENT_ID_IS_LOGIN,
         ]
     if settings.plain_port is not None:
         lines += [
@@ -304,6 +341,7 @@ def conf_text(settings: BrokerSettings, files: BrokerFiles) -> str:
             "# 3. Plain TCP for local tools on the broker host; still needs a password.",
             f"listener {settings.plain_port} {settings.plain_bind}",
             "protocol mqtt",
+            *CLIENT_ID_IS_LOGIN,
         ]
     return "\n".join(lines) + "\n"
 
@@ -395,7 +433,7 @@ def write_broker_files(
         (files.server_cert, server_cert, public),
         (files.server_key, server_key, 0o600),
         (files.crl, fleet_crl(db, ca), public),
-        (files.passwd, passwd_text(password_entries(db)), 0o600),
+        (files.passwd, passwd_text(with_worker_logins(password_entries(db))), 0o600),
         (files.acl, acl_text(revoked_devices(db)), public),
         (files.conf, conf_text(settings, files), public),
     ):

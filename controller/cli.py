@@ -215,11 +215,14 @@ def _connection_args(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_controller_run(args: argparse.Namespace) -> int:
+    from controller.broker_config import MAX_INGEST_WORKERS
     from controller.daemon import Controller
     from controller.ingest_workers import WorkerPool, worker_command
 
-    if args.ingest_workers < 0:
-        raise InvalidRequest("--ingest-workers must be 0 (the controller ingests) or more")
+    if not 0 <= args.ingest_workers <= MAX_INGEST_WORKERS:
+        raise InvalidRequest(
+            f"--ingest-workers must be 0 (the controller ingests) to {MAX_INGEST_WORKERS}"
+        )
     conn = _connection(args)
     try:
         controller = Controller(

@@ -41,7 +41,9 @@ from typing import TYPE_CHECKING
 
 from agent import protocol as p
 from agent.link import MqttLink
+from controller.broker_config import ingest_worker_user
 from controller.home import Home
+from controller.identity import CONTROLLER_USER
 from controller.ingest import BATCH, Ingest, stored_messages
 
 if TYPE_CHECKING:
@@ -83,7 +85,11 @@ class IngestWorker:
             client_id=client_id(index),
             host=conn.host,
             port=conn.port,
-            username=conn.username,
+            # under the broker config's use_username_as_clientid the login is the client id, so
+            # each worker logs in under a name of its own with the controller's password
+            username=ingest_worker_user(index)
+            if conn.username == CONTROLLER_USER
+            else conn.username,
             password=conn.password,
             tls=conn.tls,
             allow_plaintext=conn.allow_plaintext,

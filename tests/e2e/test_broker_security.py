@@ -108,6 +108,7 @@ class Client:
         tls: bool = True,
         protocol: int = mqtt.MQTTv311,
         host: str = "127.0.0.1",
+        client_id: str | None = None,
     ) -> None:
         self.messages: list[tuple[str, bytes]] = []
         self.connacks: list[ReasonCode] = []
@@ -117,7 +118,7 @@ class Client:
         self._cond = threading.Condition()
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"t-{username}-{uuid.uuid4().hex[:6]}",
+            client_id=client_id or f"t-{username}-{uuid.uuid4().hex[:6]}",
             protocol=protocol,  # type: ignore[arg-type]
         )
         if tls:
@@ -484,6 +485,54 @@ def test_the_controller_daemon_logs_in_with_the_home_credentials(
         )
     finally:
         daemon.stop()
+
+
+def test_a_device_that_takes_anothers_client_id_knocks_nobody_off(
+    site: Site, clients: Callable[..., Client]
+) -> None:
+    """Issue 15 (3): dev-a, with its own valid login, connects again and again under the
+    controller's client id and under dev-b's. The broker makes every client id the login
+    (use_username_as_clientid), so the controller and dev-b keep their connections and go on
+    exchanging messages."""
+    creds = load_controller_credentials(site.home.controller_credentials)
+    assert creds is not None
+    ctl = clients(site, creds.username, creds.password, client_id="gf-controller").connected()
+    ctl.subscribe(p.subscription(p.Channel.TELEMETRY))
+    b = clients(site, "dev-b", password_of(site, "dev-b"), client_id="gf-agent-dev-b").connected()
+    b.subscribe(p.topic("dev-b", p.Channel.CMD))
+    for stolen in ("gf-controller", "gf-agent-dev-b", "dev-b", "gf-ingest-0") * 3:
+        clients(site, "dev-a", password_of(site, "dev-a"), client_id=stolen).connected()
+    # after the last attacker's CONNACK: the broker has already dropped whom it would drop
+    command, report = marker(), marker()
+    assert ctl.publish(p.topic("dev-b", p.Channel.CMD), command) == 0
+    b.received(p.topic("dev-b", p.Channel.CMD), command)
+    assert b.publish(p.topic("dev-b", p.Channel.TELEMETRY), report) == 0
+    ctl.received(p.topic("dev-b", p.Channel.TELEMETRY), report)
+    assert not ctl.disconnected.is_set(), "the controller was knocked off the broker"
+    assert not b.disconnected.is_set(), "dev-b was knocked off the broker"
+    assert len(ctl.connacks) == 1 and len(b.connacks) == 1, "nobody had to reconnect"
+
+
+def test_ingest_workers_log_in_under_names_of_their_own_beside_the_controller(
+    site: Site, clients: Callable[..., Client]
+) -> None:
+    """With the client id bound to the login, each ingest worker needs a login of its own: it
+    has the controller's password, stores telemetry from the shared subscription and tells the
+    device what it stored on the device's ack topic, while the controller stays connected."""
+    creds = load_controller_credentials(site.home.controller_credentials)
+    assert creds is not None
+    ctl = clients(site, creds.username, creds.password, protocol=mqtt.MQTTv5).connected()
+    worker = clients(site, "gf-ingest-0", creds.password, protocol=mqtt.MQTTv5).connected()
+    assert worker.subscribe("$share/gf-ingest/" + p.subscription(p.Channel.TELEMETRY))[0] < 128
+    a = clients(site, "dev-a", password_of(site, "dev-a")).connected()
+    a.subscribe(p.topic("dev-a", p.Channel.ACK))
+    report, ack = marker(), marker()
+    assert a.publish(p.topic("dev-a", p.Channel.TELEMETRY), report) == 0
+    worker.received(p.topic("dev-a", p.Channel.TELEMETRY), report)
+    assert worker.publish(p.topic("dev-a", p.Channel.ACK), ack) == 0
+    a.received(p.topic("dev-a", p.Channel.ACK), ack)
+    assert worker.publish(p.topic("dev-a", p.Channel.CMD), marker()) == NOT_AUTHORIZED
+    assert not ctl.disconnected.is_set() and not worker.disconnected.is_set()
 
 
 FLOOD = 20_000

@@ -168,7 +168,14 @@ def test_conf_has_tls_listeners_no_anonymous_and_persistence(tmp_path: Path) -> 
     assert cert["require_certificate"] == "true"
     assert cert["use_identity_as_username"] == "true"
     assert cert["crlfile"] == str(files.crl) and cert["cafile"] == str(files.ca)
-    assert plain == {"port": "1883", "bind": "127.0.0.1", "protocol": "mqtt"}
+    assert plain == {
+        "port": "1883",
+        "bind": "127.0.0.1",
+        "protocol": "mqtt",
+        "use_username_as_clientid": "true",
+    }
+    # every listener: the client id is the login, so no client can take another's session
+    assert all(entry["use_username_as_clientid"] == "true" for entry in listeners)
 
 
 def test_plain_tcp_off_loopback_needs_allow_plaintext(tmp_path: Path) -> None:
@@ -204,17 +211,22 @@ def test_files_are_regenerated_from_the_database(home: Home) -> None:
     files = bc.write_broker_files(db, home, settings)
     for path in (files.server_key, files.passwd, home.pki / "ca.key", home.controller_credentials):
         assert mode(path) == 0o600, path
+    workers = [f"gf-ingest-{i}" for i in range(bc.MAX_INGEST_WORKERS)]
     assert [line.split(":")[0] for line in files.passwd.read_text().splitlines()] == [
-        "gf-controller"
+        "gf-controller",
+        *workers,
     ]
+    hashes = {line.split(":", 1)[1] for line in files.passwd.read_text().splitlines()}
+    assert len(hashes) == 1, "each ingest worker logs in with the controller's password"
     first = {path.name: path.read_text() for path in files.dir.iterdir() if path.is_file()}
     added = device_commands.add_device(home, "press-1", device_class="rpi5", db=db)
     assert added.reload is not None and not added.reload.signalled  # no broker running
     users = [line.split(":")[0] for line in files.passwd.read_text().splitlines()]
-    assert users == ["gf-controller", "press-1"]
+    assert users == ["gf-controller", "press-1", *workers]
     device_commands.revoke_device(home, "press-1", db=db)
     assert [line.split(":")[0] for line in files.passwd.read_text().splitlines()] == [
-        "gf-controller"
+        "gf-controller",
+        *workers,
     ]
     assert "user press-1\ntopic deny #" in files.acl.read_text()
     # idempotent: writing again changes nothing but the ACL's revoked section
