@@ -291,6 +291,22 @@ def test_matmul_weight_from_a_constant_node_is_quantized_or_refused_cleanly(
         assert relative_error(variant, ctx) <= QUANT_TOLERANCE
 
 
+@pytest.mark.parametrize("builder", [DynamicInt8Builder(), StaticInt8Builder()])
+def test_int8_weights_are_7_bit_so_avx2_without_vnni_cannot_saturate(
+    builder: DynamicInt8Builder | StaticInt8Builder, tmp_path: Path
+) -> None:
+    # uint8 x int8 pairs summed into int16 (VPMADDUBSW) fit only if |weight| <= 64: 2*255*64.
+    ctx = cnn_context(tmp_path)
+    for variant in builder.build(ctx):
+        assert variant.path is not None and variant.details["reduce_range"] is True
+        weights = [
+            numpy_helper.to_array(init)
+            for init in onnx.load(str(variant.path)).graph.initializer
+            if init.data_type == TensorProto.INT8 and not init.name.endswith("zero_point")
+        ]
+        assert weights and all(np.abs(w.astype(np.int16)).max() <= 64 for w in weights)
+
+
 # ---------------------------------------------------------------------------------- int8 static
 
 
