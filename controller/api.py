@@ -238,6 +238,8 @@ class Device(_Open):
     device_class: str | None = None
     labels: dict[str, str] = Field(default_factory=dict, description="site, line, ...")
     online: bool
+    revoked: bool = Field(False, description="revoked: never online again unless re-enrolled")
+    revoked_at: str | None = None
     agent_version: str | None = None
     runtimes: list[str] = Field(default_factory=list)
     active_model: str | None = Field(None, description="NAME:VERSION+VARIANT now running")

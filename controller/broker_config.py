@@ -71,7 +71,6 @@ DEVICE_WRITES = [p.Channel.REPLY, p.Channel.EVENTS, p.Channel.TELEMETRY, p.Chann
 DEVICE_READS = [p.Channel.CMD, p.Channel.ACK]
 # The controller's side of the same contract (controller.daemon's subscriptions, its publishes).
 CONTROLLER_READS = [
-    p.Channel.STATE,
     p.Channel.REPLY,
     p.Channel.EVENTS,
     p.Channel.TELEMETRY,
@@ -239,6 +238,11 @@ def acl_text(revoked: list[str] | None = None) -> str:
         f"user {CONTROLLER_USER}",
     ]
     lines += [f"topic read {root}/+/{c.value}" for c in CONTROLLER_READS]
+    lines += [
+        "# state: written too, to delete the retained birth of a revoked device (whose last",
+        "# will the deny below blocks)",
+        f"topic readwrite {root}/+/{p.Channel.STATE.value}",
+    ]
     lines += [
         f"topic write {root}/+/{p.Channel.CMD.value}",
         f"topic write {root}/+/{p.Channel.ACK.value}",

@@ -181,6 +181,15 @@ class Controller:
             return
         self.ingest.offer(topic, payload, ack)
 
+    def _clear_revoked_states(self, db: Any) -> None:
+        """Delete the retained birth of every revoked device from the broker (an empty retained
+        message): its last will never comes (the ACL denies it everything), and a retained
+        birth would show it online to every reader and to this controller after a restart."""
+        for device in registry.states_to_clear(db):
+            self.link.publish(p.topic(device, p.Channel.STATE), b"", qos=1, retain=True)
+            registry.state_cleared(db, device)
+            log.info("revoked device %s: deleted its retained state from the broker", device)
+
     def _stored(self, acks: dict[str, tuple[list[str], list[str]]]) -> None:
         """Tell agents what ingest stored (protocol.Stored); QoS 0: a lost one costs a resend."""
         for topic, payload in stored_messages(acks):
@@ -401,6 +410,7 @@ class Controller:
             return 0
         with self._reconcile_lock:
             db = self._db
+            self._clear_revoked_states(db)
             formats = {m.id: m.format.value for m in self._catalog.all()}
             now = p.utcnow()
             rows = {r["id"]: r for r in registry.devices(db)}

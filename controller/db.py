@@ -336,6 +336,16 @@ def _m8_telemetry_rollups(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m9_revoked(db: sqlite_utils.Database) -> None:
+    """Revoked devices (issue 15): ``revoked`` takes a device out of plans, rollouts and live
+    figures at once; ``clear_state`` asks the controller to delete its retained birth, which
+    the broker keeps because the ACL's ``deny #`` also blocks the device's last will."""
+    devices = db.table("devices")
+    devices.add_column("revoked", int, not_null_default=0)
+    devices.add_column("revoked_at", str)
+    devices.add_column("clear_state", int, not_null_default=0)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m1_initial,
     _m2_variants,
@@ -345,6 +355,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m6_rollouts,
     _m7_identities,
     _m8_telemetry_rollups,
+    _m9_revoked,
 ]
 
 

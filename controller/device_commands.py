@@ -29,7 +29,7 @@ from rich.table import Table
 from agent.config import TlsConfig
 from agent.enrollment import Bundle, BundleBroker
 from controller import broker_config as bc
-from controller import identity
+from controller import identity, registry
 from controller.db import open_db
 from controller.errors import InvalidRequest
 from controller.home import Home
@@ -181,6 +181,7 @@ def add_device(
     creds = identity.enroll(
         db, ca, device, device_class=device_class, labels=all_labels, auth=auth, reissue=reissue
     )
+    registry.mark_enrolled(db, device)  # enrolled again after a revoke: back once it connects
     bundle = Bundle(
         device_id=device,
         device_class=device_class,
@@ -237,6 +238,8 @@ def revoke_device(
     """Revoke ``device``: password dropped, certificates in the CRL, broker files + reload."""
     db = db if db is not None else open_db(home.database)
     row = identity.revoke(db, device, reason=reason)
+    # offline and out of plans and rollouts at once; the controller deletes its retained birth
+    registry.mark_revoked(db, device, reason, identity.utc_now())
     serials = [
         serial
         for (serial,) in db.execute(

@@ -250,6 +250,8 @@ class Ingest:
         decoded: list[Decoded] = []
         refused: dict[str, list[str]] = {}
         for topic, payload, _ack in batch:
+            if not payload and topic.endswith("/state"):
+                continue  # a retained birth deleted (a revoked device's, by the controller)
             try:
                 parsed = p.parse_topic(topic)
             except p.ProtocolError as exc:
@@ -282,7 +284,8 @@ class Ingest:
             for topic, device, message in decoded:
                 seen.add(device)
                 if isinstance(message, p.Birth):
-                    registry.apply_birth(db, device, message, now)
+                    if not registry.apply_birth(db, device, message, now):
+                        seen.discard(device)  # revoked: the controller deletes the birth
                     changed = True
                 elif isinstance(message, p.Death):
                     seen.discard(device)

@@ -196,9 +196,12 @@ def _rollout_families(db: sqlite_utils.Database) -> list[Metric]:
 
 def fleet_metrics(db: sqlite_utils.Database) -> list[Metric]:
     """Every greenfleet metric family, as of now."""
+    rows = registry.devices(db, revoked=True)
+    revoked = {r["id"] for r in rows if r.get("revoked")}
+    latest = {k: v for k, v in views.latest_telemetry(db).items() if k not in revoked}
     return [
-        *_device_families(registry.devices(db)),
-        *_telemetry_families(db, views.latest_telemetry(db)),
+        *_device_families(rows),  # a revoked device: up 0, no live figures
+        *_telemetry_families(db, latest),
         *_rollout_families(db),
     ]
 

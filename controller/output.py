@@ -78,7 +78,9 @@ def fleet_table(rows: list[dict[str, Any]], title: str = "fleet") -> Table:
             r["id"],
             r["device_class"],
             ",".join(f"{k}={v}" for k, v in r["labels"].items()),
-            "[green]online[/]" if r["online"] else "[red]offline[/]",
+            "[magenta]revoked[/]"
+            if r.get("revoked")
+            else ("[green]online[/]" if r["online"] else "[red]offline[/]"),
             r["active_model"] or "-",
             tier_text(r.get("tier")),
             (r["desired_model"] or "-") + (" [yellow](pinned)[/]" if r.get("pinned") else ""),

@@ -28,9 +28,14 @@ def iso_utc(ts: datetime) -> str:
     return iso(as_utc(ts))
 
 
-def apply_birth(db: sqlite_utils.Database, device: str, birth: Birth, now: datetime) -> None:
-    """A device came online: record its facts and what it runs."""
+def apply_birth(db: sqlite_utils.Database, device: str, birth: Birth, now: datetime) -> bool:
+    """A device came online: record its facts and what it runs. A birth of a revoked device
+    (retained on the broker from before the revoke) changes nothing but asks the controller to
+    delete it from the broker; returns whether the birth was applied."""
     existing = list(db.table("devices").rows_where("id = ?", [device]))
+    if existing and existing[0].get("revoked"):
+        db.execute("UPDATE devices SET clear_state = 1 WHERE id = ?", [device])
+        return False
     row: dict[str, Any] = {
         "id": device,
         "device_class": birth.device_class,
@@ -55,6 +60,59 @@ def apply_birth(db: sqlite_utils.Database, device: str, birth: Birth, now: datet
         row["state_changed"] = iso(now)
     db.table("devices").upsert(row, pk="id")
     note_tier(db, device, birth.tier.value, birth.ts)
+    return True
+
+
+def mark_revoked(db: sqlite_utils.Database, device: str, reason: str, now: datetime) -> bool:
+    """Record a revoke on the device row (if the device ever connected): offline at once, out
+    of plans and rollouts, its retained birth to be deleted from the broker, and an event.
+    Returns whether there was a row."""
+    if not list(db.table("devices").rows_where("id = ?", [device])):
+        return False
+    stamp = iso(now)
+    with nullcontext() if db.conn.in_transaction else db.conn:
+        db.table("devices").update(
+            device,
+            {
+                "online": 0,
+                "revoked": 1,
+                "revoked_at": stamp,
+                "clear_state": 1,
+                "state_changed": stamp,
+                "desired_model": None,
+            },
+        )
+        db.table("events").insert(
+            {
+                "id": new_id(),
+                "device": device,
+                "ts": stamp,
+                "session": "controller",
+                "event": "device_revoked",
+                "message": f"revoked ({reason}): offline, out of plans and rollouts",
+                "detail": json.dumps({"reason": reason, "cause": "revoke"}),
+            },
+            pk="id",
+        )
+    return True
+
+
+def mark_enrolled(db: sqlite_utils.Database, device: str) -> None:
+    """A revoked device enrolled again: it counts once its agent connects (its birth)."""
+    db.execute("UPDATE devices SET revoked = 0, revoked_at = NULL WHERE id = ?", [device])
+
+
+def states_to_clear(db: sqlite_utils.Database) -> list[str]:
+    """Revoked devices whose retained birth may still be on the broker."""
+    return [
+        row[0]
+        for row in db.execute("SELECT id FROM devices WHERE clear_state = 1 ORDER BY id").fetchall()
+    ]
+
+
+def state_cleared(db: sqlite_utils.Database, device: str) -> None:
+    with db.conn:
+        db.execute("UPDATE devices SET clear_state = 0 WHERE id = ?", [device])
 
 
 def note_tier(db: sqlite_utils.Database, device: str, tier: str, at: datetime) -> None:
@@ -99,8 +157,11 @@ def parse_selector(selector: str) -> dict[str, str]:
     return labels
 
 
-def devices(db: sqlite_utils.Database) -> list[dict[str, Any]]:
-    return list(db.table("devices").rows_where(order_by="id"))
+def devices(db: sqlite_utils.Database, *, revoked: bool = False) -> list[dict[str, Any]]:
+    """Device rows; revoked devices only with ``revoked`` (for lists that show them as such):
+    plans, rollouts, reconcile and live figures never see them."""
+    where = None if revoked else "revoked = 0"
+    return list(db.table("devices").rows_where(where, order_by="id"))
 
 
 def get_device(db: sqlite_utils.Database, device: str) -> dict[str, Any]:

@@ -24,14 +24,17 @@ def fleet(db: sqlite_utils.Database) -> list[dict[str, Any]]:
     """One dict per device: registry facts, intent, and the newest telemetry window."""
     telemetry = latest_telemetry(db)
     out = []
-    for row in registry.devices(db):
-        t = telemetry.get(row["id"], {})
+    for row in registry.devices(db, revoked=True):
+        # a revoked device keeps its row, shown as such, without live figures
+        t = {} if row.get("revoked") else telemetry.get(row["id"], {})
         out.append(
             {
                 "id": row["id"],
                 "device_class": row["device_class"],
                 "labels": json.loads(row["labels"] or "{}"),
                 "online": bool(row["online"]),
+                "revoked": bool(row.get("revoked")),
+                "revoked_at": row.get("revoked_at"),
                 "agent_version": row["agent_version"],
                 "runtimes": json.loads(row["runtimes"] or "[]"),
                 "active_model": row["active_model"],

@@ -188,7 +188,8 @@
     return h("span", { class: `badge badge-${kind || text}`, "data-testid": testid || null }, text);
   }
 
-  function onlineBadge(online) {
+  function onlineBadge(online, revoked) {
+    if (revoked) return badge("revoked", "revoked", "online-state");
     return badge(online ? "online" : "offline", online ? "online" : "offline", "online-state");
   }
 
@@ -318,7 +319,7 @@
             ? h("span", { class: "pending", title: "the desired model, on its way" }, ` → ${d.desired_model}`)
             : null;
           return [
-            h("td", { "data-col": "online" }, onlineBadge(d.online)),
+            h("td", { "data-col": "online" }, onlineBadge(d.online, d.revoked)),
             h(
               "td",
               { "data-col": "id" },
@@ -465,7 +466,7 @@
       const m = splitModel(d.active_model);
       fill(
         document.getElementById("device-state"),
-        onlineBadge(d.online),
+        onlineBadge(d.online, d.revoked),
         " ",
         tierBadge(d.tier),
         d.pinned ? badge("pinned", "pinned") : null,

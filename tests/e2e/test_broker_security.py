@@ -535,6 +535,109 @@ def test_ingest_workers_log_in_under_names_of_their_own_beside_the_controller(
     assert not ctl.disconnected.is_set() and not worker.disconnected.is_set()
 
 
+def birth_of(device: str) -> bytes:
+    return p.encode(
+        p.Birth(
+            session=uuid.uuid4().hex[:16],
+            agent_version="0.1.0",
+            device_class="x86-ipc",
+            runtimes=[p.ModelFormat.ONNX],
+            hardware=p.HardwareFacts(
+                arch="x86_64",
+                cpu_model="test",
+                cpu_flags=[],
+                cores=2,
+                memory_mb=1024,
+                os="t",
+                python="3.11",
+            ),
+        )
+    )
+
+
+def test_a_revoked_device_is_offline_at_once_and_its_retained_birth_is_deleted(
+    site: Site, clients: Callable[..., Client]
+) -> None:
+    """Issue 15 (5): the ACL's `deny #` also blocks a revoked device's last will, so its
+    retained birth stayed on the broker and the controller showed it online for ever. dev-v
+    (a raw paho client) publishes a retained birth; after `devices revoke` the controller shows
+    it revoked and offline, out of what plans and rollouts see, with an event; the retained
+    birth is gone from the broker, so a controller that starts again does not see it online."""
+    from controller import metrics, registry, views
+    from controller.daemon import Controller
+    from controller.db import open_db
+
+    device = "dev-v"
+    site.bundles[device] = device_commands.add_device(
+        site.home, device, device_class="x86-ipc", broker=("127.0.0.1", site.settings.port)
+    )
+    v = clients(site, device, password_of(site, device)).connected()
+    state = p.topic(device, p.Channel.STATE)
+    v.client.publish(state, birth_of(device), qos=1, retain=True).wait_for_publish(5)
+    conn = device_commands.controller_connection(site.home, None)
+
+    def daemon() -> Controller:
+        ctl = Controller(
+            site.home, "127.0.0.1", conn.port, username=conn.username, password=conn.password,
+            tls=conn.tls, reconcile_interval_s=0.2,
+        )  # fmt: skip
+        ctl.start()
+        assert ctl.link.connected.wait(10), site.log()
+        return ctl
+
+    def row() -> dict[str, Any]:
+        return next(d for d in views.fleet(open_db(site.home.database)) if d["id"] == device)
+
+    def wait(predicate: Callable[[], Any], what: str) -> None:
+        deadline = time.monotonic() + 15
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
+    ctl = daemon()
+    try:
+        wait(lambda: any(d["id"] == device and d["online"] for d in views.fleet(
+            open_db(site.home.database))), "dev-v online")  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "controller.cli", "devices", "revoke", device, "--json"],
+            capture_output=True, text=True, timeout=30,
+            env={"GREENFLEET_HOME": str(site.home.root), "PYTHONPATH": str(REPO),
+                 "PATH": "/usr/bin"},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        shown = row()  # at once: the revoke itself marks it, no broker message needed
+        assert shown["revoked"] and not shown["online"], shown
+        db = open_db(site.home.database)
+        assert device not in [r["id"] for r in registry.devices(db)], "out of plans and rollouts"
+        assert any(
+            e["event"] == "device_revoked" for e in views.device_detail(db, device)["recent_events"]
+        )
+        up = {
+            sample.labels["device"]: sample.value
+            for family in metrics.fleet_metrics(db)
+            if family.name == "greenfleet_device_up"
+            for sample in family.samples
+        }
+        assert up[device] == 0.0
+        wait(lambda: not registry.states_to_clear(open_db(site.home.database)), "the clear")
+    finally:
+        ctl.stop()
+    v.wait(v.disconnected.is_set, "the revoked device to be dropped")
+    # the retained birth is gone: a subscriber gets the controller's presence and nothing else
+    reader = controller(site, clients)
+    reader.subscribe(state, p.CONTROLLER_TOPIC)
+    reader.wait(lambda: any(t == p.CONTROLLER_TOPIC for t, _ in reader.messages), "presence")
+    assert [t for t, _ in reader.messages if t == state] == [], "the retained birth is still there"
+    reader.close()
+    # and a controller that starts again does not bring it back online
+    ctl = daemon()
+    try:
+        time.sleep(0.5)  # nothing to wait for: the test is that nothing arrives
+        assert row()["revoked"] and not row()["online"]
+    finally:
+        ctl.stop()
+
+
 FLOOD = 20_000
 
 

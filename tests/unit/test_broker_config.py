@@ -111,7 +111,10 @@ def test_the_controller_has_what_it_subscribes_to_and_publishes() -> None:
         assert allowed(text, user, "read", p.subscription(p.Channel(name.replace("_", "/"))))
     for name in ("cmd", "chunk"):
         assert allowed(text, user, "write", topics[name]), name
-    for name in ("telemetry", "state", "reply", "events", "blob_req"):
+    assert allowed(text, user, "write", p.topic("press-1", p.Channel.ACK))
+    # state is written only to delete a revoked device's retained birth
+    assert allowed(text, user, "write", topics["state"])
+    for name in ("telemetry", "reply", "events", "blob_req"):
         assert not allowed(text, user, "write", topics[name]), name  # cannot forge reports
     assert allowed(text, user, "read", p.CONTROLLER_TOPIC)
     assert allowed(text, user, "write", p.CONTROLLER_TOPIC)
