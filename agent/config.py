@@ -211,8 +211,12 @@ class AgentConfig(Section):
     """Everything the agent needs to run on one device."""
 
     device_id: DeviceId
-    device_class: str = Field(default="generic", description="Hardware class (device_configs/).")
-    labels: dict[str, str] = Field(default_factory=dict, description="e.g. site, line.")
+    device_class: str = Field(
+        default="generic", max_length=64, description="Hardware class (device_configs/)."
+    )
+    labels: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=64)]] = (
+        Field(default_factory=dict, max_length=32, description="e.g. site, line (64 chars).")
+    )
     state_dir: Path = Field(default=Path("./agent-state"), description="Models and state.")
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     input: InputConfig = Field(default_factory=VibrationInput)

@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 PROTOCOL_VERSION = 1
 ROOT = "gf/v1"
@@ -201,6 +201,29 @@ class Strict(BaseModel):
 
 
 MessageId = Annotated[str, Field(min_length=1, max_length=64)]
+
+# Bounds on what a device may report (issue 15): every byte from a device is hostile input, and
+# a value that passes the schema must never break the code that stores or sums it (a window of
+# 1e300 s overflowed a timestamp and took its whole ingest batch with it).
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+MAX_WINDOW_S = 24 * 3600.0  # a telemetry window is seconds to hours
+MAX_COUNT = 10**9  # inferences or errors in one window
+MAX_SEQ = 2**53  # exact in JSON numbers and in SQLite
+MAX_TEXT = 4096  # a free-text field (an event's message, a reply's error)
+Name = Annotated[str, Field(max_length=64)]
+
+
+def _sane_time(value: datetime) -> datetime:
+    """A timestamp between 2000 and 2100 (naive ones are read as UTC): wide enough for any
+    clock, narrow enough that adding a window of hours can never overflow."""
+    aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    if not EARLIEST <= aware <= LATEST:
+        raise ValueError(f"timestamp {value.isoformat()} is outside 2000..2100")
+    return value
+
+
+Timestamp = Annotated[datetime, AfterValidator(_sane_time)]
 MAX_ACKED = 1000  # ids one Stored message may name: twice the controller's ingest batch
 
 
@@ -209,7 +232,7 @@ class Envelope(Strict):
 
     v: Literal[1] = Field(default=1, description="Protocol version.")
     id: str = Field(default_factory=new_id, min_length=1, max_length=64, description="Message id.")
-    ts: datetime = Field(default_factory=utcnow, description="When the sender created it (UTC).")
+    ts: Timestamp = Field(default_factory=utcnow, description="When the sender created it (UTC).")
 
 
 class ModelFormat(StrEnum):
@@ -285,13 +308,15 @@ class ActiveModel(Strict):
 class HardwareFacts(Strict):
     """What the agent read from its host at start."""
 
-    arch: str = Field(description="Machine architecture, e.g. x86_64 or aarch64.")
-    cpu_model: str = Field(default="", description="CPU model name, if readable.")
-    cpu_flags: list[str] = Field(default_factory=list, description="Notable CPU features.")
-    cores: int = Field(ge=1)
-    memory_mb: int = Field(ge=0, description="Physical memory in MiB.")
-    os: str = Field(description="Kernel and OS, e.g. 'Linux 6.1.0'.")
-    python: str
+    arch: Name = Field(description="Machine architecture, e.g. x86_64 or aarch64.")
+    cpu_model: str = Field(default="", max_length=256, description="CPU model name, if readable.")
+    cpu_flags: list[Name] = Field(
+        default_factory=list, max_length=256, description="Notable CPU features."
+    )
+    cores: int = Field(ge=1, le=4096)
+    memory_mb: int = Field(ge=0, le=2**40, description="Physical memory in MiB.")
+    os: str = Field(max_length=256, description="Kernel and OS, e.g. 'Linux 6.1.0'.")
+    python: Name
 
 
 class Birth(Envelope):
@@ -299,9 +324,9 @@ class Birth(Envelope):
 
     kind: Literal["birth"] = "birth"
     session: str = Field(min_length=1, max_length=64, description="New at every agent start.")
-    agent_version: str
-    device_class: str = Field(description="Hardware class, a device_configs/ name.")
-    labels: dict[str, str] = Field(default_factory=dict)
+    agent_version: Name
+    device_class: Name = Field(description="Hardware class, a device_configs/ name.")
+    labels: dict[Name, Name] = Field(default_factory=dict, max_length=32)
     runtimes: list[ModelFormat] = Field(description="Formats the agent can load.")
     hardware: HardwareFacts
     active: ActiveModel | None = None
@@ -398,9 +423,13 @@ class Reply(Envelope):
     """Agent -> controller: the outcome of one command, echoing its id in ``ref``."""
 
     kind: Literal["reply"] = "reply"
-    ref: str = Field(description="The id of the command this answers, or '' if it had none.")
+    ref: str = Field(
+        max_length=64, description="The id of the command this answers, or '' if it had none."
+    )
     ok: bool
-    error: str | None = Field(default=None, description="What went wrong and what to do.")
+    error: str | None = Field(
+        default=None, max_length=MAX_TEXT, description="What went wrong and what to do."
+    )
     detail: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -445,8 +474,8 @@ class Event(Envelope):
 
     kind: Literal["event"] = "event"
     event: EventKind
-    session: str
-    message: str = ""
+    session: str = Field(min_length=1, max_length=64)
+    message: str = Field(default="", max_length=MAX_TEXT)
     detail: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -461,21 +490,26 @@ class PowerMethod(StrEnum):
 
 
 class TelemetryRecord(Strict):
-    """One telemetry window of one agent session; (session, seq) is unique."""
+    """One telemetry window of one agent session; (session, seq) is unique. Every number is
+    finite and bounded (see MAX_WINDOW_S and friends): the controller sums and stores them."""
 
-    seq: int = Field(ge=0, description="Per-session sequence number, from 0, no gaps.")
-    start: datetime = Field(description="Start of the window (UTC).")
-    window_s: float = Field(gt=0, description="Length of the window in seconds.")
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    seq: int = Field(ge=0, le=MAX_SEQ, description="Per-session sequence number, from 0, no gaps.")
+    start: Timestamp = Field(description="Start of the window (UTC).")
+    window_s: float = Field(gt=0, le=MAX_WINDOW_S, description="Length of the window in seconds.")
     model: ModelRef | None = Field(description="The model that served the window, if any.")
     tier: Tier = Field(default=Tier.ACTIVE, description="The fallback tier at the window's end.")
-    inferences: int = Field(ge=0)
-    errors: int = Field(ge=0)
-    latency_p50_ms: float | None = None
-    latency_p95_ms: float | None = None
-    latency_p99_ms: float | None = None
-    cpu_s: float = Field(ge=0, description="Process CPU time spent in the window.")
-    power_w: float | None = Field(default=None, ge=0, description="Mean power in the window.")
-    energy_per_inference_j: float | None = Field(default=None, ge=0)
+    inferences: int = Field(ge=0, le=MAX_COUNT)
+    errors: int = Field(ge=0, le=MAX_COUNT)
+    latency_p50_ms: float | None = Field(default=None, ge=0, le=MAX_WINDOW_S * 1000)
+    latency_p95_ms: float | None = Field(default=None, ge=0, le=MAX_WINDOW_S * 1000)
+    latency_p99_ms: float | None = Field(default=None, ge=0, le=MAX_WINDOW_S * 1000)
+    cpu_s: float = Field(ge=0, le=1e6, description="Process CPU time spent in the window.")
+    power_w: float | None = Field(
+        default=None, ge=0, le=1e5, description="Mean power in the window."
+    )
+    energy_per_inference_j: float | None = Field(default=None, ge=0, le=1e6)
     power_method: PowerMethod = PowerMethod.ESTIMATE
 
 
@@ -483,7 +517,7 @@ class TelemetryBatch(Envelope):
     """Agent -> controller: one or more telemetry records, oldest first."""
 
     kind: Literal["telemetry"] = "telemetry"
-    session: str
+    session: str = Field(min_length=1, max_length=64)
     records: list[TelemetryRecord] = Field(min_length=1, max_length=1000)
 
 

@@ -240,6 +240,7 @@ class Device(_Open):
     online: bool
     revoked: bool = Field(False, description="revoked: never online again unless re-enrolled")
     revoked_at: str | None = None
+    rejected_messages: int = Field(0, description="Messages of the device the controller refused.")
     agent_version: str | None = None
     runtimes: list[str] = Field(default_factory=list)
     active_model: str | None = Field(None, description="NAME:VERSION+VARIANT now running")

@@ -75,6 +75,11 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
                 f"preloaded {detail['preloaded_model']}: on the device, activated when its "
                 "maintenance window opens"
             )
+        if detail.get("rejected_messages"):
+            console.print(
+                f"[red]{detail['rejected_messages']} message(s) rejected[/] "
+                f"(last: {escape(detail.get('last_rejection') or '-')})"
+            )
         for m in detail["hardware_check"]:
             colour = "red" if m["severity"] == "error" else "yellow"
             console.print(f"[{colour}]{m['severity']}[/]: {escape(m['message'])}")

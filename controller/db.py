@@ -337,13 +337,18 @@ def _m8_telemetry_rollups(db: sqlite_utils.Database) -> None:
 
 
 def _m9_revoked(db: sqlite_utils.Database) -> None:
-    """Revoked devices (issue 15): ``revoked`` takes a device out of plans, rollouts and live
-    figures at once; ``clear_state`` asks the controller to delete its retained birth, which
-    the broker keeps because the ACL's ``deny #`` also blocks the device's last will."""
+    """Revoked devices and refused messages (issue 15): ``revoked`` takes a device out of
+    plans, rollouts and live figures at once; ``clear_state`` asks the controller to delete
+    its retained birth, which the broker keeps because the ACL's ``deny #`` also blocks the
+    device's last will; ``rejected_messages`` counts what ingest refused of the device."""
     devices = db.table("devices")
     devices.add_column("revoked", int, not_null_default=0)
     devices.add_column("revoked_at", str)
     devices.add_column("clear_state", int, not_null_default=0)
+    # messages of the device that ingest refused (malformed, out of bounds, failing alone)
+    devices.add_column("rejected_messages", int, not_null_default=0)
+    devices.add_column("last_rejection", str)
+    devices.add_column("rejection_event_at", str)
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 BATCH = 500
 QUEUE_LIMIT = 20_000
 RETRY_S = (0.5, 30.0)  # first and longest wait before writing a refused batch again
+REJECTION_EVENT_S = 600.0  # at most one messages_rejected event per device this often
 
 Ack = Callable[[], None]
 Item = tuple[str, bytes, Ack | None]
@@ -137,6 +138,7 @@ class Ingest:
         self._thread = threading.Thread(target=self._run, name="gf-ingest", daemon=True)
         self._stopping = threading.Event()
         self.rejected = 0
+        self._rejections: dict[str, list[str]] = {}  # device -> reasons, until recorded
         self.retries = 0  # batches written again after the database refused them
 
     def start(self) -> None:
@@ -203,6 +205,52 @@ class Ingest:
             if ack is not None:
                 ack()
         self._tell_agents(decoded, refused)
+        self._record_rejections(db)
+
+    def _reject(self, device: str, topic: str, reason: str) -> None:
+        self.rejected += 1
+        log.warning("rejected message on %s: %s", topic, reason[:500])
+        self._rejections.setdefault(device, []).append(reason[:500])
+
+    def _record_rejections(self, db: Any) -> None:
+        """Count refused messages on their device's row (``devices show``, /metrics) and
+        record a ``messages_rejected`` event at most every REJECTION_EVENT_S per device."""
+        rejections, self._rejections = self._rejections, {}
+        if not rejections:
+            return
+        now = p.utcnow()
+        stamp = registry.iso(now)
+        quiet_since = registry.iso(now - timedelta(seconds=REJECTION_EVENT_S))
+        try:
+            with db.conn:
+                for device, reasons in rejections.items():
+                    db.execute(
+                        "UPDATE devices SET rejected_messages = rejected_messages + ?, "
+                        "last_rejection = ? WHERE id = ?",
+                        [len(reasons), reasons[-1], device],
+                    )
+                    row = db.execute(
+                        "SELECT rejection_event_at FROM devices WHERE id = ?", [device]
+                    ).fetchone()
+                    if row is None or (row[0] is not None and row[0] > quiet_since):
+                        continue  # no row (never born), or an event within the quiet time
+                    db.execute(
+                        "UPDATE devices SET rejection_event_at = ? WHERE id = ?", [stamp, device]
+                    )
+                    db.table("events").insert(
+                        {
+                            "id": p.new_id(),
+                            "device": device,
+                            "ts": stamp,
+                            "session": "controller",
+                            "event": "messages_rejected",
+                            "message": f"{len(reasons)} message(s) rejected; last: {reasons[-1]}",
+                            "detail": json.dumps({"count": len(reasons), "last": reasons[-1]}),
+                        },
+                        pk="id",
+                    )
+        except sqlite3.Error as exc:  # the counts are lost, the stored data is not
+            log.warning("could not record %d rejected message(s): %s", len(rejections), exc)
 
     def _write_alone(
         self, db: Any, decoded: list[Decoded], refused: dict[str, list[str]]
@@ -218,9 +266,8 @@ class Ingest:
                 raise
             except Exception as exc:
                 topic, device, message = item
-                self.rejected += 1
-                log.warning(
-                    "rejected %s message %s on %s: %r", message.kind, message.id, topic, exc
+                self._reject(
+                    device, topic, f"{message.kind} {message.id} cannot be stored: {exc!r}"
                 )
                 refused.setdefault(device, []).append(message.id)
             else:
@@ -261,8 +308,7 @@ class Ingest:
             try:
                 message = p.decode(payload)
             except p.ProtocolError as exc:
-                self.rejected += 1
-                log.warning("rejected message on %s: %s", topic, exc)
+                self._reject(parsed.device, topic, str(exc))
                 if parsed.channel in (p.Channel.TELEMETRY, p.Channel.EVENTS):
                     named = p.command_id(payload)
                     if named:

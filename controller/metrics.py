@@ -87,7 +87,14 @@ def _device_families(devices: list[dict[str, Any]]) -> list[Metric]:
         "rules, none), 0 for the others.",
         labels=["device", "tier"],
     )
+    rejected = CounterMetricFamily(
+        "greenfleet_device_rejected_messages",
+        "Messages of the device the controller refused (malformed, out of bounds, or failing "
+        "to store on their own).",
+        labels=["device"],
+    )
     for row in devices:
+        rejected.add_metric([row["id"]], float(row.get("rejected_messages") or 0))
         labels = json.loads(row["labels"] or "{}")
         up.add_metric(
             [
@@ -104,7 +111,7 @@ def _device_families(devices: list[dict[str, Any]]) -> list[Metric]:
         if row.get("tier"):
             for t in Tier:
                 tier.add_metric([row["id"], t.value], 1.0 if row["tier"] == t.value else 0.0)
-    return [up, seen, tier]
+    return [up, seen, tier, rejected]
 
 
 def _telemetry_families(

@@ -35,6 +35,7 @@ def fleet(db: sqlite_utils.Database) -> list[dict[str, Any]]:
                 "online": bool(row["online"]),
                 "revoked": bool(row.get("revoked")),
                 "revoked_at": row.get("revoked_at"),
+                "rejected_messages": row.get("rejected_messages") or 0,
                 "agent_version": row["agent_version"],
                 "runtimes": json.loads(row["runtimes"] or "[]"),
                 "active_model": row["active_model"],
@@ -117,6 +118,7 @@ def device_detail(
     detail["fallback_sha256"] = row.get("fallback_sha256")
     detail["tier_at"] = row.get("tier_at")
     detail["preloaded_model"] = row.get("preloaded_model")
+    detail["last_rejection"] = row.get("last_rejection")
     detail["recent_events"] = _events(
         db.table("events").rows_where("device = ?", [device], order_by="ts DESC", limit=events)
     )

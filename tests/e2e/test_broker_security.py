@@ -638,6 +638,80 @@ def test_a_revoked_device_is_offline_at_once_and_its_retained_birth_is_deleted(
         ctl.stop()
 
 
+def test_a_poisoned_record_is_refused_alone_counted_and_others_keep_their_data(
+    site: Site, clients: Callable[..., Client]
+) -> None:
+    """Issue 15 (1): dev-a sends, on its own allowed telemetry topic, records a schema of old
+    accepted (a window of 1e300 s, which overflowed the tier's timestamp, and one of year 9999)
+    between dev-b's good records; before, ingest dropped the whole batch, dev-b's records with
+    it. Now dev-b's records are all stored, dev-a's are refused alone and counted where an
+    operator looks (devices show, /metrics, an event)."""
+    from controller import metrics, views
+    from controller.daemon import Controller
+    from controller.db import open_db
+
+    conn = device_commands.controller_connection(site.home, None)
+    ctl = Controller(
+        site.home, "127.0.0.1", conn.port, username=conn.username, password=conn.password,
+        tls=conn.tls, reconcile_interval_s=0.2,
+    )  # fmt: skip
+    ctl.start()
+    try:
+        assert ctl.link.connected.wait(10), site.log()
+        a = clients(site, "dev-a", password_of(site, "dev-a")).connected()
+        b = clients(site, "dev-b", password_of(site, "dev-b")).connected()
+        a.publish(p.topic("dev-a", p.Channel.STATE), birth_of("dev-a"))
+        record = {"seq": 0, "start": "2026-12-07T10:00:00Z", "window_s": 1.0, "model": None,
+                  "inferences": 1, "errors": 0, "cpu_s": 0.0}  # fmt: skip
+
+        def telemetry(session: str, seq: int, **bad: Any) -> bytes:
+            body = {"v": 1, "id": uuid.uuid4().hex, "ts": "2026-12-07T10:00:00Z",
+                    "kind": "telemetry", "session": session,
+                    "records": [{**record, "seq": seq, **bad}]}  # fmt: skip
+            return json.dumps(body).encode()
+
+        for seq in range(20):  # interleaved: they share ingest batches
+            b.client.publish(p.topic("dev-b", p.Channel.TELEMETRY), telemetry("sb", seq), qos=1)
+            poison = {"window_s": 1e300} if seq % 2 else {"start": "9999-12-31T00:00:00Z"}
+            a.client.publish(
+                p.topic("dev-a", p.Channel.TELEMETRY), telemetry("sa", seq, **poison), qos=1
+            )
+
+        def stored(device: str) -> list[int]:
+            db = open_db(site.home.database)
+            return [r[0] for r in db.execute(
+                "SELECT seq FROM telemetry WHERE device = ? ORDER BY seq", [device])]  # fmt: skip
+
+        def rejected() -> int:
+            row = next(d for d in views.fleet(open_db(site.home.database)) if d["id"] == "dev-a")
+            return int(row.get("rejected_messages", 0))
+
+        deadline = time.monotonic() + 20
+        while (stored("dev-b") != list(range(20)) or rejected() < 20) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+        assert stored("dev-b") == list(range(20)), "dev-b lost records to dev-a's poison"
+        assert stored("dev-a") == [] and rejected() == 20
+        db = open_db(site.home.database)
+        detail = views.device_detail(db, "dev-a")
+        assert (
+            "outside 2000..2100" in detail["last_rejection"]
+            or "less than or equal" in (detail["last_rejection"])
+        )
+        events = [e for e in detail["recent_events"] if e["event"] == "messages_rejected"]
+        assert len(events) == 1, "one event per episode, not one per message"
+        counted = {
+            sample.labels["device"]: sample.value
+            for family in metrics.fleet_metrics(db)
+            if family.name == "greenfleet_device_rejected_messages"
+            for sample in family.samples
+        }
+        assert counted["dev-a"] == 20 and counted.get("dev-b", 0) == 0
+    finally:
+        ctl.stop()
+
+
 FLOOD = 20_000
 
 
