@@ -129,6 +129,7 @@ class Agent:
         self.link: MqttLink | None = None
         self.input_link: MqttLink | None = None
         self.inference_seq = 0
+        self.rejected_chunks = 0  # chunks that failed their checks, over the agent's life
         self._results_topic = p.topic(self.device, p.Channel.RESULTS)
         self._ack_topic = p.topic(self.device, p.Channel.ACK)
         self._publish_results = config.inference.publish_results
@@ -779,12 +780,10 @@ class Agent:
         try:
             transfer.download.accept(index, data)
         except TransferError as exc:
-            self._event(
-                p.EventKind.DEPLOY_FAILED,
-                f"rejected chunk: {exc}",
-                throttle="bad-chunk",
-                model=str(transfer.command.model),
-            )
+            # not a failed deploy: the transfer goes on and asks again (a late or foreign
+            # chunk, or one a hostile client published); counted in the progress events
+            self.rejected_chunks += 1
+            log.debug("rejected chunk %d of %s: %s", index, sha256[:12], exc)
             return
         except OSError as exc:
             # A full (NoSpaceError says how full and what to do) or failing disk: give the space
@@ -803,6 +802,7 @@ class Agent:
                 model=str(transfer.command.model),
                 received=transfer.download.received,
                 total=transfer.download.artifact.chunk_count,
+                rejected_chunks=self.rejected_chunks,
             )
         if transfer.download.complete:
             self._transfer = None

@@ -28,6 +28,7 @@ BEGIN, END = "<!-- ledger:begin -->", "<!-- ledger:end -->"
 
 # What each benchmark measures: a change under any of these paths can move its figure.
 PATHS: dict[str, tuple[str, ...]] = {
+    "blob_budget": ("controller/blobs.py", "benchmarks/blob_budget.py"),
     "model_push": (
         "agent/protocol.py",
         "agent/transfer.py",

@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, str] = {
     "ingest": "benchmarks.ingest",
     "fleet_rollout": "benchmarks.fleet_rollout",
     "telemetry_reads": "benchmarks.telemetry_reads",
+    "blob_budget": "benchmarks.blob_budget",
 }
 
 

@@ -34,6 +34,17 @@ controller's ``gf/v1/+/...`` subscriptions never receive its own chunks. The bro
 every device read ``gf/blobs/v1/+/+`` and only the controller write it: a device can read any
 model the fleet is fetching. Models are signed (integrity, origin), not secret within a fleet.
 
+The controller owns the chunking. Every artifact is cut into ``CHUNK_SIZE`` chunks (the size
+every Deploy names, ``protocol.DEFAULT_CHUNK_SIZE``), so what the shared topic carries is always
+the canonical chunk, and a chunk is a key of (sha256, index) alone. A request naming another
+size is refused: when the server cut chunks to whatever size a request named, one device's
+222-byte request made it publish 60 MB, and requests with other sizes overwrote the retained
+chunks every other device was fetching (issue 15). A device may ask only for artifacts the
+controller sent it (``allowed``). So whatever a device asks, it makes the controller publish
+at most one copy of each artifact it was sent per ``REPUBLISH_AFTER_S`` (1.0x; the fleet's other
+devices share that copy), and a refused request is counted, not served
+(``benchmarks/blob_budget.py``).
+
 Requests are decoded and answered on a thread of their own, never queued behind telemetry in
 ingest: a transfer neither waits for a SQLite commit nor delays one (routed through ingest, each
 one-chunk request cost a transaction, and a single push ran at 0.6 of raw paho). Only artifacts
@@ -61,6 +72,7 @@ LINGER_S = 0.0  # how long the first request for a chunk waits for others to joi
 REPUBLISH_AFTER_S = 30.0  # a request for a chunk published longer ago publishes it again
 CLEAR_AFTER_S = 300.0  # retained chunks of an artifact nobody asked for in this long go
 QUEUE_LIMIT = 10_000  # requests waiting for the server thread; more are dropped, not queued
+CHUNK_SIZE = p.DEFAULT_CHUNK_SIZE  # the one chunking of every artifact (Deploy.artifact)
 
 ChunkKey = tuple[str, int, int]  # (sha256, chunk_size, index)
 
@@ -73,6 +85,7 @@ class BlobStats:
     bytes_published: int = 0
     chunks_retained: int = 0  # asked for, and served by the broker's retained copy
     rejected: int = 0  # requests that were not a well-formed BlobRequest on a device's topic
+    refused: int = 0  # well-formed, but another chunk size or an artifact not sent to it
     dropped: int = 0  # requests that found the queue full (the device asks again after a stall)
 
 
@@ -126,8 +139,15 @@ class BlobServer:
         publish: Callable[[str, bytes], None],
         linger_s: float = LINGER_S,
         clock: Callable[[], float] = time.monotonic,
+        allowed: Callable[[str, str], bool] | None = None,
+        chunk_size: int = CHUNK_SIZE,
     ) -> None:
+        """``allowed(device, sha256)``: whether the controller sent that artifact to that device
+        (None: every catalogued artifact, for tools and tests without a deployments table);
+        ``chunk_size``: the chunking of every artifact (tests use tiny ones)."""
         self._resolve = resolve
+        self.chunk_size = chunk_size
+        self._allowed = allowed
         self._publish = publish
         self._clock = clock
         self._coalescer = Coalescer(linger_s)
@@ -217,9 +237,25 @@ class BlobServer:
             raise p.ProtocolError(f"expected a blob_request on blob/req, got {message.kind}")
         return parsed.device, message
 
+    def _refuse(self, device: str, why: str) -> None:
+        self.stats.refused += 1
+        if self.stats.refused % 1000 == 1:  # a flood must not flood the log too
+            log.warning(
+                "refused a chunk request of %s: %s (%d refused so far)",
+                device,
+                why,
+                self.stats.refused,
+            )
+
     def _admit(self, device: str, request: p.BlobRequest) -> None:
         """Check a request and add its chunks to the pending publishes."""
         self.stats.requests += 1
+        if request.chunk_size != self.chunk_size:
+            self._refuse(device, f"chunk size {request.chunk_size}, not {self.chunk_size}")
+            return
+        if self._allowed is not None and not self._allowed(device, request.sha256):
+            self._refuse(device, f"artifact {request.sha256[:12]} was not sent to it")
+            return
         path = self._resolve(request.sha256)
         if path is None:
             log.warning("%s asked for unknown artifact %s", device, request.sha256[:12])

@@ -113,7 +113,8 @@ class Controller:
             # the session is persistent: drop a telemetry subscription an earlier run without
             # workers left in it, or both would store every record
             self.link.unsubscribe(p.subscription(p.Channel.TELEMETRY))
-        self.blobs = BlobServer(self._resolve_blob, self._publish_chunk)
+        self.blobs = BlobServer(self._resolve_blob, self._publish_chunk, allowed=self._was_sent)
+        self._sent: set[tuple[str, str]] = set()  # (device, sha256) of every Deploy sent
         self.ingest = Ingest(home.database, on_change=self.reconcile_soon, on_stored=self._stored)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._profile_cache: dict[str, DeviceProfile] | None = None
@@ -129,6 +130,10 @@ class Controller:
             self.api.start()  # first: a port in use stops the start before anything runs
         self._db = open_db(self.home.database)  # reconcile's own connection
         self._catalog = Catalog(self._db, self.home.store)
+        self._sent.update(
+            (row[0], row[1])
+            for row in self._db.execute("SELECT DISTINCT device, sha256 FROM deployments")
+        )
         self.blobs.start()
         self.ingest.start()
         if self.workers is not None:
@@ -197,6 +202,10 @@ class Controller:
 
     def _publish_chunk(self, topic: str, data: bytes) -> None:
         self.link.publish(topic, data, qos=1, retain=True)  # retained: controller.blobs
+
+    def _was_sent(self, device: str, sha256: str) -> bool:
+        """Whether a Deploy of this artifact went to this device (blob thread; see blobs)."""
+        return (device, sha256) in self._sent
 
     def _resolve_blob(self, sha256: str) -> Path | None:
         path = self.home.store / sha256
@@ -481,6 +490,7 @@ class Controller:
             manifest=model.manifest,
             slot=slot,
         )
+        self._sent.add((decision.device, model.sha256))
         with db.conn:
             db.table("deployments").insert(
                 {

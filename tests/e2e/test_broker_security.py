@@ -718,10 +718,13 @@ FLOOD = 20_000
 def test_a_device_flooding_chunk_requests_does_not_stop_anothers_transfer(
     site: Site, clients: Callable[..., Client], tmp_path: Path
 ) -> None:
-    """dev-a, with its own login, floods its blob/req topic with garbage and with requests
-    for chunks; the controller's network thread never blocks on them and its memory does not
-    grow with them (the blob server's queue is bounded, what does not fit is dropped and
-    counted), and dev-b, asking as an agent does (again after a stall), gets its chunk."""
+    """dev-a, with its own login, floods its blob/req topic with garbage, with requests for
+    chunks, and with requests naming chunk sizes of its choosing (issue 15 (2): each size used
+    to be a new set of retained chunks that overwrote the ones other devices fetched); the
+    controller's network thread never blocks on them and its memory does not grow with them
+    (the blob server's queue is bounded, what does not fit is dropped and counted), the odd
+    sizes are refused, and dev-b, asking as an agent does (again after a stall), gets the
+    canonical chunk."""
     from benchmarks.model_push import build_model
     from controller.daemon import Controller
     from controller.db import open_db
@@ -743,16 +746,26 @@ def test_a_device_flooding_chunk_requests_does_not_stop_anothers_transfer(
     daemon.start()
     try:
         assert daemon.link.connected.wait(10), site.log()
+        for device in ("dev-a", "dev-b"):  # as if the controller had sent both this model
+            daemon._sent.add((device, version.sha256))
         a = clients(site, "dev-a", password_of(site, "dev-a")).connected()
         b = clients(site, "dev-b", password_of(site, "dev-b")).connected()
         chunk = p.shared_blob_topic(version.sha256, 1)
         assert b.subscribe(chunk)[0].value < 128
         flood = p.topic("dev-a", p.Channel.BLOB_REQ)
-        ask = p.encode(p.BlobRequest(sha256=version.sha256, first=0, count=1, chunk_size=64 * 1024))
-        sent = [a.client.publish(flood, b"{garbage" if i % 2 else ask, qos=1) for i in range(FLOOD)]
-        request = p.encode(
-            p.BlobRequest(sha256=version.sha256, first=1, count=1, chunk_size=64 * 1024)
-        )
+        size = p.DEFAULT_CHUNK_SIZE
+
+        def ask(first: int, chunk_size: int = size) -> bytes:
+            return p.encode(
+                p.BlobRequest(sha256=version.sha256, first=first, count=1, chunk_size=chunk_size)
+            )
+
+        odd = [ask(1, size - 1 - k % 1000) for k in range(FLOOD // 4)]
+        sent = [
+            a.client.publish(flood, [b"{garbage", ask(0), b"{garbage", odd[i // 4]][i % 4], qos=1)
+            for i in range(FLOOD)
+        ]
+        request = ask(1)
         got_chunk = lambda: any(t == chunk for t, _ in b.messages)  # noqa: E731
         for _attempt in range(60):  # an agent asks again after a stall; here every second
             b.publish(p.topic("dev-b", p.Channel.BLOB_REQ), request)
@@ -773,6 +786,12 @@ def test_a_device_flooding_chunk_requests_does_not_stop_anothers_transfer(
             time.sleep(0.1)  # polling a counter, not standing in for an acknowledgement
         assert accounted() >= FLOOD + 1, stats  # the flood and dev-b's request at least
         assert stats.rejected >= 1 and stats.rejected + stats.dropped >= FLOOD // 2, stats
+        assert stats.refused >= 1, stats  # odd chunk sizes
+        data = (site.home.store / version.sha256).read_bytes()
+        assert {m for t, m in b.messages if t == chunk} == {data[size : 2 * size]}, (
+            "dev-b got a chunk cut to dev-a's size"
+        )
+        assert stats.bytes_published <= len(data), stats  # one copy at most, whatever dev-a asks
         assert daemon.link.connected.is_set(), "the controller stayed on the broker"
     finally:
         daemon.stop()

@@ -66,6 +66,7 @@ def _server(tmp_path: Path, data: bytes) -> tuple[BlobServer, list[tuple[str, by
         lambda topic, payload: sent.append((topic, payload)),
         linger_s=0.5,
         clock=clock,
+        chunk_size=4,
     )
     return server, sent, clock
 
@@ -120,7 +121,9 @@ def test_retained_chunks_are_deleted_when_nobody_asks_and_when_the_server_stops(
         path.write_bytes(b"12345678")
     sent: list[tuple[str, bytes]] = []
     clock = Clock()
-    server = BlobServer(store.get, lambda t, b: sent.append((t, b)), linger_s=0.0, clock=clock)
+    server = BlobServer(
+        store.get, lambda t, b: sent.append((t, b)), linger_s=0.0, clock=clock, chunk_size=4
+    )
     server._admit("d", p.BlobRequest(sha256=SHA, first=0, count=2, chunk_size=4))
     server.flush(clock.now)
     clock.now += CLEAR_AFTER_S - 1
@@ -148,7 +151,9 @@ def test_server_thread_publishes_after_the_linger(tmp_path: Path) -> None:
     store = tmp_path / SHA
     store.write_bytes(b"abcdefgh")
     sent: list[tuple[str, bytes]] = []
-    server = BlobServer(lambda sha: store, lambda t, b: sent.append((t, b)), linger_s=0.05)
+    server = BlobServer(
+        lambda sha: store, lambda t, b: sent.append((t, b)), linger_s=0.05, chunk_size=4
+    )
     server.start()
     try:
         for device in ("a", "b", "c"):
@@ -169,7 +174,7 @@ def test_raw_requests_are_decoded_by_the_server_and_bad_ones_counted(tmp_path: P
     store = tmp_path / SHA
     store.write_bytes(b"abcdefgh")
     sent: list[tuple[str, bytes]] = []
-    server = BlobServer(lambda sha: store, lambda t, b: sent.append((t, b)))
+    server = BlobServer(lambda sha: store, lambda t, b: sent.append((t, b)), chunk_size=4)
     good = p.encode(p.BlobRequest(sha256=SHA, first=1, count=1, chunk_size=4))
     server.start()
     try:
@@ -323,3 +328,32 @@ def _client_calls(probe: Probe) -> tuple[Any, Any]:
         lambda topics: probe.client.subscribe([(t, 1) for t in topics]),
         lambda topics: probe.client.unsubscribe(topics),
     )
+
+
+def test_a_request_cannot_choose_the_chunking_nor_an_artifact_not_sent_to_it(
+    tmp_path: Path,
+) -> None:
+    """Issue 15 (2): the controller owns the chunking; a device asks only for what it was sent.
+    Requests with other chunk sizes (each one, before, a new set of retained chunks that
+    overwrote the canonical ones) and requests for another device's artifact are refused,
+    counted, and publish nothing."""
+    data = bytes(range(10))
+    store = tmp_path / SHA
+    store.write_bytes(data)
+    sent: list[tuple[str, bytes]] = []
+    server = BlobServer(
+        lambda sha: store,
+        lambda t, b: sent.append((t, b)),
+        linger_s=0.0,
+        clock=Clock(),
+        allowed=lambda device, sha: device == "mine",
+        chunk_size=4,
+    )
+    for size in (1, 3, 5, 4 * 1024 * 1024):
+        server._admit("mine", p.BlobRequest(sha256=SHA, first=0, count=3, chunk_size=size))
+    server._admit("other", p.BlobRequest(sha256=SHA, first=0, count=3, chunk_size=4))
+    server.flush(100.0)
+    assert sent == [] and server.stats.refused == 5
+    server._admit("mine", p.BlobRequest(sha256=SHA, first=0, count=3, chunk_size=4))
+    server.flush(100.0)
+    assert [payload for _, payload in sent] == [data[0:4], data[4:8], data[8:10]]
