@@ -687,7 +687,11 @@ def _print_steps(root_steps: list[str], steps: list[str], bundle_path: str, user
         print(heading)
         for step in items:
             print(f"  {step}")
-    print(f"Delete the bundle now: it holds this device's credentials: rm {_sh(bundle_path)}")
+    # the same advice as `greenfleet devices add`: nothing needs the bundle once installed
+    # (the controller keeps no use for its copy either), and it holds a password or a key
+    print(
+        f"Destroy the bundle now, it holds this device's credentials: shred -u {_sh(bundle_path)}"
+    )
 
 
 def install(

@@ -131,6 +131,7 @@ class Outbox:
         self._dirty = False  # counters changed since they were last written
         self._warned: dict[str, float] = {}
         self._puts: Counter[str] = Counter()  # messages offered per topic, by this object
+        self._sent_unstored = 0  # could not be stored, sent by the fallback instead
         self._dropped_at_open = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -153,15 +154,25 @@ class Outbox:
 
     # -- storing ------------------------------------------------------------------------------
 
-    def put(self, topic: str, payload: bytes, key: str = "") -> None:
+    def put(
+        self,
+        topic: str,
+        payload: bytes,
+        key: str = "",
+        *,
+        fallback: Callable[[], bool] | None = None,
+    ) -> None:
         """Append one message; drop the oldest (counted) to stay within the bounds. ``key``:
-        the id the controller acknowledges it by (by default the payload's JSON ``id``)."""
+        the id the controller acknowledges it by (by default the payload's JSON ``id``).
+        ``fallback``: called when the message cannot be stored (a full disk); True if it sent
+        the message another way (counted as ``sent_unstored``, not dropped)."""
         size = len(topic.encode()) + len(payload)
         with self._lock:
             self._puts[topic] += 1
             if self._db is None:
-                self._drop("disk", 1)
-                self._warn("closed", "outbox %s is not open; dropped a message", self.path)
+                if not self._sent_instead(fallback):
+                    self._drop("disk", 1)
+                    self._warn("closed", "outbox %s is not open; dropped a message", self.path)
                 return
             if size > self.max_bytes:
                 self._drop("size", 1)
@@ -193,16 +204,33 @@ class Outbox:
                     if attempt == 1 and _is_corrupt(exc):
                         self._recover(exc)
                         continue
+                    if self._sent_instead(fallback):
+                        self._warn(
+                            "unstored",
+                            "cannot store a message in the outbox %s (%s); sent it unstored "
+                            "(%d so far)",
+                            self.path,
+                            exc,
+                            self._sent_unstored,
+                        )
+                        return
                     self._drop("disk", 1)
                     self._warn(
                         "disk",
-                        "cannot store a message in the outbox %s (%s); dropped it "
+                        "cannot store a message in the outbox %s (%s) nor send it; dropped it "
                         "(%d dropped for this reason so far)",
                         self.path,
                         exc,
                         self._dropped["disk"],
                     )
                     return
+
+    def _sent_instead(self, fallback: Callable[[], bool] | None) -> bool:
+        """Called with the lock held; the fallback must not call back into the outbox."""
+        if fallback is not None and fallback():
+            self._sent_unstored += 1
+            return True
+        return False
 
     def has_after(self, after: int) -> bool:
         """Whether anything is stored beyond id ``after``: a memory check, no query.
@@ -281,6 +309,7 @@ class Outbox:
                 "pending_bytes": self._bytes,
                 **{f"dropped_{reason}": n for reason, n in self._dropped.items()},
                 "oldest_age_s": oldest,
+                "sent_unstored": self._sent_unstored,
                 "durable": self._durable and self._db is not None,
             }
 

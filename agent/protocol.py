@@ -340,6 +340,12 @@ class Birth(Envelope):
     preloaded: ActiveModel | None = Field(
         default=None, description="Fetched and staged, waiting for an activation window."
     )
+    outbox_dropped: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEQ,
+        description="Messages the agent's outbox dropped (full, too old, disk), over its life.",
+    )
 
 
 class Death(Envelope):
@@ -511,6 +517,12 @@ class TelemetryRecord(Strict):
     )
     energy_per_inference_j: float | None = Field(default=None, ge=0, le=1e6)
     power_method: PowerMethod = PowerMethod.ESTIMATE
+    outbox_dropped: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEQ,
+        description="Messages the agent's outbox dropped (full, too old, disk), over its life.",
+    )
 
 
 class TelemetryBatch(Envelope):

@@ -425,6 +425,7 @@ class Agent:
             fallback=pointer.fallback,
             tier=self.ladder.tier,
             preloaded=pointer.preloaded,
+            outbox_dropped=self.outbox.dropped,
         )
         return p.topic(self.device, p.Channel.STATE), p.encode(birth)
 
@@ -515,12 +516,27 @@ class Agent:
         """Telemetry and events go through the on-disk outbox (they must survive outages and
         restarts); replies, results and chunk requests only matter now and go straight out."""
         if channel in (p.Channel.TELEMETRY, p.Channel.EVENTS):
-            self.outbox.put(p.topic(self.device, channel), p.encode(message), message.id)
+            topic, payload = p.topic(self.device, channel), p.encode(message)
+            self.outbox.put(
+                topic, payload, message.id, fallback=lambda: self._send_now(topic, payload)
+            )
             with contextlib.suppress(queue.Full):  # wake the worker: it sends the outbox
                 self._inbox.put_nowait(WAKE)
             return
         assert self.link is not None
         self.link.publish(p.topic(self.device, channel), p.encode(message), qos=qos)
+
+    def _send_now(self, topic: str, payload: bytes) -> bool:
+        """The outbox could not store a record (a full disk): send it straight away if the link
+        is up, so nothing is lost while the network is fine (QoS 1, no resend of our own)."""
+        link = self.link
+        if link is None or not link.connected.is_set():
+            return False
+        try:
+            link.publish(topic, payload, qos=1)
+        except ValueError:
+            return False
+        return True
 
     def _reply(self, ref: str, ok: bool, error: str | None = None, **detail: Any) -> None:
         self._publish(p.Channel.REPLY, p.Reply(ref=ref, ok=ok, error=error, detail=detail))
@@ -1104,6 +1120,7 @@ class Agent:
             reading.power_w,
             reading.energy_per_inference_j,
             reading.method,
+            self.outbox.dropped,
         )
         self._publish(p.Channel.TELEMETRY, p.TelemetryBatch(session=self.session, records=[record]))
         if reading.note:

@@ -77,6 +77,7 @@ class TelemetryWindow:
         power_w: float | None,
         energy_per_inference_j: float | None,
         method: PowerMethod,
+        outbox_dropped: int | None = None,
     ) -> TelemetryRecord:
         """Close the window at ``now`` (process CPU time ``cpu_s``) and start the next one."""
         window_s = max((now - self.start).total_seconds(), 1e-6)
@@ -96,6 +97,7 @@ class TelemetryWindow:
             power_w=power_w,
             energy_per_inference_j=energy_per_inference_j,
             power_method=method,
+            outbox_dropped=outbox_dropped,
         )
         self.seq += 1
         self.start = now

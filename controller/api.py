@@ -241,6 +241,9 @@ class Device(_Open):
     revoked: bool = Field(False, description="revoked: never online again unless re-enrolled")
     revoked_at: str | None = None
     rejected_messages: int = Field(0, description="Messages of the device the controller refused.")
+    outbox_dropped: int = Field(
+        0, description="Messages the agent itself dropped: it could neither store nor send them."
+    )
     agent_version: str | None = None
     runtimes: list[str] = Field(default_factory=list)
     active_model: str | None = Field(None, description="NAME:VERSION+VARIANT now running")

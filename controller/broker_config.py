@@ -191,7 +191,17 @@ def ingest_worker_user(index: int) -> str:
 # ------------------------------------------------------------------------------ file text
 
 
-def acl_text(revoked: list[str] | None = None) -> str:
+def consumer_acl(db: sqlite_utils.Database) -> list[tuple[str, list[str]]]:
+    """The read-only consumers' ACL sections (controller.consumer_commands, which imports
+    this module: hence the import here)."""
+    from controller.consumer_commands import acl_sections
+
+    return acl_sections(db)
+
+
+def acl_text(
+    revoked: list[str] | None = None, consumers: list[tuple[str, list[str]]] | None = None
+) -> str:
     """The ACL: per-device ``pattern`` rules, the controller's ``user`` section, and a
     ``deny #`` section for each revoked device.
 
@@ -260,6 +270,11 @@ def acl_text(revoked: list[str] | None = None) -> str:
             f"topic read {root}/+/{p.Channel.TELEMETRY.value}",
             f"topic write {root}/+/{p.Channel.ACK.value}",
         ]
+    for user, topics in consumers or []:
+        lines += ["", "# a read-only consumer (greenfleet consumers add): it can never publish"]
+        lines += [f"user {user}", *(f"topic read {topic}" for topic in topics)]
+        if not topics:
+            lines.append("topic deny #")  # a site with no device yet: nothing to read
     if revoked:
         lines += ["", "# revoked devices: denied everything (a `deny` wins over every pattern)"]
         for device in revoked:
@@ -438,7 +453,7 @@ def write_broker_files(
         (files.server_key, server_key, 0o600),
         (files.crl, fleet_crl(db, ca), public),
         (files.passwd, passwd_text(with_worker_logins(password_entries(db))), 0o600),
-        (files.acl, acl_text(revoked_devices(db)), public),
+        (files.acl, acl_text(revoked_devices(db), consumer_acl(db)), public),
         (files.conf, conf_text(settings, files), public),
     ):
         write_private(path, text.encode(), mode)

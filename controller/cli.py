@@ -22,6 +22,7 @@ from agent.errors import ConfigError as AgentConfigError
 from agent.protocol import ModelRef, ProtocolError
 from controller import (
     api_commands,
+    consumer_commands,
     device_commands,
     model_commands,
     plan_commands,
@@ -74,6 +75,11 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
             console.print(
                 f"preloaded {detail['preloaded_model']}: on the device, activated when its "
                 "maintenance window opens"
+            )
+        if detail.get("outbox_dropped"):
+            console.print(
+                f"[red]{detail['outbox_dropped']} message(s) dropped by the agent[/] "
+                "(its outbox could neither store nor send them)"
             )
         if detail.get("rejected_messages"):
             console.print(
@@ -332,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     rollout_commands.register_devices(devices, add)
     device_commands.register_devices(devices, add)
 
+    consumers = sub.add_parser(
+        "consumers", help="read-only broker logins for local consumers of results"
+    ).add_subparsers(dest="sub", required=True)
+    consumer_commands.register(consumers, add)
+
     models = sub.add_parser("models", help="the model catalog").add_subparsers(
         dest="sub", required=True
     )
@@ -447,6 +458,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # APScheduler logs every run of every job at INFO (4 lines every 2 s per controller):
+    # scheduler noise belongs at DEBUG, or it buries what an operator must read
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
     args.home = Home.from_env(args.home)
     try:
         code: int = args.func(args)

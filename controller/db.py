@@ -349,6 +349,8 @@ def _m9_revoked(db: sqlite_utils.Database) -> None:
     devices.add_column("rejected_messages", int, not_null_default=0)
     devices.add_column("last_rejection", str)
     devices.add_column("rejection_event_at", str)
+    # messages the agent's own outbox dropped (it reports the count in telemetry and births)
+    devices.add_column("outbox_dropped", int, not_null_default=0)
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [

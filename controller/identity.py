@@ -382,10 +382,11 @@ def get_identity(db: sqlite_utils.Database, device: str) -> dict[str, Any] | Non
 def identities(
     db: sqlite_utils.Database, *, include_controller: bool = False
 ) -> list[dict[str, Any]]:
-    """Every identity row (devices first by id), with ``labels`` decoded."""
+    """Every device identity row by id (and the controller's), with ``labels`` decoded;
+    consumers are listed by ``greenfleet consumers list``."""
     rows = []
     for row in db.table("identities").rows_where(order_by="id"):
-        if row["kind"] == "controller" and not include_controller:
+        if row["kind"] == "consumer" or (row["kind"] == "controller" and not include_controller):
             continue
         row["labels"] = json.loads(row["labels"] or "{}")
         rows.append(row)
@@ -397,8 +398,11 @@ def check_new_id(device: str) -> str:
         check_device_id(device)
     except ProtocolError as exc:
         raise InvalidRequest(str(exc)) from exc
-    if device.lower() in RESERVED_IDS:
-        raise InvalidRequest(f"{device!r} is reserved for the controller; choose another id")
+    if device.lower() in RESERVED_IDS or device.lower().startswith("gf-"):
+        raise InvalidRequest(
+            f"{device!r} is reserved: ids starting with 'gf-' name the controller, its ingest "
+            "workers and consumers; choose another id"
+        )
     return device
 
 

@@ -72,7 +72,7 @@ def stored_messages(acks: dict[str, tuple[list[str], list[str]]]) -> list[tuple[
 def telemetry_rows(device: str, batch: p.TelemetryBatch, received: str) -> list[dict[str, Any]]:
     rows = []
     for r in batch.records:
-        row = r.model_dump(mode="json")
+        row = r.model_dump(mode="json", exclude={"outbox_dropped"})
         row.update(
             device=device,
             session=batch.session,
@@ -339,6 +339,9 @@ class Ingest:
                 elif isinstance(message, p.TelemetryBatch):
                     telemetry.extend(telemetry_rows(device, message, received))
                     _newer(tiers, device, reported_tier(message))
+                    dropped = max((r.outbox_dropped or 0) for r in message.records)
+                    if dropped:
+                        registry.note_outbox_dropped(db, device, dropped, now)
                 elif isinstance(message, p.Event):
                     _newer(tiers, device, reported_tier(message))
                     events.append(

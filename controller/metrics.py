@@ -93,8 +93,15 @@ def _device_families(devices: list[dict[str, Any]]) -> list[Metric]:
         "to store on their own).",
         labels=["device"],
     )
+    dropped = CounterMetricFamily(
+        "greenfleet_device_outbox_dropped_messages",
+        "Telemetry and events the agent dropped because it could neither store nor send them "
+        "(as the agent reports it).",
+        labels=["device"],
+    )
     for row in devices:
         rejected.add_metric([row["id"]], float(row.get("rejected_messages") or 0))
+        dropped.add_metric([row["id"]], float(row.get("outbox_dropped") or 0))
         labels = json.loads(row["labels"] or "{}")
         up.add_metric(
             [
@@ -111,7 +118,7 @@ def _device_families(devices: list[dict[str, Any]]) -> list[Metric]:
         if row.get("tier"):
             for t in Tier:
                 tier.add_metric([row["id"], t.value], 1.0 if row["tier"] == t.value else 0.0)
-    return [up, seen, tier, rejected]
+    return [up, seen, tier, rejected, dropped]
 
 
 def _telemetry_families(

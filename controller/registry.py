@@ -60,7 +60,34 @@ def apply_birth(db: sqlite_utils.Database, device: str, birth: Birth, now: datet
         row["state_changed"] = iso(now)
     db.table("devices").upsert(row, pk="id")
     note_tier(db, device, birth.tier.value, birth.ts)
+    if birth.outbox_dropped:
+        note_outbox_dropped(db, device, birth.outbox_dropped, now)
     return True
+
+
+def note_outbox_dropped(
+    db: sqlite_utils.Database, device: str, dropped: int, now: datetime
+) -> None:
+    """The agent says its outbox dropped ``dropped`` messages over its life: keep the highest,
+    and record a ``telemetry_dropped`` event when it grows (once per report that shows new
+    drops: a report comes at most once per telemetry window, and only while they go on)."""
+    row = db.execute("SELECT outbox_dropped FROM devices WHERE id = ?", [device]).fetchone()
+    if row is None or dropped <= (row[0] or 0):
+        return
+    db.execute("UPDATE devices SET outbox_dropped = ? WHERE id = ?", [dropped, device])
+    db.table("events").insert(
+        {
+            "id": new_id(),
+            "device": device,
+            "ts": iso(now),
+            "session": "controller",
+            "event": "telemetry_dropped",
+            "message": f"the agent's outbox dropped {dropped - (row[0] or 0)} more message(s) "
+            f"({dropped} in all): records it could neither store nor send",
+            "detail": json.dumps({"dropped": dropped, "before": row[0] or 0}),
+        },
+        pk="id",
+    )
 
 
 def mark_revoked(db: sqlite_utils.Database, device: str, reason: str, now: datetime) -> bool:

@@ -36,6 +36,7 @@ def fleet(db: sqlite_utils.Database) -> list[dict[str, Any]]:
                 "revoked": bool(row.get("revoked")),
                 "revoked_at": row.get("revoked_at"),
                 "rejected_messages": row.get("rejected_messages") or 0,
+                "outbox_dropped": row.get("outbox_dropped") or 0,
                 "agent_version": row["agent_version"],
                 "runtimes": json.loads(row["runtimes"] or "[]"),
                 "active_model": row["active_model"],

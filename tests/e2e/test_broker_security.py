@@ -712,6 +712,85 @@ def test_a_poisoned_record_is_refused_alone_counted_and_others_keep_their_data(
         ctl.stop()
 
 
+def test_a_read_only_consumer_reads_results_and_can_never_publish(
+    site: Site, clients: Callable[..., Client]
+) -> None:
+    """Issue 15 (6): `greenfleet consumers add historian --read results,telemetry --site test`
+    gives a historian a login that reads those channels of the site's devices (also with the
+    README's mosquitto_sub line), publishes nothing, reads nothing else, and is gone when
+    revoked."""
+    import shutil
+
+    env = {"GREENFLEET_HOME": str(site.home.root), "PYTHONPATH": str(REPO), "PATH": "/usr/bin"}
+
+    def cli(*args: str) -> Any:
+        done = subprocess.run(
+            [sys.executable, "-m", "controller.cli", "consumers", *args, "--json"],
+            capture_output=True, text=True, env=env, timeout=30,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    added = cli("add", "historian", "--read", "results,telemetry", "--site", "test")
+    assert added["username"] == "gf-consumer-historian" and added["reload"]["signalled"]
+    user, password = added["username"], added["password"]
+    historian = clients(site, user, password, protocol=mqtt.MQTTv5).connected()
+    codes = historian.subscribe(
+        p.subscription(p.Channel.RESULTS), p.subscription(p.Channel.TELEMETRY)
+    )
+    assert all(code.value < 128 for code in codes), codes
+    a = clients(site, "dev-a", password_of(site, "dev-a")).connected()
+    result, report = marker(), marker()
+    a.publish(p.topic("dev-a", p.Channel.RESULTS), result)
+    a.publish(p.topic("dev-a", p.Channel.TELEMETRY), report)
+    historian.received(p.topic("dev-a", p.Channel.RESULTS), result)
+    historian.received(p.topic("dev-a", p.Channel.TELEMETRY), report)
+    # it can never publish, on any topic, nor read what it was not given
+    for topic in (
+        p.topic("dev-a", p.Channel.CMD),
+        p.topic("dev-a", p.Channel.RESULTS),
+        p.topic("dev-a", p.Channel.ACK),
+        p.shared_blob_topic("a" * 64, 0),
+        p.CONTROLLER_TOPIC,
+    ):
+        assert historian.publish(topic, marker()) == NOT_AUTHORIZED, topic
+    # Mosquitto grants a SUBSCRIBE and applies the ACL at delivery: a command sent to dev-a
+    # after it never reaches the historian (dev-a gets it, then a later result arrives)
+    historian.subscribe(p.topic("dev-a", p.Channel.CMD))
+    a.subscribe(p.topic("dev-a", p.Channel.CMD))
+    command, after = marker(), marker()
+    controller(site, clients).publish(p.topic("dev-a", p.Channel.CMD), command)
+    a.received(p.topic("dev-a", p.Channel.CMD), command)
+    a.publish(p.topic("dev-a", p.Channel.RESULTS), after)
+    historian.received(p.topic("dev-a", p.Channel.RESULTS), after)
+    assert not [m for t, m in historian.messages if t.endswith("/cmd")]
+    # the README's mosquitto_sub line works against the generated config
+    mosquitto_sub = shutil.which("mosquitto_sub")
+    assert mosquitto_sub, "apt-get install -y mosquitto-clients (.ci/run does this)"
+    sub = subprocess.Popen(
+        [mosquitto_sub, "-h", "127.0.0.1", "-p", str(site.settings.port), "--cafile",
+         str(site.files.ca), "--insecure", "-u", user, "-P", password,
+         "-t", p.subscription(p.Channel.RESULTS), "-C", "1", "-v", "-W", "20"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = ""
+        deadline = time.monotonic() + 20
+        while sub.poll() is None and time.monotonic() < deadline:
+            a.publish(p.topic("dev-a", p.Channel.RESULTS), b"via-mosquitto-sub")
+            time.sleep(0.2)  # mosquitto_sub gives no readiness signal: publish until it reads
+        line = sub.communicate(timeout=5)[0]
+    finally:
+        sub.kill()
+    assert line.strip() == f"{p.topic('dev-a', p.Channel.RESULTS)} via-mosquitto-sub"
+    listed = cli("list")
+    assert [c["username"] for c in listed if c["status"] == "active"] == [user]
+    cli("revoke", "historian")
+    historian.wait(historian.disconnected.is_set, "the revoked consumer to be dropped")
+    refused = clients(site, user, password).connack()
+    assert refused is not None and refused.value == NOT_AUTHORIZED
+
+
 FLOOD = 20_000
 
 

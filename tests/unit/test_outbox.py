@@ -429,3 +429,16 @@ def test_held_for_the_controller_then_released(tmp_path: Path, resend: bool) -> 
         assert link.payloads() == msgs(3, start=2)
     assert box.stats()["pending"] == 5, "nothing is deleted without the controller"
     box.close()
+
+
+def test_a_message_the_disk_cannot_take_is_sent_unstored_or_dropped_and_counted(
+    tmp_path: Path,
+) -> None:
+    """Issue 15 (4): a full disk loses nothing while the link is up."""
+    box = opened(tmp_path / "outbox.db")
+    box.close()  # stands for a disk that cannot take a write
+    sent: list[bytes] = []
+    box.put("t", b"m0", "m0", fallback=lambda: bool(sent.append(b"m0")) or True)
+    assert sent == [b"m0"] and box.dropped == 0 and box.stats()["sent_unstored"] == 1
+    box.put("t", b"m1", "m1", fallback=lambda: False)  # offline as well: dropped, counted
+    assert box.dropped == 1 and box.stats()["dropped_disk"] == 1
