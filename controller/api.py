@@ -281,6 +281,10 @@ class DeviceDetail(Device):
     fallback_sha256: str | None = None
     tier_at: str | None = None
     preloaded_model: str | None = None
+    last_rejection: str | None = Field(None, description="Why its last refused message was.")
+    deploy_retry: dict[str, Any] | None = Field(
+        None, description="Its newest deploy failed: model, error, failures in a row, next_try."
+    )
     recent_events: list[Event] = Field(default_factory=list)
     recent_tier_changes: list[Event] = Field(default_factory=list)
     recent_deployments: list[dict[str, Any]] = Field(default_factory=list)

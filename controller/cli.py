@@ -76,6 +76,14 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
                 f"preloaded {detail['preloaded_model']}: on the device, activated when its "
                 "maintenance window opens"
             )
+        retry = detail.get("deploy_retry")
+        if retry:
+            console.print(
+                f"[red]deploy of {escape(retry['model'])} failed[/] "
+                f"({retry['failures']} in a row: {escape(retry['error'] or '-')}); next try "
+                f"{retry['next_try']}, or now: `greenfleet deploy {escape(retry['model'])} "
+                f"--device {args.id} --retry`"
+            )
         if detail.get("outbox_dropped"):
             console.print(
                 f"[red]{detail['outbox_dropped']} message(s) dropped by the agent[/] "
@@ -132,12 +140,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     else:
         targets = list(args.device)
     registry.set_desired(db, targets, str(ref))
+    retried = registry.retry_now(db, targets) if args.retry else 0
     emit(
         args,
-        {"model": str(ref), "devices": targets},
+        {"model": str(ref), "devices": targets, "retried": retried},
         lambda: console.print(
             f"desired model of {len(targets)} device(s) set to {ref}: {', '.join(targets)}\n"
-            "the controller daemon delivers it (watch with `greenfleet status`)"
+            + (f"{retried} failed deploy(s) tried again now\n" if args.retry else "")
+            + "the controller daemon delivers it (watch with `greenfleet status`)"
         ),
     )
     return 0
@@ -356,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--device", action="append", help="device id (repeatable)")
     target.add_argument("--selector", help="label selector, e.g. site=plant-a,line=3")
     deploy.add_argument("--force", action="store_true", help="deploy an ineligible variant")
+    deploy.add_argument(
+        "--retry",
+        action="store_true",
+        help="try a failed deploy again now instead of waiting for its next try",
+    )
 
     rollback = add(sub, "rollback", cmd_rollback, "roll a device back to its last-good model", True)
     rollback.add_argument("id", help="device id")

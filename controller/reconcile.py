@@ -3,7 +3,11 @@
 The database holds each device's desired model; an agent reports what it runs in its birth.
 Where they differ and the device is online, the controller sends Deploy, then waits: it re-sends
 after ``resend_after`` if nothing changed (the agent resumes a transfer from where it was), and
-after a failure reply it waits ``retry_failed_after`` so a broken model does not loop.
+after a failure reply it waits before trying again (:func:`retry_wait`): a passing cause (a full
+disk, a stalled transfer) is tried again after 30 s, doubling with every failure in a row up to
+``retry_failed_after``; any other cause (a bad signature, a model that does not load) waits
+``retry_failed_after`` at once, so a broken model does not loop. ``greenfleet deploy ...
+--retry`` lets an operator try again now (status ``retry``).
 
 Once a device runs its desired model, the controller also stages a smaller variant on it as the
 agent's fallback tier (:func:`plan_fallback_deploys`): a Deploy with ``slot=fallback``, under the
@@ -44,7 +48,30 @@ class LastDeploy:
 
     model: str
     sent_at: datetime
-    status: str  # "sent", "ok" or "failed"
+    status: str  # "sent", "ok", "failed", or "retry" (an operator asked to try again now)
+    error: str | None = None  # the agent's reply, for a failure
+    failures: int = 1  # failed deploys of this model in a row, this one included
+
+
+TRANSIENT = ("disk", "space", "stalled", "timed out", "timeout", "cannot store the download")
+FIRST_RETRY = timedelta(seconds=30)
+
+
+def retry_wait(last: LastDeploy, retry_failed_after: timedelta) -> timedelta:
+    """How long after a failed deploy the controller tries again: a passing cause sooner, with
+    backoff; anything else after ``retry_failed_after``."""
+    error = (last.error or "").lower()
+    if any(word in error for word in TRANSIENT):
+        backoff: timedelta = FIRST_RETRY * 2 ** min(max(last.failures - 1, 0), 16)
+        return min(backoff, retry_failed_after)
+    return retry_failed_after
+
+
+def next_try(last: LastDeploy | None, retry_failed_after: timedelta) -> datetime | None:
+    """When a failed deploy is tried again (None: it did not fail)."""
+    if last is None or last.status != "failed":
+        return None
+    return last.sent_at + retry_wait(last, retry_failed_after)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +95,9 @@ def _too_soon(
     retry_failed_after: timedelta,
 ) -> bool:
     """The newest deploy of this slot sent ``model`` recently: wait (longer after a failure)."""
-    if last is None or last.model != model:
+    if last is None or last.model != model or last.status == "retry":
         return False
-    wait = retry_failed_after if last.status == "failed" else resend_after
+    wait = retry_wait(last, retry_failed_after) if last.status == "failed" else resend_after
     return now - last.sent_at < wait
 
 

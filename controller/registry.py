@@ -284,11 +284,47 @@ def last_deploys(db: sqlite_utils.Database, slot: str = "active") -> dict[str, L
     """The newest deploy per device into ``slot`` (agent.protocol.Slot): each slot keeps its
     own resend and retry clock, so staging a fallback never looks like a new active deploy."""
     rows = db.execute(
-        "SELECT device, model, sent_at, status FROM deployments d WHERE slot = ? AND sent_at = "
-        "(SELECT MAX(sent_at) FROM deployments WHERE device = d.device AND slot = ?)",
+        "SELECT device, model, sent_at, status, error FROM deployments d WHERE slot = ? AND "
+        "sent_at = (SELECT MAX(sent_at) FROM deployments WHERE device = d.device AND slot = ?)",
         [slot, slot],
     ).fetchall()
+    failed = [(device, model) for device, model, _, status, _ in rows if status == "failed"]
+    streaks = {key: _failures_in_a_row(db, slot, *key) for key in failed}
     return {
-        device: LastDeploy(model, datetime.fromisoformat(sent_at), status)
-        for device, model, sent_at, status in rows
+        device: LastDeploy(
+            model,
+            datetime.fromisoformat(sent_at),
+            status,
+            error,
+            streaks.get((device, model), 1),
+        )
+        for device, model, sent_at, status, error in rows
     }
+
+
+def _failures_in_a_row(db: sqlite_utils.Database, slot: str, device: str, model: str) -> int:
+    """Failed deploys of ``model`` to ``device`` since its last one that did not fail."""
+    recent = db.execute(
+        "SELECT model, status FROM deployments WHERE device = ? AND slot = ? "
+        "ORDER BY sent_at DESC LIMIT 16",
+        [device, slot],
+    ).fetchall()
+    count = 0
+    for m, status in recent:
+        if m != model or status != "failed":
+            break
+        count += 1
+    return max(count, 1)
+
+
+def retry_now(db: sqlite_utils.Database, devices: list[str]) -> int:
+    """Mark the newest failed deploy of each device as ``retry``: reconcile sends it again at
+    its next pass instead of waiting out the retry delay. Returns how many were failed."""
+    with db.conn:
+        cursor = db.execute(
+            "UPDATE deployments SET status = 'retry' WHERE status = 'failed' AND sent_at = "
+            "(SELECT MAX(sent_at) FROM deployments d WHERE d.device = deployments.device AND "
+            f"d.slot = deployments.slot) AND device IN ({','.join('?' * len(devices))})",
+            devices,
+        )
+    return cursor.rowcount or 0

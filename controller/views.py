@@ -101,6 +101,25 @@ def _events(rows: Any) -> list[dict[str, Any]]:
     return out
 
 
+def deploy_retry(db: sqlite_utils.Database, device: str) -> dict[str, Any] | None:
+    """The device's newest active deploy if it failed: why, how often in a row, and when the
+    controller tries again (``greenfleet deploy ... --retry`` tries now)."""
+    from datetime import timedelta
+
+    from controller.reconcile import next_try
+
+    last = registry.last_deploys(db, "active").get(device)
+    due = next_try(last, timedelta(minutes=5))
+    if last is None or due is None:
+        return None
+    return {
+        "model": last.model,
+        "error": last.error,
+        "failures": last.failures,
+        "next_try": registry.iso(due),
+    }
+
+
 def device_detail(
     db: sqlite_utils.Database, device: str, events: int = 10, tier_changes: int = 5
 ) -> dict[str, Any]:
@@ -120,6 +139,7 @@ def device_detail(
     detail["tier_at"] = row.get("tier_at")
     detail["preloaded_model"] = row.get("preloaded_model")
     detail["last_rejection"] = row.get("last_rejection")
+    detail["deploy_retry"] = deploy_retry(db, device)
     detail["recent_events"] = _events(
         db.table("events").rows_where("device = ?", [device], order_by="ts DESC", limit=events)
     )

@@ -490,6 +490,16 @@
         ["Desired", d.desired_model],
         ["Last good", d.last_good_model],
         ["Pinned", d.pinned ? d.pin_reason || "yes" : null],
+        [
+          "Deploy retry",
+          d.deploy_retry
+            ? `${d.deploy_retry.model} failed ${d.deploy_retry.failures}x (${d.deploy_retry.error || "?"}); ` +
+              `next try ${clock(d.deploy_retry.next_try)}`
+            : null,
+        ],
+        ["Revoked", d.revoked ? d.revoked_at || "yes" : null],
+        ["Rejected messages", d.rejected_messages ? String(d.rejected_messages) : null],
+        ["Dropped by the agent", d.outbox_dropped ? String(d.outbox_dropped) : null],
         ["Latency p95", num(d.latency_p95_ms) === null ? null : `${fixed(d.latency_p95_ms, 3)} ms`],
         ["Power", num(d.power_w) === null ? null : `${fixed(d.power_w, 2)} W (${d.power_method || "?"})`],
         ["Last seen", d.last_seen ? `${ago(d.last_seen)} (${clock(d.last_seen)})` : null],

@@ -56,7 +56,11 @@ def test_home_is_honoured_and_lists_take_json(
     table = capsys.readouterr().out
     assert "gw-1" in table and "rpi4" in table and "online" in table
     assert main(["deploy", "vib:1.0.0", "--selector", "site=a", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"model": "vib:1.0.0", "devices": ["gw-1"]}
+    assert json.loads(capsys.readouterr().out) == {
+        "model": "vib:1.0.0",
+        "devices": ["gw-1"],
+        "retried": 0,
+    }
     assert main(["devices", "show", "gw-1", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["desired_model"] == "vib:1.0.0" and shown["hardware"]["arch"] == "aarch64"

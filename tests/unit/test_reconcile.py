@@ -19,6 +19,7 @@ from controller.reconcile import (
 )
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+DISK = "cannot store the download: the disk holding /x is full: the model needs 1 more bytes"
 FORMATS = {"m:1": "onnx", "m:2": "onnx", "t:1": "tflite", "m:2+small": "onnx", "m:2+tfl": "tflite"}
 
 
@@ -45,6 +46,21 @@ def dev(
         (dev(), LastDeploy("m:2", NOW - timedelta(minutes=2), "failed"), False, "failed"),
         (dev(), LastDeploy("m:2", NOW - timedelta(minutes=6), "failed"), True, None),
         (dev(), LastDeploy("m:1", NOW - timedelta(seconds=1), "ok"), True, None),
+        # a passing cause (a full disk, a stall) is tried again sooner, with backoff
+        (dev(), LastDeploy("m:2", NOW - timedelta(seconds=29), "failed", DISK, 1), False, "failed"),
+        (dev(), LastDeploy("m:2", NOW - timedelta(seconds=31), "failed", DISK, 1), True, None),
+        (dev(), LastDeploy("m:2", NOW - timedelta(seconds=59), "failed", DISK, 2), False, "failed"),
+        (dev(), LastDeploy("m:2", NOW - timedelta(seconds=61), "failed", DISK, 2), True, None),
+        (dev(), LastDeploy("m:2", NOW - timedelta(minutes=4), "failed", DISK, 5), False, "failed"),
+        (dev(), LastDeploy("m:2", NOW - timedelta(minutes=6), "failed", DISK, 9), True, None),
+        # any other cause waits the full delay; an operator's --retry goes now
+        (
+            dev(),
+            LastDeploy("m:2", NOW - timedelta(seconds=31), "failed", "bad signature"),
+            False,
+            "failed",
+        ),
+        (dev(), LastDeploy("m:2", NOW - timedelta(seconds=1), "retry", DISK, 3), True, None),
     ],
 )
 def test_plan_deploys(

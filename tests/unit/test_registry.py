@@ -189,3 +189,33 @@ def test_last_deploys_keep_one_clock_per_slot(tmp_path: Path) -> None:
         db.table("deployments").insert({**row, **({"slot": slot} if slot else {})})
     assert registry.last_deploys(db)["d1"].model == "m:2", "rows before m4 were active deploys"
     assert registry.last_deploys(db, "fallback")["d1"].model == "m:2+small"
+
+
+def test_failed_deploys_in_a_row_and_an_operators_retry(tmp_path: Path) -> None:
+    """What the retry rule reads (controller.reconcile.retry_wait): the newest deploy's error and
+    how many of that model failed in a row; `deploy --retry` marks it to go now."""
+    db = open_db(tmp_path / "g.db")
+    rows = [
+        ("m:1", "2026-12-07T10:00:00+00:00", "ok", None),
+        ("m:2", "2026-12-07T10:01:00+00:00", "failed", "disk full"),
+        ("m:2", "2026-12-07T10:02:00+00:00", "failed", "disk full"),
+        ("m:2", "2026-12-07T10:03:00+00:00", "failed", "cannot store the download: disk"),
+    ]
+    for i, (model, sent_at, status, error) in enumerate(rows):
+        db.table("deployments").insert(
+            {
+                "id": f"c{i}",
+                "device": "d1",
+                "model": model,
+                "sha256": "x",
+                "sent_at": sent_at,
+                "status": status,
+                "error": error,
+                "slot": "active",
+            }
+        )
+    last = registry.last_deploys(db)["d1"]
+    assert (last.model, last.status, last.failures) == ("m:2", "failed", 3)
+    assert last.error == "cannot store the download: disk"
+    assert registry.retry_now(db, ["d1"]) == 1
+    assert registry.last_deploys(db)["d1"].status == "retry"
