@@ -65,9 +65,17 @@ NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 class NoSpaceError(OSError):
     """The disk that holds a download is full; ``str()`` is the whole message for an operator."""
 
-    def __init__(self, directory: Path, needed: int, free: int | None) -> None:
+    def __init__(
+        self, directory: Path, needed: int, free: int | None, total: int | None = None
+    ) -> None:
         super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
         self.directory, self.needed, self.free = directory, needed, free
+        if total is not None and needed > total:  # no freeing of space will ever make it fit
+            self.message = (
+                f"the model needs {needed:,} bytes, more than the whole {total:,}-byte disk "
+                f"holding {directory} ({free:,} free): deploy a smaller model or variant"
+            )
+            return
         self.message = (
             f"the disk holding {directory} is full: the model needs {needed:,} more bytes"
             + (f" and {free:,} are free" if free is not None else "")
@@ -136,7 +144,11 @@ class Download:
         if free is not None and free < self._missing_bytes():
             needed = self._missing_bytes()
             self.discard()
-            raise NoSpaceError(self.part.parent, needed, free)
+            try:
+                total: int | None = shutil.disk_usage(self.part.parent).total
+            except OSError:
+                total = None
+            raise NoSpaceError(self.part.parent, needed, free, total)
         self._fh = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             os.ftruncate(self._fh, self.artifact.size)  # sparse where the filesystem allows

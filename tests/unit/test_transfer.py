@@ -208,3 +208,14 @@ def test_a_disk_error_in_the_background_flush_reaches_the_next_chunk(tmp_path: P
         dl.accept(1, chunk(1, data))
     dl.discard()
     assert not dl.part.exists() and not dl.sidecar.exists()
+
+
+def test_a_model_larger_than_the_whole_disk_is_not_called_a_full_disk(tmp_path: Path) -> None:
+    """Issue 15: a manifest declaring 1 TiB was refused with "the disk ... is full"."""
+    huge = Artifact(sha256="0" * 64, size=2**40, format=ModelFormat.ONNX)
+    dl = Download(tmp_path, huge)
+    with pytest.raises(NoSpaceError) as refused:
+        dl.open()
+    message = str(refused.value)
+    assert "is full" not in message and f"needs {2**40:,} bytes" in message, message
+    assert "more than the whole" in message and "smaller model" in message
