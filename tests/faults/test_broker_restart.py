@@ -70,6 +70,10 @@ def telemetry(processes: Processes, device: str, session: str | None = None) -> 
             sql += " AND session = ?"
             args.append(session)
         return db.execute(sql + " ORDER BY seq", args).fetchall()
+    except sqlite3.OperationalError as exc:  # the file exists, the migration has not run yet
+        if "no such table" not in str(exc):
+            raise
+        return []
     finally:
         db.close()
 
