@@ -89,6 +89,13 @@ class BlobStats:
     dropped: int = 0  # requests that found the queue full (the device asks again after a stall)
 
 
+def _now_and_then(count: int, what: str, source: str, why: str) -> None:
+    """Log the 1st, 1001st, ... chunk request ``what`` (rejected, refused): a flood must not
+    flood the log too."""
+    if count % 1000 == 1:
+        log.warning("%s chunk request from %s: %s (%d %s so far)", what, source, why, count, what)
+
+
 class Coalescer:
     """Pending chunk publishes, merged by (sha256, chunk size, index); pure logic, no I/O.
 
@@ -215,13 +222,7 @@ class BlobServer:
                 source, request = self._decode(source, request)
             except p.ProtocolError as exc:
                 self.stats.rejected += 1
-                if self.stats.rejected % 1000 == 1:  # a flood must not flood the log too
-                    log.warning(
-                        "rejected chunk request on %s: %s (%d rejected so far)",
-                        source,
-                        exc,
-                        self.stats.rejected,
-                    )
+                _now_and_then(self.stats.rejected, "rejected", source, str(exc))
                 return
         try:
             self._admit(source, request)
@@ -239,13 +240,7 @@ class BlobServer:
 
     def _refuse(self, device: str, why: str) -> None:
         self.stats.refused += 1
-        if self.stats.refused % 1000 == 1:  # a flood must not flood the log too
-            log.warning(
-                "refused a chunk request of %s: %s (%d refused so far)",
-                device,
-                why,
-                self.stats.refused,
-            )
+        _now_and_then(self.stats.refused, "refused", device, why)
 
     def _admit(self, device: str, request: p.BlobRequest) -> None:
         """Check a request and add its chunks to the pending publishes."""
