@@ -25,15 +25,16 @@ import logging
 import os
 from pathlib import Path
 
-from pydantic import ValidationError
+import msgspec
 
+from agent import protocol as p
 from agent.protocol import ActiveModel, Deploy, Manifest, Strict
 from agent.transfer import fsync_dir
 
 log = logging.getLogger(__name__)
 
 
-class Pointer(Strict):
+class Pointer(Strict, frozen=True, kw_only=True):
     """The content of active.json."""
 
     active: ActiveModel | None = None
@@ -62,11 +63,10 @@ class Activation:
     def read(self) -> Pointer:
         """The current pointer; a missing or unreadable file means no model yet (logged)."""
         try:
-            raw = json.loads(self.pointer_path.read_text())
-            return Pointer.model_validate(raw)
+            return p.load(Pointer, self.pointer_path.read_bytes())
         except FileNotFoundError:
             return Pointer()
-        except (OSError, ValueError, ValidationError) as exc:
+        except (OSError, ValueError) as exc:
             log.error(
                 "ignoring unreadable %s (%s); starting without a model", self.pointer_path, exc
             )
@@ -97,36 +97,36 @@ class Activation:
     def set_fallback(self, model: ActiveModel | None) -> Pointer:
         """Keep ``model`` (staged, verified) as the fallback tier; the active one is unchanged."""
         current = self.read()
-        return self._write(current.model_copy(update={"fallback": model}))
+        return self._write(p.replace(current, fallback=model))
 
     def set_preloaded(self, model: ActiveModel | None) -> Pointer:
         """Keep ``model`` (staged, verified) on disk until it is activated; the one preloaded
         before it, if any, is pruned unless another slot holds it."""
         current = self.read()
-        return self._write(current.model_copy(update={"preloaded": model}))
+        return self._write(p.replace(current, preloaded=model))
 
     def save_manifest(self, sha256: str, manifest: Manifest) -> None:
         """Keep the manifest a model came with (before its pointer is written)."""
         path = self.models_dir / f"{sha256}.manifest.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(manifest.model_dump_json())
+        tmp.write_bytes(p.encode(manifest))
         os.replace(tmp, path)
 
     def manifest(self, model: ActiveModel) -> Manifest | None:
         """The manifest kept for ``model``, or None (not enrolled, or unreadable: logged)."""
         path = self.models_dir / f"{model.sha256}.manifest.json"
         try:
-            return Manifest.model_validate_json(path.read_bytes())
+            return p.load(Manifest, path.read_bytes())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, ValidationError) as exc:
+        except (OSError, ValueError) as exc:
             log.error("ignoring unreadable manifest %s (%s)", path, exc)
             return None
 
     def _write(self, pointer: Pointer) -> Pointer:
         tmp = self.pointer_path.with_suffix(".json.tmp")
         with tmp.open("w") as fh:
-            fh.write(pointer.model_dump_json(indent=1))
+            fh.write(msgspec.json.format(p.encode(pointer), indent=1).decode())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.pointer_path)
@@ -143,17 +143,17 @@ class Activation:
     def save_pending(self, command: Deploy, state: str) -> None:
         """Remember the deploy being worked on, so a restarted agent carries on with it."""
         tmp = self.pending_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"state": state, "command": command.model_dump(mode="json")}))
+        tmp.write_text(json.dumps({"state": state, "command": p.to_builtins(command)}))
         os.replace(tmp, self.pending_path)
 
     def load_pending(self) -> tuple[Deploy, str] | None:
         """The deploy a previous run did not finish, or None (an unreadable record is dropped)."""
         try:
             raw = json.loads(self.pending_path.read_text())
-            return Deploy.model_validate(raw["command"]), str(raw["state"])
+            return p.convert(raw["command"], Deploy), str(raw["state"])
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError, ValidationError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             log.error("dropping unreadable %s (%s)", self.pending_path, exc)
             self.clear_pending()
             return None

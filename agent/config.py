@@ -11,229 +11,261 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
+import msgspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from msgspec import Meta, Struct, field
 
 from agent.errors import ConfigError
-from agent.protocol import DeviceId, FaultKind, PowerMethod
+from agent.protocol import DeviceId, FaultKind, PowerMethod, reason_of
 
 ENV_PREFIX = "GREENFLEET_AGENT__"
 
 
-class Section(BaseModel):
-    """Base of every config section: a misspelt key is an error, not a silent default."""
+class Section(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every config section: a misspelt key is an error, not a silent default.
 
-    model_config = ConfigDict(extra="forbid")
+    Checked when the file is loaded (:func:`load_config`, through msgspec), not when code
+    builds a section: a test or a tool that builds one passes its own values.
+    """
 
 
-class TlsConfig(Section):
-    """TLS to the broker: the CA to pin and, for certificate auth, this device's certificate."""
+class TlsConfig(Section, kw_only=True):
+    """TLS to the broker: the CA to pin and, for certificate auth, this device's certificate.
 
-    ca_file: Path = Field(description="PEM CA that signed the broker's certificate (pinned).")
-    cert_file: Path | None = Field(default=None, description="PEM client certificate.")
-    key_file: Path | None = Field(default=None, description="PEM client key (mode 0600).")
-    server_name: str | None = Field(
-        default=None, description="Name to check the broker certificate against; default host."
-    )
+    ``ca_file``: PEM CA that signed the broker's certificate (pinned); ``cert_file`` and
+    ``key_file`` (mode 0600): the PEM client certificate and key; ``server_name``: the name to
+    check the broker certificate against (default: the host).
+    """
 
-    @model_validator(mode="after")
-    def _key_needs_cert(self) -> TlsConfig:
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
         if self.key_file is not None and self.cert_file is None:
             raise ValueError("key_file is set without cert_file (the client certificate)")
-        return self
 
     def resolved(self, base: Path) -> TlsConfig:
         """A copy with relative file paths taken from ``base`` (the config file's folder)."""
-        return self.model_copy(
-            update={
+        return msgspec.structs.replace(
+            self,
+            **{
                 key: (base / value).resolve()
                 for key in ("ca_file", "cert_file", "key_file")
                 if (value := getattr(self, key)) is not None and not value.is_absolute()
-            }
+            },
         )
 
 
-class BrokerConfig(Section):
+Seconds = Annotated[float, Meta(gt=0)]
+
+
+class BrokerConfig(Section, kw_only=True):
     """Where the site's MQTT broker is and how to log in.
 
     Without ``tls`` the connection is plain TCP, which is refused for a broker that is not on
     loopback unless ``allow_plaintext`` says so (and then warned about at every start).
+    Reconnects wait ``reconnect_min_s`` first, doubling up to ``reconnect_max_s``.
     """
 
-    host: str = Field(default="127.0.0.1", description="Broker host name or address.")
-    port: int = Field(default=1883, ge=1, le=65535)
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=1, le=65535)] = 1883
     username: str | None = None
     password: str | None = None
     tls: TlsConfig | None = None
-    allow_plaintext: bool = Field(
-        default=False, description="Allow plain TCP to a broker that is not on loopback."
-    )
-    keepalive_s: int = Field(default=30, ge=5, le=3600)
-    reconnect_min_s: float = Field(default=0.5, gt=0, description="First reconnect delay.")
-    reconnect_max_s: float = Field(default=30.0, gt=0, description="Cap of the backoff.")
+    allow_plaintext: bool = False
+    keepalive_s: Annotated[int, Meta(ge=5, le=3600)] = 30
+    reconnect_min_s: Seconds = 0.5
+    reconnect_max_s: Seconds = 30.0
 
 
-class PowerConfig(Section):
+def _all_meters() -> list[PowerMethod]:
+    return [
+        PowerMethod.RAPL,
+        PowerMethod.HWMON,
+        PowerMethod.PMIC,
+        PowerMethod.NVML,
+        PowerMethod.ESTIMATE,
+    ]
+
+
+class PowerConfig(Section, kw_only=True):
     """Which power meters to try, where they read, and the profile figures for the estimate.
 
-    Meters are tried in ``meters`` order at start; the first that works is used and the next
-    one takes over if it fails mid-run. The estimate is always the last resort, listed or not.
+    Meters are tried in ``meters`` order at start (each once; the estimate is appended if not
+    listed); the first that works is used and the next one takes over if it fails mid-run. The
+    estimate is always the last resort, listed or not.
+
+    - ``idle_w``: whole-device power when idle, W; ``active_w_per_core``: extra power per fully
+      busy core, W.
+    - ``meter_idle_w``: idle power as each meter sees it, W (a RAPL package or a GPU idles
+      well below the whole device); energy per inference counts only power above it.
+      Default: ``idle_w``.
+    - ``rapl_root``, ``hwmon_root``: the powercap (RAPL) and hwmon (INA power rails) sysfs
+      classes; ``hwmon_rails``: rail labels to sum, e.g. [VDD_IN] (default: the board's
+      total-input rail, VDD_IN or POM_5V_IN, if there is one, else every rail);
+      ``vcgencmd``: the Raspberry Pi command (Pi 5 PMIC meter).
     """
 
-    idle_w: float = Field(default=3.0, ge=0, description="Whole-device power when idle, W.")
-    active_w_per_core: float = Field(
-        default=1.5, ge=0, description="Extra power per fully busy core, W."
-    )
-    meters: list[PowerMethod] = Field(
-        default_factory=lambda: [
-            PowerMethod.RAPL,
-            PowerMethod.HWMON,
-            PowerMethod.PMIC,
-            PowerMethod.NVML,
-            PowerMethod.ESTIMATE,
-        ],
-        description="Meters to try, in order; the estimate is appended if not listed.",
-    )
-    meter_idle_w: dict[PowerMethod, float] = Field(
-        default_factory=dict,
-        description=(
-            "Idle power as each meter sees it, W (a RAPL package or a GPU idles well below the "
-            "whole device); energy per inference counts only power above it. Default: idle_w."
-        ),
-    )
-    rapl_root: Path = Field(
-        default=Path("/sys/class/powercap"), description="The powercap sysfs class (RAPL)."
-    )
-    hwmon_root: Path = Field(
-        default=Path("/sys/class/hwmon"), description="The hwmon sysfs class (INA power rails)."
-    )
-    hwmon_rails: list[str] | None = Field(
-        default=None,
-        description=(
-            "Rail labels to sum, e.g. [VDD_IN]. Default: the board's total-input rail (VDD_IN, "
-            "POM_5V_IN) if there is one, else every rail."
-        ),
-    )
-    vcgencmd: str = Field(
-        default="vcgencmd", description="The Raspberry Pi vcgencmd command (Pi 5 PMIC meter)."
-    )
+    idle_w: Annotated[float, Meta(ge=0)] = 3.0
+    active_w_per_core: Annotated[float, Meta(ge=0)] = 1.5
+    meters: list[PowerMethod] = field(default_factory=_all_meters)
+    meter_idle_w: dict[PowerMethod, float] = field(default_factory=dict)
+    rapl_root: Path = Path("/sys/class/powercap")
+    hwmon_root: Path = Path("/sys/class/hwmon")
+    hwmon_rails: list[str] | None = None
+    vcgencmd: str = "vcgencmd"
 
-    @field_validator("meters")
-    @classmethod
-    def _no_repeats(cls, meters: list[PowerMethod]) -> list[PowerMethod]:
+    def __post_init__(self) -> None:
+        meters = self.meters
         repeated = sorted({m.value for m in meters if meters.count(m) > 1})
         if repeated:
-            raise ValueError(f"each meter may be listed once; repeated: {', '.join(repeated)}")
-        return meters
+            raise ValueError(
+                f"meters: each meter may be listed once; repeated: {', '.join(repeated)}"
+            )
 
     def idle_for(self, method: PowerMethod) -> float:
         """Idle power as ``method`` sees it (``meter_idle_w``, else the whole device's)."""
         return self.meter_idle_w.get(method, self.idle_w)
 
 
-class VibrationInput(Section):
-    """The simulated vibration sensor on a rotating machine."""
+class VibrationInput(Section, kw_only=True, tag_field="type", tag="vibration"):
+    """The simulated vibration sensor on a rotating machine (``type: vibration``)."""
 
-    type: Literal["vibration"] = "vibration"
-    sample_rate_hz: float = Field(default=12800.0, gt=0)
-    window: int = Field(default=512, ge=16)
-    rpm: float = Field(default=1800.0, gt=0)
+    sample_rate_hz: Annotated[float, Meta(gt=0)] = 12800.0
+    window: Annotated[int, Meta(ge=16)] = 512
+    rpm: Annotated[float, Meta(gt=0)] = 1800.0
     fault: FaultKind = FaultKind.NONE
-    severity: float = Field(default=1.0, ge=0)
+    severity: Annotated[float, Meta(ge=0)] = 1.0
     seed: int | None = None
 
-
-class MqttInput(Section):
-    """Windows published on a topic of the local broker (a PLC bridge, a sensor gateway)."""
-
-    type: Literal["mqtt"] = "mqtt"
-    topic: str = Field(description="Topic carrying SensorReading JSON or a bare JSON array.")
-    broker: BrokerConfig | None = Field(
-        default=None, description="A local broker for sensor data; default: the fleet broker."
-    )
-    queue: int = Field(default=64, ge=1, description="Readings buffered; the oldest is dropped.")
+    @property
+    def type(self) -> str:
+        return "vibration"
 
 
-InputConfig = Annotated[VibrationInput | MqttInput, Field(discriminator="type")]
+class MqttInput(Section, kw_only=True, tag_field="type", tag="mqtt"):
+    """Windows published on a topic of the local broker (a PLC bridge, a sensor gateway),
+    ``type: mqtt``: SensorReading JSON or a bare JSON array on ``topic``, from ``broker`` (a
+    local broker for sensor data; default: the fleet broker), ``queue`` readings buffered (the
+    oldest is dropped)."""
+
+    topic: str
+    broker: BrokerConfig | None = None
+    queue: Annotated[int, Meta(ge=1)] = 64
+
+    @property
+    def type(self) -> str:
+        return "mqtt"
 
 
-class InferenceConfig(Section):
-    """How often to run the model on the input source."""
+InputConfig = VibrationInput | MqttInput  # tagged by ``type``
 
-    rate_hz: float = Field(default=10.0, gt=0, le=10000)
-    threads: int = Field(default=1, ge=1, le=64, description="Runtime intra-op threads.")
+
+class InferenceConfig(Section, kw_only=True):
+    """How often to run the model on the input source, with how many runtime intra-op
+    threads, and whether to publish every result."""
+
+    rate_hz: Annotated[float, Meta(gt=0, le=10000)] = 10.0
+    threads: Annotated[int, Meta(ge=1, le=64)] = 1
     publish_results: bool = True
 
 
-class TelemetryConfig(Section):
-    interval_s: float = Field(default=5.0, gt=0, description="Length of a telemetry window.")
+class TelemetryConfig(Section, kw_only=True):
+    interval_s: Seconds = 5.0  # the length of a telemetry window
 
 
-class FallbackConfig(Section):
+class FallbackConfig(Section, kw_only=True):
     """When the fallback chain moves down a tier, and when it tries to move back up.
 
     Down: ``errors_to_fall`` failed inferences in a row, ``latency_breaches_to_fall``
     inferences in a row over ``latency_budget_ms``, ``power_windows_to_fall`` telemetry windows
-    in a row over ``power_budget_w``, or more than ``restart_budget`` unclean restarts in a
-    row (a crash loop). Up: a probe of the next tier after ``probe_after_s`` below it; a probe
-    that falls again doubles the wait (up to ``probe_max_s``), one that lasts ``probe_confirm_s``
-    resets it.
+    in a row over ``power_budget_w`` (budgets: none, not checked), or more than
+    ``restart_budget`` unclean restarts in a row (a crash loop; serving ``healthy_after_s``
+    without a fall ends it). Up: a probe of the next tier after ``probe_after_s`` below it; a
+    probe that falls again doubles the wait (up to ``probe_max_s``), one that lasts
+    ``probe_confirm_s`` resets it. Staging rejects a model slower than
+    ``staging_latency_factor`` times its profiled p50.
     """
 
-    errors_to_fall: int = Field(default=3, ge=1, description="Failed inferences in a row.")
-    latency_budget_ms: float | None = Field(
-        default=None, gt=0, description="Per-inference latency budget; none: not checked."
-    )
-    latency_breaches_to_fall: int = Field(default=5, ge=1)
-    power_budget_w: float | None = Field(
-        default=None, gt=0, description="Mean device power budget per window; none: unchecked."
-    )
-    power_windows_to_fall: int = Field(default=3, ge=1)
-    probe_after_s: float = Field(default=30.0, gt=0, description="Wait below before a probe.")
-    probe_max_s: float = Field(default=600.0, gt=0, description="Cap of the doubling wait.")
-    probe_confirm_s: float = Field(default=10.0, gt=0, description="A probe that lasts wins.")
-    restart_budget: int = Field(
-        default=3, ge=0, description="Unclean restarts in a row before starting a tier lower."
-    )
-    healthy_after_s: float = Field(
-        default=60.0, gt=0, description="Serving this long without a fall ends a crash loop."
-    )
-    staging_latency_factor: float = Field(
-        default=20.0,
-        gt=1,
-        description="Staging rejects a model slower than this many times its profiled p50.",
-    )
+    errors_to_fall: Annotated[int, Meta(ge=1)] = 3
+    latency_budget_ms: Annotated[float, Meta(gt=0)] | None = None
+    latency_breaches_to_fall: Annotated[int, Meta(ge=1)] = 5
+    power_budget_w: Annotated[float, Meta(gt=0)] | None = None
+    power_windows_to_fall: Annotated[int, Meta(ge=1)] = 3
+    probe_after_s: Seconds = 30.0
+    probe_max_s: Seconds = 600.0
+    probe_confirm_s: Seconds = 10.0
+    restart_budget: Annotated[int, Meta(ge=0)] = 3
+    healthy_after_s: Seconds = 60.0
+    staging_latency_factor: Annotated[float, Meta(gt=1)] = 20.0
 
 
-class AgentConfig(Section):
-    """Everything the agent needs to run on one device."""
+Label = Annotated[str, Meta(max_length=64)]
+
+
+class AgentConfig(Section, kw_only=True):
+    """Everything the agent needs to run on one device.
+
+    ``device_class``: its hardware class (device_configs/); ``labels``: e.g. site, line (up to
+    32, 64 characters each); ``state_dir``: models and state; ``controller_keys``: the enrolled
+    controller signing keys (hex, from keys/signing.pub): when set, every deploy must carry a
+    manifest signed by one of them.
+    """
 
     device_id: DeviceId
-    device_class: str = Field(
-        default="generic", max_length=64, description="Hardware class (device_configs/)."
-    )
-    labels: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=64)]] = (
-        Field(default_factory=dict, max_length=32, description="e.g. site, line (64 chars).")
-    )
-    state_dir: Path = Field(default=Path("./agent-state"), description="Models and state.")
-    broker: BrokerConfig = Field(default_factory=BrokerConfig)
-    input: InputConfig = Field(default_factory=VibrationInput)
-    inference: InferenceConfig = Field(default_factory=InferenceConfig)
-    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
-    power: PowerConfig = Field(default_factory=PowerConfig)
-    fallback: FallbackConfig = Field(default_factory=FallbackConfig)
-    controller_keys: list[str] = Field(
-        default_factory=list,
-        description="Enrolled controller signing keys (hex, from keys/signing.pub). When set, "
-        "every deploy must carry a manifest signed by one of them.",
-    )
+    device_class: Annotated[str, Meta(max_length=64)] = "generic"
+    labels: Annotated[dict[Label, Label], Meta(max_length=32)] = field(default_factory=dict)
+    state_dir: Path = Path("./agent-state")
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    input: InputConfig = field(default_factory=VibrationInput)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    power: PowerConfig = field(default_factory=PowerConfig)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    controller_keys: list[str] = field(default_factory=list)
 
-    @field_validator("controller_keys")
-    @classmethod
-    def _keys_are_ed25519_public_keys(cls, keys: list[str]) -> list[str]:
-        return _check_keys(keys)
+    def __post_init__(self) -> None:
+        try:
+            _check_keys(self.controller_keys)
+        except ValueError as exc:
+            raise ValueError(f"controller_keys: {exc}") from exc
+
+
+def _path(kind: type, value: Any) -> Any:
+    """msgspec's hook for the one type it does not know: paths are strings in the file."""
+    if kind is Path and isinstance(value, str):
+        return Path(value)
+    raise TypeError(f"Expected a path (text), got `{type(value).__name__}`")
+
+
+def _check_text(node: Any, where: str = "") -> None:
+    """Refuse text that is not valid UTF-8 (a lone surrogate from an escaped YAML string):
+    it would pass as a str and fail later, in a file name or on the wire."""
+    if isinstance(node, str):
+        try:
+            node.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where or 'config'}: text is not valid UTF-8") from None
+    elif isinstance(node, Mapping):
+        for key, value in node.items():
+            _check_text(key, where)
+            _check_text(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_text(value, f"{where}[{i}]")
+
+
+def parse_config(raw: Mapping[str, Any]) -> AgentConfig:
+    """Check plain values (a parsed YAML file) as an AgentConfig; ValueError says where and what."""
+    _check_text(raw)
+    try:
+        return msgspec.convert(raw, AgentConfig, dec_hook=_path)
+    except msgspec.ValidationError as exc:
+        raise ValueError(reason_of(exc)) from exc
 
 
 def _check_keys(keys: list[str]) -> list[str]:
@@ -282,13 +314,9 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> AgentCo
         raise ConfigError(f"{path} must hold a mapping of settings, not {type(raw).__name__}")
     raw = apply_env_overrides(raw, os.environ if environ is None else environ)
     try:
-        config = AgentConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
-            for e in exc.errors()
-        )
-        raise ConfigError(f"invalid config {path}: {problems}") from exc
+        config = parse_config(raw)
+    except ValueError as exc:
+        raise ConfigError(f"invalid config {path}: {exc}") from exc
     if "\0" in str(config.state_dir):
         raise ConfigError(f"invalid config {path}: state_dir contains a NUL character")
     if not config.state_dir.is_absolute():

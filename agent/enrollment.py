@@ -10,40 +10,36 @@ Format: YAML, ``kind: greenfleet-enrollment``, ``version: 1``; see :class:`Bundl
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from msgspec import Meta, Struct, field
 
 from agent.protocol import DeviceId
 
 
-class BundleBroker(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class BundleBroker(Struct, forbid_unknown_fields=True, kw_only=True):
+    """The broker and the login: a password, or a client certificate and key (PEM), and the
+    CA of the broker's certificate for TLS."""
 
     host: str
-    port: int = Field(ge=1, le=65535)
+    port: Annotated[int, Meta(ge=1, le=65535)]
     username: str | None = None
-    password: str | None = Field(default=None, description="For password auth.")
-    ca_pem: str | None = Field(default=None, description="CA of the broker certificate (TLS).")
-    cert_pem: str | None = Field(default=None, description="Client certificate (cert auth).")
-    key_pem: str | None = Field(default=None, description="Client private key (cert auth).")
+    password: str | None = None
+    ca_pem: str | None = None
+    cert_pem: str | None = None
+    key_pem: str | None = None
     allow_plaintext: bool = False
 
 
-class Bundle(BaseModel):
-    """One device's identity and where its controller is."""
-
-    model_config = ConfigDict(extra="forbid")
+class Bundle(Struct, forbid_unknown_fields=True, kw_only=True):
+    """One device's identity and where its controller is: the controller's Ed25519 signing
+    key(s) in hex, and ``power`` (idle_w / active_w_per_core) from the class profile."""
 
     kind: Literal["greenfleet-enrollment"] = "greenfleet-enrollment"
     version: Literal[1] = 1
     device_id: DeviceId
     device_class: str
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
     broker: BundleBroker
-    controller_keys: list[str] = Field(
-        min_length=1, description="The controller's Ed25519 signing key(s), hex."
-    )
-    power: dict[str, float] = Field(
-        default_factory=dict, description="idle_w / active_w_per_core from the class profile."
-    )
+    controller_keys: Annotated[list[str], Meta(min_length=1)]
+    power: dict[str, float] = field(default_factory=dict)

@@ -36,13 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import msgspec
 import yaml
-from pydantic import ValidationError
 
-from agent.config import AgentConfig
+from agent.config import parse_config
 from agent.enrollment import Bundle
 from agent.errors import AgentError
 from agent.link import is_loopback
+from agent.protocol import reason_of
 
 UNIT_NAME = "greenfleet-agent.service"
 SERVICE = "greenfleet-agent"
@@ -166,13 +167,9 @@ def read_bundle(path: Path) -> Bundle:
             "version 1: upgrade the agent, or make the bundle with a controller of this release"
         )
     try:
-        bundle = Bundle.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
-            for e in exc.errors()
-        )
-        raise InstallError(f"{path}: invalid enrollment bundle: {problems}") from exc
+        bundle = msgspec.convert(raw, Bundle)
+    except msgspec.ValidationError as exc:
+        raise InstallError(f"{path}: invalid enrollment bundle: {reason_of(exc)}") from exc
     _check_credentials(bundle, path)
     return bundle
 
@@ -287,12 +284,9 @@ def config_document(bundle: Bundle, layout: Layout) -> dict[str, Any]:
     if bundle.power:
         document["power"] = dict(bundle.power)
     try:
-        AgentConfig.model_validate(document)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise InstallError(f"the bundle does not make a valid agent config: {problems}") from exc
+        parse_config(document)
+    except ValueError as exc:
+        raise InstallError(f"the bundle does not make a valid agent config: {exc}") from exc
     return document
 
 

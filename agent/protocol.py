@@ -2,7 +2,7 @@
 
 This is the only place where topics are built or parsed and where message shapes are
 defined; controller, agent, simulator and tests all go through it. It imports nothing but
-the standard library and pydantic, so that any process (and any test) can speak the
+the standard library and msgspec, so that any process (and any test) can speak the
 protocol without loading an inference runtime or an MQTT client.
 
 Topics (root ``gf/v1``, versioned like Sparkplug's ``spBv1.0``)::
@@ -29,15 +29,15 @@ discriminates the union, and :func:`decode` is the one parser for all of them.
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+import msgspec
+from msgspec import Meta, Struct, field
 
 PROTOCOL_VERSION = 1
 ROOT = "gf/v1"
@@ -53,12 +53,12 @@ _INDEX = re.compile(r"[0-9]{1,13}")  # ASCII digits only (isdigit() accepts "²"
 
 DeviceId = Annotated[
     str,
-    Field(
+    Meta(
         pattern=_DEVICE_ID.pattern,
         description="Device identifier: letters, digits, '_', '.', '-'; at most 64 characters.",
     ),
 ]
-Sha256 = Annotated[str, Field(pattern=_SHA256.pattern, description="Lower-case hex SHA-256.")]
+Sha256 = Annotated[str, Meta(pattern=_SHA256.pattern, description="Lower-case hex SHA-256.")]
 
 
 class ProtocolError(ValueError):
@@ -194,13 +194,19 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class Strict(BaseModel):
-    """Base of every wire model: unknown fields are errors, so typos never pass silently."""
+class Strict(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of every wire model: unknown fields are errors, so typos never pass silently.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    msgspec checks types and bounds when a message is decoded (:func:`decode`, :func:`load`,
+    :func:`convert`), not when code builds one: what this process builds from its own values
+    needs no second look (the agent builds a Result per inference), and whatever arrives from
+    outside is decoded. Build from outside values, such as an operator's argument, through
+    :func:`convert`.
+    """
 
 
-MessageId = Annotated[str, Field(min_length=1, max_length=64)]
+MessageId = Annotated[str, Meta(min_length=1, max_length=64)]
+SessionId = Annotated[str, Meta(min_length=1, max_length=64)]
 
 # Bounds on what a device may report (issue 15): every byte from a device is hostile input, and
 # a value that passes the schema must never break the code that stores or sums it (a window of
@@ -211,28 +217,29 @@ MAX_WINDOW_S = 24 * 3600.0  # a telemetry window is seconds to hours
 MAX_COUNT = 10**9  # inferences or errors in one window
 MAX_SEQ = 2**53  # exact in JSON numbers and in SQLite
 MAX_TEXT = 4096  # a free-text field (an event's message, a reply's error)
-Name = Annotated[str, Field(max_length=64)]
+Name = Annotated[str, Meta(max_length=64)]
 
 
-def _sane_time(value: datetime) -> datetime:
+def _sane_time(value: datetime, field: str) -> None:
     """A timestamp between 2000 and 2100 (naive ones are read as UTC): wide enough for any
     clock, narrow enough that adding a window of hours can never overflow."""
     aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
     if not EARLIEST <= aware <= LATEST:
-        raise ValueError(f"timestamp {value.isoformat()} is outside 2000..2100")
-    return value
+        raise ValueError(f"{field}: timestamp {value.isoformat()} is outside 2000..2100")
 
 
-Timestamp = Annotated[datetime, AfterValidator(_sane_time)]
 MAX_ACKED = 1000  # ids one Stored message may name: twice the controller's ingest batch
 
 
-class Envelope(Strict):
+class Envelope(Strict, frozen=True, kw_only=True):
     """Fields every JSON message carries."""
 
-    v: Literal[1] = Field(default=1, description="Protocol version.")
-    id: str = Field(default_factory=new_id, min_length=1, max_length=64, description="Message id.")
-    ts: Timestamp = Field(default_factory=utcnow, description="When the sender created it (UTC).")
+    v: Literal[1] = 1  # protocol version
+    id: MessageId = field(default_factory=new_id)
+    ts: datetime = field(default_factory=utcnow)  # when the sender created it (UTC)
+
+    def __post_init__(self) -> None:
+        _sane_time(self.ts, "ts")
 
 
 class ModelFormat(StrEnum):
@@ -242,11 +249,11 @@ class ModelFormat(StrEnum):
     TFLITE = "tflite"
 
 
-class ModelRef(Strict):
+class ModelRef(Strict, frozen=True, kw_only=True):
     """A model version as the fleet names it: ``name:version``."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$", description="Model name.")
-    version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,31}$", description="Version.")
+    name: Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+    version: Annotated[str, Meta(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,31}$")]
 
     def __str__(self) -> str:
         return f"{self.name}:{self.version}"
@@ -258,20 +265,18 @@ class ModelRef(Strict):
         if not sep:
             raise ProtocolError(f"model reference {text!r} must look like NAME:VERSION")
         try:
-            return cls(name=name, version=version)
-        except ValidationError as exc:
-            raise ProtocolError(f"invalid model reference {text!r}: {_first_error(exc)}") from exc
+            return convert({"name": name, "version": version}, cls)
+        except ProtocolError as exc:
+            raise ProtocolError(f"invalid model reference {text!r}: {exc}") from exc
 
 
-class Artifact(Strict):
+class Artifact(Strict, frozen=True, kw_only=True):
     """One model file, addressed by content."""
 
     sha256: Sha256
-    size: int = Field(gt=0, le=MAX_ARTIFACT_BYTES, description="Size in bytes (at most 1 TiB).")
+    size: Annotated[int, Meta(gt=0, le=MAX_ARTIFACT_BYTES)]  # bytes, at most 1 TiB
     format: ModelFormat
-    chunk_size: int = Field(
-        default=DEFAULT_CHUNK_SIZE, gt=0, le=MAX_CHUNK_SIZE, description="Bytes per chunk."
-    )
+    chunk_size: Annotated[int, Meta(gt=0, le=MAX_CHUNK_SIZE)] = DEFAULT_CHUNK_SIZE
 
     @property
     def chunk_count(self) -> int:
@@ -297,7 +302,7 @@ class Slot(StrEnum):
     #                      artifact activates it at once (maintenance windows: fetch any time)
 
 
-class ActiveModel(Strict):
+class ActiveModel(Strict, frozen=True, kw_only=True):
     """What an agent is running."""
 
     model: ModelRef
@@ -305,85 +310,69 @@ class ActiveModel(Strict):
     format: ModelFormat
 
 
-class HardwareFacts(Strict):
+class HardwareFacts(Strict, frozen=True, kw_only=True):
     """What the agent read from its host at start."""
 
-    arch: Name = Field(description="Machine architecture, e.g. x86_64 or aarch64.")
-    cpu_model: str = Field(default="", max_length=256, description="CPU model name, if readable.")
-    cpu_flags: list[Name] = Field(
-        default_factory=list, max_length=256, description="Notable CPU features."
-    )
-    cores: int = Field(ge=1, le=4096)
-    memory_mb: int = Field(ge=0, le=2**40, description="Physical memory in MiB.")
-    os: str = Field(max_length=256, description="Kernel and OS, e.g. 'Linux 6.1.0'.")
+    arch: Name  # machine architecture, e.g. x86_64 or aarch64
+    cpu_model: Annotated[str, Meta(max_length=256)] = ""  # CPU model name, if readable
+    cpu_flags: Annotated[list[Name], Meta(max_length=256)] = field(default_factory=list)
+    cores: Annotated[int, Meta(ge=1, le=4096)]
+    memory_mb: Annotated[int, Meta(ge=0, le=2**40)]  # physical memory in MiB
+    os: Annotated[str, Meta(max_length=256)]  # kernel and OS, e.g. 'Linux 6.1.0'
     python: Name
 
 
-class Birth(Envelope):
+class Birth(Envelope, frozen=True, kw_only=True):
     """Retained on the state topic when an agent connects: who it is and what it runs."""
 
     kind: Literal["birth"] = "birth"
-    session: str = Field(min_length=1, max_length=64, description="New at every agent start.")
+    session: SessionId  # new at every agent start
     agent_version: Name
-    device_class: Name = Field(description="Hardware class, a device_configs/ name.")
-    labels: dict[Name, Name] = Field(default_factory=dict, max_length=32)
-    runtimes: list[ModelFormat] = Field(description="Formats the agent can load.")
+    device_class: Name  # hardware class, a device_configs/ name
+    labels: Annotated[dict[Name, Name], Meta(max_length=32)] = field(default_factory=dict)
+    runtimes: list[ModelFormat]  # formats the agent can load
     hardware: HardwareFacts
     active: ActiveModel | None = None
-    last_good: ActiveModel | None = Field(
-        default=None, description="The previous model, kept on disk for an instant rollback."
-    )
-    fallback: ActiveModel | None = Field(
-        default=None, description="The small variant staged in advance as a fallback tier."
-    )
-    tier: Tier = Field(default=Tier.ACTIVE, description="The fallback tier serving now.")
-    preloaded: ActiveModel | None = Field(
-        default=None, description="Fetched and staged, waiting for an activation window."
-    )
-    outbox_dropped: int | None = Field(
-        default=None,
-        ge=0,
-        le=MAX_SEQ,
-        description="Messages the agent's outbox dropped (full, too old, disk), over its life.",
-    )
+    last_good: ActiveModel | None = None  # the previous model, kept for an instant rollback
+    fallback: ActiveModel | None = None  # the small variant staged as a fallback tier
+    tier: Tier = Tier.ACTIVE  # the fallback tier serving now
+    preloaded: ActiveModel | None = None  # fetched and staged, waiting for a window
+    # messages the agent's outbox dropped (full, too old, disk), over its life
+    outbox_dropped: Annotated[int, Meta(ge=0, le=MAX_SEQ)] | None = None
 
 
-class Death(Envelope):
+class Death(Envelope, frozen=True, kw_only=True):
     """The last will, retained on the state topic: the broker publishes it when the agent vanishes.
 
     An agent that stops cleanly publishes it itself.
     """
 
     kind: Literal["death"] = "death"
-    session: str = Field(min_length=1, max_length=64)
+    session: SessionId
     reason: str = "connection lost"
 
 
-class Deploy(Envelope):
-    """Controller -> agent: fetch this artifact, verify it, and make it the active model."""
+class Deploy(Envelope, frozen=True, kw_only=True):
+    """Controller -> agent: fetch this artifact, verify it, and make it the active model.
+
+    ``rollback``: an explicit rollback, an older version is allowed; ``rollback_grant``: a
+    signed RollbackGrant, without which an enrolled agent allows no older version;
+    ``manifest``: the controller-signed manifest, which enrolled agents require; ``slot``:
+    active runs it now, fallback keeps it ready as a tier, preload keeps it on disk until an
+    active deploy of it.
+    """
 
     kind: Literal["deploy"] = "deploy"
     model: ModelRef
     artifact: Artifact
-    window: int = Field(default=16, ge=1, le=MAX_WINDOW, description="Chunks in flight at once.")
-    rollback: bool = Field(
-        default=False, description="An explicit rollback: an older version is allowed."
-    )
-    rollback_grant: SignedManifest | None = Field(
-        default=None,
-        description="A signed RollbackGrant; enrolled agents allow an older version only with it.",
-    )
-    manifest: SignedManifest | None = Field(
-        default=None, description="The controller-signed manifest; enrolled agents require it."
-    )
-    slot: Slot = Field(
-        default=Slot.ACTIVE,
-        description="active: run it now; fallback: keep it ready as a tier; preload: keep it "
-        "on disk until an active deploy of it.",
-    )
+    window: Annotated[int, Meta(ge=1, le=MAX_WINDOW)] = 16  # chunks in flight at once
+    rollback: bool = False
+    rollback_grant: SignedManifest | None = None
+    manifest: SignedManifest | None = None
+    slot: Slot = Slot.ACTIVE
 
 
-class Ping(Envelope):
+class Ping(Envelope, frozen=True, kw_only=True):
     """Controller -> agent: answer with a Reply; used for liveness and round-trip time."""
 
     kind: Literal["ping"] = "ping"
@@ -398,7 +387,7 @@ class FaultKind(StrEnum):
     BALL = "ball"
 
 
-class InjectFault(Envelope):
+class InjectFault(Envelope, frozen=True, kw_only=True):
     """Controller -> agent: set the simulated sensor's bearing fault (demos and tests only).
 
     An agent whose input is not the simulated sensor refuses it with an error reply.
@@ -406,10 +395,10 @@ class InjectFault(Envelope):
 
     kind: Literal["inject_fault"] = "inject_fault"
     fault: FaultKind
-    severity: float = Field(default=1.0, ge=0.0, le=10.0)
+    severity: Annotated[float, Meta(ge=0.0, le=10.0)] = 1.0
 
 
-class ControllerState(Envelope):
+class ControllerState(Envelope, frozen=True, kw_only=True):
     """Controller -> agents, retained on CONTROLLER_TOPIC: is the controller subscribed?
 
     A broker restarted without persistence forgets the controller's subscriptions; telemetry an
@@ -421,22 +410,19 @@ class ControllerState(Envelope):
 
     kind: Literal["controller_state"] = "controller_state"
     online: bool
-    session: str = Field(min_length=1, max_length=64)
-    since: datetime = Field(description="When this connection of the controller began.")
+    session: SessionId
+    since: datetime  # when this connection of the controller began
 
 
-class Reply(Envelope):
-    """Agent -> controller: the outcome of one command, echoing its id in ``ref``."""
+class Reply(Envelope, frozen=True, kw_only=True):
+    """Agent -> controller: the outcome of one command, echoing its id in ``ref`` ('' if the
+    command had none); ``error`` says what went wrong and what to do."""
 
     kind: Literal["reply"] = "reply"
-    ref: str = Field(
-        max_length=64, description="The id of the command this answers, or '' if it had none."
-    )
+    ref: Annotated[str, Meta(max_length=64)]
     ok: bool
-    error: str | None = Field(
-        default=None, max_length=MAX_TEXT, description="What went wrong and what to do."
-    )
-    detail: dict[str, Any] = Field(default_factory=dict)
+    error: Annotated[str, Meta(max_length=MAX_TEXT)] | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
 
 
 class EventKind(StrEnum):
@@ -456,7 +442,7 @@ class EventKind(StrEnum):
     PRELOADED = "preloaded"  # a model is verified and staged on disk, not yet active
 
 
-class Stored(Envelope):
+class Stored(Envelope, frozen=True, kw_only=True):
     """Controller -> agent, on the device's ``ack`` topic: these outbox messages are stored.
 
     The end-to-end acknowledgement. A broker's PUBACK says only that the broker took a message:
@@ -471,18 +457,18 @@ class Stored(Envelope):
     """
 
     kind: Literal["stored"] = "stored"
-    ids: list[MessageId] = Field(default_factory=list, max_length=MAX_ACKED)
-    rejected: list[MessageId] = Field(default_factory=list, max_length=MAX_ACKED)
+    ids: Annotated[list[MessageId], Meta(max_length=MAX_ACKED)] = field(default_factory=list)
+    rejected: Annotated[list[MessageId], Meta(max_length=MAX_ACKED)] = field(default_factory=list)
 
 
-class Event(Envelope):
+class Event(Envelope, frozen=True, kw_only=True):
     """Agent -> controller: something happened; ``message`` is for people, ``detail`` for code."""
 
     kind: Literal["event"] = "event"
     event: EventKind
-    session: str = Field(min_length=1, max_length=64)
-    message: str = Field(default="", max_length=MAX_TEXT)
-    detail: dict[str, Any] = Field(default_factory=dict)
+    session: SessionId
+    message: Annotated[str, Meta(max_length=MAX_TEXT)] = ""
+    detail: dict[str, Any] = field(default_factory=dict)
 
 
 class PowerMethod(StrEnum):
@@ -495,67 +481,74 @@ class PowerMethod(StrEnum):
     NVML = "nvml"
 
 
-class TelemetryRecord(Strict):
+Latency = Annotated[float, Meta(ge=0, le=MAX_WINDOW_S * 1000)]
+
+
+class TelemetryRecord(Strict, frozen=True, kw_only=True):
     """One telemetry window of one agent session; (session, seq) is unique. Every number is
-    finite and bounded (see MAX_WINDOW_S and friends): the controller sums and stores them."""
+    finite and bounded (see MAX_WINDOW_S and friends): the controller sums and stores them.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    ``seq`` counts the session's windows from 0 without gaps; ``start`` and ``window_s`` place
+    the window (UTC, seconds); ``model`` and ``tier`` say what served it at its end; ``cpu_s``
+    is the process CPU time spent in it; ``outbox_dropped`` counts the messages the agent's
+    outbox dropped (full, too old, disk) over its life.
+    """
 
-    seq: int = Field(ge=0, le=MAX_SEQ, description="Per-session sequence number, from 0, no gaps.")
-    start: Timestamp = Field(description="Start of the window (UTC).")
-    window_s: float = Field(gt=0, le=MAX_WINDOW_S, description="Length of the window in seconds.")
-    model: ModelRef | None = Field(description="The model that served the window, if any.")
-    tier: Tier = Field(default=Tier.ACTIVE, description="The fallback tier at the window's end.")
-    inferences: int = Field(ge=0, le=MAX_COUNT)
-    errors: int = Field(ge=0, le=MAX_COUNT)
-    latency_p50_ms: float | None = Field(default=None, ge=0, le=MAX_WINDOW_S * 1000)
-    latency_p95_ms: float | None = Field(default=None, ge=0, le=MAX_WINDOW_S * 1000)
-    latency_p99_ms: float | None = Field(default=None, ge=0, le=MAX_WINDOW_S * 1000)
-    cpu_s: float = Field(ge=0, le=1e6, description="Process CPU time spent in the window.")
-    power_w: float | None = Field(
-        default=None, ge=0, le=1e5, description="Mean power in the window."
-    )
-    energy_per_inference_j: float | None = Field(default=None, ge=0, le=1e6)
+    seq: Annotated[int, Meta(ge=0, le=MAX_SEQ)]
+    start: datetime
+    window_s: Annotated[float, Meta(gt=0, le=MAX_WINDOW_S)]
+    model: ModelRef | None
+    tier: Tier = Tier.ACTIVE
+    inferences: Annotated[int, Meta(ge=0, le=MAX_COUNT)]
+    errors: Annotated[int, Meta(ge=0, le=MAX_COUNT)]
+    latency_p50_ms: Latency | None = None
+    latency_p95_ms: Latency | None = None
+    latency_p99_ms: Latency | None = None
+    cpu_s: Annotated[float, Meta(ge=0, le=1e6)]
+    power_w: Annotated[float, Meta(ge=0, le=1e5)] | None = None  # mean power in the window
+    energy_per_inference_j: Annotated[float, Meta(ge=0, le=1e6)] | None = None
     power_method: PowerMethod = PowerMethod.ESTIMATE
-    outbox_dropped: int | None = Field(
-        default=None,
-        ge=0,
-        le=MAX_SEQ,
-        description="Messages the agent's outbox dropped (full, too old, disk), over its life.",
-    )
+    outbox_dropped: Annotated[int, Meta(ge=0, le=MAX_SEQ)] | None = None
+
+    def __post_init__(self) -> None:
+        _sane_time(self.start, "start")
 
 
-class TelemetryBatch(Envelope):
+class TelemetryBatch(Envelope, frozen=True, kw_only=True):
     """Agent -> controller: one or more telemetry records, oldest first."""
 
     kind: Literal["telemetry"] = "telemetry"
-    session: str = Field(min_length=1, max_length=64)
-    records: list[TelemetryRecord] = Field(min_length=1, max_length=1000)
+    session: SessionId
+    records: Annotated[list[TelemetryRecord], Meta(min_length=1, max_length=1000)]
 
 
-class Result(Envelope):
-    """Agent -> local consumers: the output of one inference, naming the model and tier."""
+class Result(Envelope, frozen=True, kw_only=True):
+    """Agent -> local consumers: the output of one inference, naming the model and tier.
+
+    ``outputs`` maps each output name to its flattened values; ``input_ts`` is when the input
+    was captured. The agent writes these with ``agent.results.ResultWriter``, byte for byte.
+    """
 
     kind: Literal["result"] = "result"
-    seq: int = Field(ge=0, description="Per-session inference counter.")
+    seq: Annotated[int, Meta(ge=0)]  # per-session inference counter
     model: ModelRef | None
     tier: Tier = Tier.ACTIVE
-    latency_ms: float = Field(ge=0)
-    outputs: dict[str, list[float]] = Field(description="Output name -> flattened values.")
-    input_ts: datetime | None = Field(default=None, description="When the input was captured.")
+    latency_ms: Annotated[float, Meta(ge=0)]
+    outputs: dict[str, list[float]]
+    input_ts: datetime | None = None
 
 
-class BlobRequest(Envelope):
+class BlobRequest(Envelope, frozen=True, kw_only=True):
     """Agent -> controller: send chunks ``first`` .. ``first + count - 1`` of an artifact."""
 
     kind: Literal["blob_request"] = "blob_request"
     sha256: Sha256
-    first: int = Field(ge=0)
-    count: int = Field(ge=1, le=MAX_WINDOW)
-    chunk_size: int = Field(gt=0, le=MAX_CHUNK_SIZE)
+    first: Annotated[int, Meta(ge=0)]
+    count: Annotated[int, Meta(ge=1, le=MAX_WINDOW)]
+    chunk_size: Annotated[int, Meta(gt=0, le=MAX_CHUNK_SIZE)]
 
 
-class SensorReading(Envelope):
+class SensorReading(Envelope, frozen=True, kw_only=True):
     """A window of samples on a local input topic, for agents whose input source is MQTT.
 
     This is the one message on the wire that a third party (a PLC bridge, a sensor gateway)
@@ -563,8 +556,8 @@ class SensorReading(Envelope):
     """
 
     kind: Literal["reading"] = "reading"
-    values: list[float] = Field(min_length=1)
-    sample_rate_hz: float | None = Field(default=None, gt=0)
+    values: Annotated[list[float], Meta(min_length=1)]
+    sample_rate_hz: Annotated[float, Meta(gt=0)] | None = None
 
 
 # ------------------------------------------------------------------------------------ manifests
@@ -578,34 +571,36 @@ class Task(StrEnum):
     REGRESSION = "regression"  # values; metric R^2
 
 
-class TensorSignature(Strict):
-    """One input or output tensor of a model."""
+class TensorSignature(Strict, frozen=True, kw_only=True):
+    """One input or output tensor of a model: numpy dtype name (e.g. float32), and its shape
+    with None for a dynamic dimension."""
 
     name: str
-    dtype: str = Field(description="numpy dtype name, e.g. float32.")
-    shape: list[int | None] = Field(description="None for a dynamic dimension.")
+    dtype: str
+    shape: list[int | None]
 
 
-class LatencyStats(Strict):
-    p50_ms: float = Field(ge=0)
-    p95_ms: float = Field(ge=0)
-    runs: int = Field(ge=1)
+class LatencyStats(Strict, frozen=True, kw_only=True):
+    p50_ms: Annotated[float, Meta(ge=0)]
+    p95_ms: Annotated[float, Meta(ge=0)]
+    runs: Annotated[int, Meta(ge=1)]
 
 
-class Fidelity(Strict):
-    """How closely a variant reproduces the fp32 reference on held-out inputs."""
+class Fidelity(Strict, frozen=True, kw_only=True):
+    """How closely a variant reproduces the fp32 reference on held-out inputs.
 
-    samples: int = Field(ge=0)
-    agreement: float | None = Field(
-        default=None, description="Share of samples with the same decision (class / alarm)."
-    )
-    correlation: float | None = Field(default=None, description="Pearson r of raw outputs.")
+    ``agreement``: share of samples with the same decision (class / alarm); ``correlation``:
+    Pearson r of raw outputs; ``metric``: the task metric (roc_auc, accuracy, r2), with the
+    variant's value and the fp32 reference's on the same data.
+    """
+
+    samples: Annotated[int, Meta(ge=0)]
+    agreement: float | None = None
+    correlation: float | None = None
     max_abs_error: float | None = None
-    metric: str | None = Field(default=None, description="Task metric: roc_auc, accuracy, r2.")
-    metric_value: float | None = Field(default=None, description="The variant's task metric.")
-    reference_metric_value: float | None = Field(
-        default=None, description="The fp32 reference's task metric on the same data."
-    )
+    metric: str | None = None
+    metric_value: float | None = None
+    reference_metric_value: float | None = None
 
 
 # The name each format's latency is reported under in Profile.latency.
@@ -615,53 +610,55 @@ LATENCY_KEYS: dict[ModelFormat, str] = {
 }
 
 
-class Profile(Strict):
-    """What was measured of one variant on the controller's host."""
+class Profile(Strict, frozen=True, kw_only=True):
+    """What was measured of one variant on the controller's host: size, weights (elements in
+    weight tensors), estimated multiply-accumulates per inference, peak RSS above baseline,
+    latency per runtime name (onnxruntime, litert), fidelity, and where (arch, cores)."""
 
-    size_bytes: int = Field(ge=0)
-    parameters: int = Field(ge=0, description="Elements in weight tensors.")
-    nonzero_parameters: int | None = Field(default=None, ge=0)
-    macs: int = Field(ge=0, description="Estimated multiply-accumulates per inference.")
-    peak_memory_mb: float | None = Field(default=None, description="Peak RSS above baseline.")
-    latency: dict[str, LatencyStats] = Field(
-        default_factory=dict, description="Runtime name (onnxruntime, litert) -> latency."
-    )
+    size_bytes: Annotated[int, Meta(ge=0)]
+    parameters: Annotated[int, Meta(ge=0)]
+    nonzero_parameters: Annotated[int, Meta(ge=0)] | None = None
+    macs: Annotated[int, Meta(ge=0)]
+    peak_memory_mb: float | None = None
+    latency: dict[str, LatencyStats] = field(default_factory=dict)
     fidelity: Fidelity | None = None
-    host: str = Field(default="", description="Where it was measured (arch, cores).")
+    host: str = ""
 
 
-class GoldenCase(Strict):
+class GoldenCase(Strict, frozen=True, kw_only=True):
     """An input with the output the variant produced for it when it was built."""
 
     inputs: dict[str, list[float]]
     outputs: dict[str, list[float]]
 
 
-class Manifest(Strict):
-    """What the controller says about one deployable artifact; signed, verified by agents."""
+class Manifest(Strict, frozen=True, kw_only=True):
+    """What the controller says about one deployable artifact; signed, verified by agents.
 
-    model: ModelRef = Field(description="name:version, the variant in the version's build part.")
+    ``model`` is name:version, the variant in the version's build part; ``precision`` is fp32,
+    fp16, int8 or mixed; ``technique`` how it was made (reference, fp16, quantize-static, ...);
+    ``golden`` the cases of the smoke test; ``rules`` the rule baseline of the last fallback
+    tier; ``device_classes`` the hardware classes it is meant for (empty: any).
+    """
+
+    model: ModelRef
     artifact: Artifact
     task: Task
-    precision: str = Field(description="fp32, fp16, int8 or mixed.")
-    technique: str = Field(description="How it was made: reference, fp16, quantize-static, ...")
+    precision: str
+    technique: str
     inputs: list[TensorSignature]
     outputs: list[TensorSignature]
-    golden: list[GoldenCase] = Field(default_factory=list, description="For the smoke test.")
-    rtol: float = Field(default=1e-3, ge=0)
-    atol: float = Field(default=1e-4, ge=0)
+    golden: list[GoldenCase] = field(default_factory=list)
+    rtol: Annotated[float, Meta(ge=0)] = 1e-3
+    atol: Annotated[float, Meta(ge=0)] = 1e-4
     profile: Profile | None = None
-    rules: dict[str, Any] | None = Field(
-        default=None, description="The rule baseline for the last fallback tier."
-    )
-    device_classes: list[str] = Field(
-        default_factory=list, description="Hardware classes it is meant for; empty means any."
-    )
+    rules: dict[str, Any] | None = None
+    device_classes: list[str] = field(default_factory=list)
     created: datetime
     expires: datetime | None = None
 
 
-class RollbackGrant(Strict):
+class RollbackGrant(Strict, frozen=True, kw_only=True):
     """The controller's signed permission for one device to go back to one older artifact.
 
     A rollback lets an agent accept a version older than the one it runs; without this grant
@@ -675,19 +672,18 @@ class RollbackGrant(Strict):
     expires: datetime
 
 
-class SignedManifest(Strict):
-    """A manifest (or a RollbackGrant) as JSON text and an Ed25519 signature over exactly
-    those bytes."""
+class SignedManifest(Strict, frozen=True, kw_only=True):
+    """A manifest (or a RollbackGrant) as JSON text (serialized once: verify these bytes), a
+    base64 Ed25519 signature of its UTF-8 bytes, and the signing key's id (the first 16 hex
+    digits of sha256(public key bytes))."""
 
-    payload: str = Field(description="The Manifest, serialized once; verify these bytes.")
-    signature: str = Field(description="Base64 Ed25519 signature of payload's UTF-8 bytes.")
-    key_id: str = Field(description="First 16 hex digits of sha256(public key bytes).")
+    payload: str
+    signature: str
+    key_id: str
 
 
-Deploy.model_rebuild()  # it refers to SignedManifest, defined further down
-
-Command = Annotated[Deploy | Ping | InjectFault, Field(discriminator="kind")]
-Message = Annotated[
+Command = Deploy | Ping | InjectFault
+Message = (
     Birth
     | Death
     | Deploy
@@ -700,27 +696,68 @@ Message = Annotated[
     | TelemetryBatch
     | Result
     | BlobRequest
-    | SensorReading,
-    Field(discriminator="kind"),
-]
-MESSAGE: TypeAdapter[Message] = TypeAdapter(Message)
-COMMAND: TypeAdapter[Command] = TypeAdapter(Command)
+    | SensorReading
+)
+
+
+def _kind(cls: type[Envelope]) -> str:
+    default = next(f.default for f in msgspec.structs.fields(cls) if f.name == "kind")
+    assert isinstance(default, str)
+    return default
+
+
+# kind -> message class: the one dispatch table of the union (``kind`` discriminates).
+MESSAGE_KINDS: dict[str, type[Envelope]] = {
+    _kind(cls): cls
+    for cls in (
+        Birth,
+        Death,
+        Deploy,
+        Ping,
+        InjectFault,
+        ControllerState,
+        Stored,
+        Reply,
+        Event,
+        TelemetryBatch,
+        Result,
+        BlobRequest,
+        SensorReading,
+    )
+}
 COMMAND_KINDS = ("deploy", "ping", "inject_fault")
+_COMMANDS = {kind: MESSAGE_KINDS[kind] for kind in COMMAND_KINDS}
+
+T = TypeVar("T", bound=Strict)
+_json_decode = msgspec.json.decode
+_encode = msgspec.json.Encoder().encode
 
 
-def _first_error(exc: ValidationError, skip_tag: str | None = None) -> str:
-    err = exc.errors()[0]
-    loc = list(err["loc"])
-    if skip_tag is not None and loc[:1] == [skip_tag]:
-        loc = loc[1:]
-    where = ".".join(str(p) for p in loc) or "message"
-    return f"{where}: {err['msg']}"
+_NAMED_FIELD = re.compile(r"^Object (contains unknown|missing required) field `(.*)`$")
 
 
-def _decode(adapter: TypeAdapter[Any], payload: bytes | str, what: str) -> Any:
+def reason_of(exc: msgspec.ValidationError) -> str:
+    """msgspec's "Expected `int` >= 0 - at `$.records[0].seq`" as "records[0].seq: expected
+    `int` >= 0", the form every greenfleet error takes (where, then what); a field that is
+    unknown or missing is named in the where: "broker.hots: unknown field"."""
+    text = str(exc)
+    what, sep, where = text.rpartition(" - at `")
+    if not sep:
+        what, where = text, ""
+    where = where.rstrip("`").removeprefix("$").removeprefix(".")
+    named = _NAMED_FIELD.match(what)
+    if named:
+        where = f"{where}.{named[2]}" if where else named[2]
+        what = "unknown field" if named[1] == "contains unknown" else "required field missing"
+    elif not sep:
+        return what[:1].lower() + what[1:]
+    return f"{where or 'message'}: {what[:1].lower()}{what[1:]}"
+
+
+def _raw(payload: bytes | str, what: str) -> dict[str, Any]:
     try:
-        raw = json.loads(payload)
-    except (ValueError, RecursionError) as exc:  # also huge integers and absurd nesting
+        raw = _json_decode(payload)
+    except (msgspec.DecodeError, RecursionError) as exc:  # also huge integers, absurd nesting
         raise ProtocolError(f"{what} is not valid JSON: {str(exc)[:200]}") from exc
     if not isinstance(raw, dict):
         raise ProtocolError(f"{what} must be a JSON object, got {type(raw).__name__}")
@@ -728,32 +765,39 @@ def _decode(adapter: TypeAdapter[Any], payload: bytes | str, what: str) -> Any:
         raise ProtocolError(
             f"{what} has protocol version {raw.get('v')!r}; this side speaks {PROTOCOL_VERSION}"
         )
+    return raw
+
+
+def _decode(kinds: dict[str, type[Envelope]], payload: bytes | str, what: str) -> Any:
+    raw = _raw(payload, what)
+    kind = raw.get("kind")
+    cls = kinds.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"{what} has unknown kind {kind!r}")
     try:
-        return adapter.validate_python(raw)
-    except ValidationError as exc:
-        kind = raw.get("kind")
-        if exc.errors()[0]["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            raise ProtocolError(f"{what} has unknown kind {kind!r}") from exc
-        raise ProtocolError(f"malformed {kind or what}: {_first_error(exc, kind)}") from exc
+        return msgspec.convert(raw, cls)
+    except (msgspec.ValidationError, ValueError) as exc:
+        reason = reason_of(exc) if isinstance(exc, msgspec.ValidationError) else str(exc)
+        raise ProtocolError(f"malformed {kind}: {reason}") from exc
 
 
 def decode(payload: bytes | str) -> Message:
     """Parse any greenfleet JSON message; raise ProtocolError with a readable reason."""
-    result: Message = _decode(MESSAGE, payload, "message")
+    result: Message = _decode(MESSAGE_KINDS, payload, "message")
     return result
 
 
 def decode_command(payload: bytes | str) -> Command:
     """Parse a message on a cmd topic; anything but a command is a ProtocolError."""
-    result: Command = _decode(COMMAND, payload, "command")
+    result: Command = _decode(_COMMANDS, payload, "command")
     return result
 
 
 def command_id(payload: bytes | str) -> str:
     """Best-effort id of a command that failed to parse, so the error reply can echo it."""
     try:
-        raw = json.loads(payload)
-    except (ValueError, RecursionError):
+        raw = _json_decode(payload)
+    except (msgspec.DecodeError, RecursionError):
         return ""
     value = raw.get("id") if isinstance(raw, dict) else None
     if not isinstance(value, str) or len(value) > 64:
@@ -765,6 +809,38 @@ def command_id(payload: bytes | str) -> str:
     return value
 
 
-def encode(message: BaseModel) -> bytes:
-    """Serialize a message to compact JSON bytes."""
-    return message.model_dump_json().encode()
+def encode(message: Strict) -> bytes:
+    """Serialize a message (or any wire model) to compact JSON bytes."""
+    return _encode(message)
+
+
+def load(cls: type[T], payload: bytes | str) -> T:
+    """Parse JSON text as one wire model (a Manifest, a Profile, ...); ProtocolError says why
+    not. The envelope checks of :func:`decode` are for messages; this is for their parts and
+    for the files an agent keeps."""
+    try:
+        return msgspec.json.decode(payload, type=cls)
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+        reason = reason_of(exc) if isinstance(exc, msgspec.ValidationError) else str(exc)
+        raise ProtocolError(f"malformed {cls.__name__}: {reason[:300]}") from exc
+
+
+def convert(obj: Any, cls: type[T]) -> T:
+    """Build a wire model from plain values (dicts, lists, ISO strings), checked as a decode
+    would check them; ProtocolError says what is wrong."""
+    try:
+        return msgspec.convert(obj, cls)
+    except (msgspec.ValidationError, ValueError) as exc:
+        reason = reason_of(exc) if isinstance(exc, msgspec.ValidationError) else str(exc)
+        raise ProtocolError(reason) from exc
+
+
+def to_builtins(message: Strict) -> dict[str, Any]:
+    """The JSON form of a wire model as Python values (what ``json.loads(encode(m))`` gives)."""
+    result: dict[str, Any] = msgspec.to_builtins(message)
+    return result
+
+
+def replace(message: T, **changes: Any) -> T:
+    """A copy of a (frozen) wire model with some fields changed, unchecked like a build."""
+    return msgspec.structs.replace(message, **changes)

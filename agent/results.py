@@ -1,19 +1,19 @@
 """Result messages as the inference loop writes them: every inference, so every microsecond.
 
 ``ResultWriter`` encodes a ``protocol.Result`` byte for byte as ``protocol.encode`` would,
-without building the pydantic model (tests/unit/test_results.py holds the two to the same bytes
-on generated values).
+without building the Result (tests/unit/test_results.py holds the two to the same bytes on
+generated values).
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import orjson
+import msgspec
 
 from agent.protocol import PROTOCOL_VERSION, ModelRef, Tier
 
-_dumps, _now, _UTC_Z = orjson.dumps, datetime.now, orjson.OPT_UTC_Z  # looked up once
+_dumps, _now = msgspec.json.Encoder().encode, datetime.now  # looked up once
 
 
 class ResultWriter:
@@ -21,11 +21,10 @@ class ResultWriter:
     without building a Result.
 
     The agent made every field itself (a counter, its own clock, the runtime's float
-    outputs), so validating them again on every inference was pure cost: ~12 us of a 40 us
-    model run on a 2-core EPYC (benchmarks/README.md, "Inference overhead"). orjson writes
-    floats (shortest round-trip form) and UTC timestamps (``Z``) as pydantic does, in a third
-    of pydantic's time; tests/unit/test_results.py checks the bytes against ``Result`` on
-    generated values.
+    outputs), so building and checking a Result on every inference was pure cost: ~12 us of a
+    40 us model run on a 2-core EPYC when it was a pydantic model (benchmarks/README.md,
+    "Inference overhead"). A plain dict through the same msgspec encoder writes the same
+    bytes; tests/unit/test_results.py checks them against ``Result`` on generated values.
     """
 
     def __init__(self, model: ModelRef | None, tier: Tier) -> None:
@@ -53,6 +52,5 @@ class ResultWriter:
                 "latency_ms": latency_ms,
                 "outputs": outputs,
                 "input_ts": input_ts,
-            },
-            option=_UTC_Z,
+            }
         )

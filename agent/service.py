@@ -936,9 +936,7 @@ class Agent:
         elif pointer.preloaded is not None and pointer.preloaded.sha256 == sha256:
             status = "already preloaded"
             if pointer.preloaded.model != command.model:  # the same file under another name
-                self.activation.set_preloaded(
-                    pointer.preloaded.model_copy(update={"model": command.model})
-                )
+                self.activation.set_preloaded(p.replace(pointer.preloaded, model=command.model))
                 self._publish_birth()
         else:
             return False

@@ -24,9 +24,10 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+import msgspec
 import numpy as np
-from pydantic import ValidationError
 
+from agent import protocol as p
 from agent.errors import AgentError
 from agent.protocol import (
     LATENCY_KEYS,
@@ -268,9 +269,9 @@ def verify_rollback(
     except ManifestRejected as exc:
         raise refuse(f"its grant does not verify ({exc.message})") from exc
     try:
-        granted = RollbackGrant.model_validate_json(data)
-    except ValidationError as exc:
-        raise refuse(f"its grant is malformed ({exc.errors()[0]['msg']})") from exc
+        granted = p.load(RollbackGrant, data)
+    except p.ProtocolError as exc:
+        raise refuse(f"its grant is malformed ({exc})") from exc
     if granted.device != device or granted.sha256 != sha256:
         raise refuse(f"its grant is for {granted.device} / {granted.sha256[:12]}, not this deploy")
     if not granted.issued - CLOCK_SKEW <= now <= granted.expires:
@@ -286,13 +287,13 @@ def read_unsigned(signed: SignedManifest) -> Manifest:
 
 def _parse(payload: bytes) -> Manifest:
     try:
-        return Manifest.model_validate_json(payload)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "manifest"
+        return msgspec.json.decode(payload, type=Manifest)
+    except (msgspec.DecodeError, ValueError) as exc:
+        reason = p.reason_of(exc) if isinstance(exc, msgspec.ValidationError) else str(exc)
+        where = reason.partition(":")[0] if ": " in reason else "manifest"
         raise ManifestRejected(
             RejectReason.MALFORMED,
-            f"the signed manifest is not one this agent understands ({where}: {err['msg']}); "
+            f"the signed manifest is not one this agent understands ({reason}); "
             "if the controller is newer than this agent, upgrade the agent",
             field=where,
         ) from exc

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import sqlite_utils
 import yaml
 from cryptography import x509
@@ -60,7 +61,7 @@ def bundle_text(bundle: Bundle) -> str:
         "# `greenfleet-agent install <this file>` there, then delete it.\n"
     )
     body = yaml.dump(
-        bundle.model_dump(mode="json", exclude_none=True),
+        {k: v for k, v in msgspec.to_builtins(bundle).items() if v is not None},
         Dumper=_BundleDumper,
         sort_keys=False,
         allow_unicode=True,

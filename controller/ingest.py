@@ -72,7 +72,8 @@ def stored_messages(acks: dict[str, tuple[list[str], list[str]]]) -> list[tuple[
 def telemetry_rows(device: str, batch: p.TelemetryBatch, received: str) -> list[dict[str, Any]]:
     rows = []
     for r in batch.records:
-        row = r.model_dump(mode="json", exclude={"outbox_dropped"})
+        row = p.to_builtins(r)
+        del row["outbox_dropped"]  # a counter of the device, not of the window (registry)
         row.update(
             device=device,
             session=batch.session,

@@ -10,6 +10,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from agent import protocol as p
 from controller.db import open_db
 from controller.output import console, emit, fmt, progress_bar, stage_progress
 from model_store.catalog import Catalog, Declared, ModelVersion, Variant, _task
@@ -55,8 +56,8 @@ def version_row(version: ModelVersion, variants: list[Variant]) -> dict[str, Any
     return {
         "id": version.id,
         "task": version.task.value if version.task else None,
-        "inputs": [s.model_dump() for s in version.inputs],
-        "outputs": [s.model_dump() for s in version.outputs],
+        "inputs": [p.to_builtins(s) for s in version.inputs],
+        "outputs": [p.to_builtins(s) for s in version.outputs],
         "accuracy_floor": version.accuracy_floor,
         "threshold": version.threshold,
         "variants": len(variants),

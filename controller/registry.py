@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlite_utils
 
-from agent.protocol import Birth, Death, ProtocolError, check_device_id, new_id
+from agent.protocol import Birth, Death, ProtocolError, check_device_id, encode, new_id
 from controller.errors import InvalidRequest, NotFound
 from controller.reconcile import DeviceView, LastDeploy
 
@@ -44,7 +44,7 @@ def apply_birth(db: sqlite_utils.Database, device: str, birth: Birth, now: datet
         "session": birth.session,
         "agent_version": birth.agent_version,
         "runtimes": json.dumps([r.value for r in birth.runtimes]),
-        "hardware": birth.hardware.model_dump_json(),
+        "hardware": encode(birth.hardware).decode(),
         "active_model": str(birth.active.model) if birth.active else None,
         "active_sha256": birth.active.sha256 if birth.active else None,
         "last_good_model": str(birth.last_good.model) if birth.last_good else None,

@@ -61,7 +61,7 @@ def fleet(db: sqlite_utils.Database) -> list[dict[str, Any]]:
 
 def hardware_mismatches(row: dict[str, Any]) -> list[dict[str, str]]:
     """Where the facts the agent reported disagree with its hardware class's profile."""
-    from agent.protocol import HardwareFacts
+    from agent.protocol import HardwareFacts, load
     from controller.hardware_check import check_device
     from device_configs.schema import ProfileError, load_profiles
 
@@ -71,7 +71,7 @@ def hardware_mismatches(row: dict[str, Any]) -> list[dict[str, str]]:
         profiles = load_profiles()
     except ProfileError as exc:
         return [{"field": "profiles", "severity": "error", "message": str(exc)}]
-    facts = HardwareFacts.model_validate_json(row["hardware"])
+    facts = load(HardwareFacts, row["hardware"])
     runtimes = json.loads(row.get("runtimes") or "[]")
     return [
         {"field": m.field, "severity": m.severity.value, "message": m.message}

@@ -22,6 +22,7 @@ from typing import Any
 
 import sqlite_utils
 
+from agent import protocol as p
 from agent.protocol import (
     Artifact,
     ModelFormat,
@@ -89,10 +90,8 @@ class Variant:
             reason=row.get("reason"),
             notes=tuple(json.loads(row["notes"])) if row.get("notes") else (),
             details=json.loads(row["details"]) if row.get("details") else None,
-            profile=Profile.model_validate_json(row["profile"]) if row.get("profile") else None,
-            manifest=SignedManifest.model_validate_json(row["manifest"])
-            if row.get("manifest")
-            else None,
+            profile=p.load(Profile, row["profile"]) if row.get("profile") else None,
+            manifest=p.load(SignedManifest, row["manifest"]) if row.get("manifest") else None,
         )
 
 
@@ -115,7 +114,7 @@ class ModelVersion:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ModelVersion:
         def sigs(text: str | None) -> tuple[TensorSignature, ...]:
-            return tuple(TensorSignature.model_validate(s) for s in json.loads(text or "[]"))
+            return tuple(p.convert(s, TensorSignature) for s in json.loads(text or "[]"))
 
         return cls(
             id=row["id"],
@@ -175,9 +174,8 @@ def _task(value: str | None) -> Task | None:
 
 
 def _signature(spec: dict[str, Any]) -> TensorSignature:
-    return TensorSignature(
-        name=spec["name"], dtype=spec.get("dtype", "float32"), shape=list(spec["shape"])
-    )
+    """A tensor signature from a metadata file: checked (ProtocolError, a ValueError)."""
+    return p.convert({"dtype": "float32", **spec}, TensorSignature)
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
@@ -285,8 +283,8 @@ class Catalog:
         """
         declared = declared or Declared()
         try:
-            ref = ModelRef(name=name, version=version)
-        except ValueError as exc:
+            ref = p.convert({"name": name, "version": version}, ModelRef)
+        except p.ProtocolError as exc:
             raise InvalidModel(
                 f"invalid model name or version {name}:{version}: names are lower-case "
                 "letters, digits, '_', '.', '-'; versions are semantic, like 1.2.0"
@@ -330,8 +328,8 @@ class Catalog:
                         "name": name,
                         "version": base_version,
                         "task": declared.task.value if declared.task else None,
-                        "inputs": json.dumps([s.model_dump() for s in inputs]),
-                        "outputs": json.dumps([s.model_dump() for s in outputs]),
+                        "inputs": json.dumps([p.to_builtins(s) for s in inputs]),
+                        "outputs": json.dumps([p.to_builtins(s) for s in outputs]),
                         "accuracy_floor": declared.accuracy_floor,
                         "threshold": declared.threshold,
                         "rules": None,
@@ -402,7 +400,7 @@ class Catalog:
         profile: Profile | None,
     ) -> Variant:
         """Store a built variant (replacing an earlier build of the same variant name)."""
-        ref = ModelRef(name=version.name, version=f"{version.version}+{variant}")
+        ref = p.convert({"name": version.name, "version": f"{version.version}+{variant}"}, ModelRef)
         sha256, size = self.store_file(path)
         row = self._variant_row(
             ref,
@@ -417,7 +415,7 @@ class Catalog:
             reason=reason,
             notes=json.dumps(list(notes)),
             details=json.dumps(details, default=str),
-            profile=profile.model_dump_json() if profile else None,
+            profile=p.encode(profile).decode() if profile else None,
         )
         with self.db.conn:
             self.db.table("models").upsert(row, pk="id")

@@ -30,6 +30,7 @@ from agent.protocol import (
     ModelFormat,
     Profile,
     Task,
+    encode,
     utcnow,
 )
 from agent.runtime import load_model
@@ -279,7 +280,7 @@ def compress(
                 continue
             eligible, reason = _eligibility(version, profile, stored.technique or "")
             catalog.update_variant(
-                stored.id, profile=profile.model_dump_json(), eligible=int(eligible), reason=reason
+                stored.id, profile=encode(profile).decode(), eligible=int(eligible), reason=reason
             )
             report.variants.append(
                 _sign(catalog, signer, version, info, catalog.get(stored.id), heldout, building)
@@ -341,5 +342,5 @@ def _sign(
         expires=utcnow() + MANIFEST_VALIDITY,
     )
     signed = signer.sign(manifest)
-    catalog.update_variant(variant.id, manifest=signed.model_dump_json())
+    catalog.update_variant(variant.id, manifest=encode(signed).decode())
     return catalog.get(variant.id)

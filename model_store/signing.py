@@ -17,7 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.protocol import Manifest, RollbackGrant, SignedManifest
+from agent.protocol import Manifest, RollbackGrant, SignedManifest, encode, load
 from model_store.errors import ModelStoreError
 
 PRIVATE_NAME = "signing.key"
@@ -73,7 +73,7 @@ class Signer:
 
     def sign(self, manifest: Manifest | RollbackGrant) -> SignedManifest:
         """Sign a manifest (or a rollback grant) as the JSON text the agent will verify."""
-        payload = manifest.model_dump_json()
+        payload = encode(manifest).decode()
         signature = self._private.sign(payload.encode())
         return SignedManifest(
             payload=payload,
@@ -92,4 +92,4 @@ def verify(signed: SignedManifest, public_raw: bytes) -> Manifest:
             f"manifest signature does not verify with key {key_id(public_raw)} "
             f"(signed by {signed.key_id})"
         ) from exc
-    return Manifest.model_validate_json(signed.payload)
+    return load(Manifest, signed.payload)

@@ -89,7 +89,7 @@ def rules_manifest(data: bytes, version: str) -> p.SignedManifest:
         },
         created=p.utcnow(),
     )
-    return p.SignedManifest(payload=manifest.model_dump_json(), signature="", key_id="")
+    return p.SignedManifest(payload=p.encode(manifest).decode(), signature="", key_id="")
 
 
 def deploy(

@@ -37,7 +37,7 @@ def manifest_for(data: bytes, version: str, **changes: object) -> p.Manifest:
         "expires": p.utcnow() + timedelta(days=1),
     }
     fields.update(changes)
-    return p.Manifest.model_validate(fields)
+    return p.convert(fields, p.Manifest)
 
 
 def signed_deploy(signer: Signer, data: bytes, version: str, **changes: object) -> p.Deploy:
@@ -125,20 +125,15 @@ def test_golden_cases_that_do_not_match_reject_the_model(
     assert not reply.ok and "golden" in (reply.error or "")
     ctl.serving("vibration-ae:2.0.0")
     older = signed_deploy(signer, MODEL, "1.0.0")
-    replayed = older.model_copy(update={"rollback": True})  # no grant: anyone could send it
+    replayed = p.replace(older, rollback=True)  # no grant: anyone could send it
     reply = ctl.reply_to(ctl.command(replayed))
     assert not reply.ok and reply.detail.get("reason") == "bad_rollback", reply
     other = grant(signer, "another-device", older.artifact.sha256)
-    reply = ctl.reply_to(
-        ctl.command(replayed.model_copy(update={"rollback_grant": other, "id": p.new_id()}))
-    )
+    reply = ctl.reply_to(ctl.command(p.replace(replayed, rollback_grant=other, id=p.new_id())))
     assert not reply.ok and "not this deploy" in (reply.error or ""), reply
     ctl.serving("vibration-ae:2.0.0")
-    granted = replayed.model_copy(
-        update={
-            "rollback_grant": grant(signer, ctl.device, older.artifact.sha256),
-            "id": p.new_id(),
-        }
+    granted = p.replace(
+        replayed, rollback_grant=grant(signer, ctl.device, older.artifact.sha256), id=p.new_id()
     )
     assert ctl.reply_to(ctl.command(granted)).ok, "a signed rollback may go back a version"
     ctl.serving("vibration-ae:1.0.0")

@@ -58,7 +58,9 @@ KINDS = ["fetch"] * 6 + ["tail"] * 5 + ["verifying"] * 2 + ["staging"] * 2
 # start the agent on last-good after a few. That has its own tests: here the budget is lifted so
 # each restart must come back on the model the pointer names.
 NO_CRASH_LOOP = (
-    {"fallback": {"restart_budget": 10 * KILLS}} if "fallback" in AgentConfig.model_fields else {}
+    {"fallback": {"restart_budget": 10 * KILLS}}
+    if "fallback" in AgentConfig.__struct_fields__
+    else {}
 )
 
 
@@ -80,7 +82,7 @@ class Device:
         path = self.state / "active.json"
         if not path.exists():
             return Pointer()
-        return Pointer.model_validate_json(path.read_bytes())
+        return p.load(Pointer, path.read_bytes())
 
     def sha256(self, model: p.ActiveModel) -> str:
         path = self.state / "models" / f"{model.sha256}.{model.format.value}"
@@ -192,7 +194,7 @@ def test_sigkill_anywhere_in_a_deploy_restarts_on_a_verified_model(
     landed: list[str] = []
 
     def deploy(data: bytes, version: str) -> tuple[str, p.ActiveModel]:
-        artifact = manifest_for(data, version).artifact.model_copy(update={"chunk_size": CHUNK})
+        artifact = p.replace(manifest_for(data, version).artifact, chunk_size=CHUNK)
         command = signed_deploy(signer, data, version, artifact=artifact)
         target = p.ActiveModel(
             model=command.model, sha256=command.artifact.sha256, format=command.artifact.format

@@ -8,7 +8,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 venv="$repo/.venv-tflite-runtime"
 python="${PYTHON:-python3}"
 # tflite-runtime 2.14.0 is built against numpy 1.x and has wheels for CPython 3.8-3.11 only.
-requirements=("numpy<2" "tflite-runtime==2.14.0" "pydantic>=2.7,<3" "pytest>=8" "pytest-timeout>=2.3")
+requirements=("numpy<2" "tflite-runtime==2.14.0" "msgspec>=0.18" "pytest>=8" "pytest-timeout>=2.3")
 stamp="$venv/.greenfleet-requirements"
 
 if [[ ! -x "$venv/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "${requirements[*]}" ]]; then

@@ -14,7 +14,7 @@ python="${PYTHON:-python3}"
 # checks its files with it when it is installed (else with tf.lite).
 requirements=(
     "tensorflow-cpu>=2.16" "numpy" "onnx>=1.16" "onnxruntime>=1.17" "ai-edge-litert>=1.2"
-    "pydantic>=2.7,<3" "pytest>=8" "pytest-timeout>=2.3"
+    "pydantic>=2.7,<3" "msgspec>=0.18" "pytest>=8" "pytest-timeout>=2.3"
 )
 stamp="$venv/.greenfleet-requirements"
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import protocol as p
 from agent.hardware import read_hardware
 from agent.protocol import HardwareFacts, ModelFormat
 from controller.hardware_check import Mismatch, Severity, check_device, check_hardware
@@ -65,7 +66,7 @@ def test_what_the_agent_reads_from_a_real_cpuinfo_matches_the_profile(tmp_path: 
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc/cpuinfo").write_text(PI5_CPUINFO)
     (tmp_path / "proc/meminfo").write_text("MemTotal:        8245360 kB\n")
-    facts = read_hardware(tmp_path).model_copy(update={"arch": "aarch64", "cores": 4})
+    facts = p.replace(read_hardware(tmp_path), arch="aarch64", cores=4)
     assert check("rpi5", facts) == []
 
 
@@ -76,14 +77,14 @@ def test_another_architecture_is_an_error() -> None:
 
 
 def test_other_spellings_of_the_arch_are_accepted() -> None:
-    assert check("rpi5", PI5.model_copy(update={"arch": "arm64"})) == []
+    assert check("rpi5", p.replace(PI5, arch="arm64")) == []
 
 
 def test_fewer_cores_warn_and_more_are_fine() -> None:
-    found = check("rpi5", PI5.model_copy(update={"cores": 2}))
+    found = check("rpi5", p.replace(PI5, cores=2))
     assert fields(found) == {"cores": Severity.WARNING}
     assert found[0].expected == "4" and found[0].reported == "2"
-    assert check("rpi5", PI5.model_copy(update={"cores": 8})) == []
+    assert check("rpi5", p.replace(PI5, cores=8)) == []
 
 
 @pytest.mark.parametrize(
@@ -95,17 +96,17 @@ def test_fewer_cores_warn_and_more_are_fine() -> None:
     ],
 )
 def test_memory_well_below_the_profile_warns(memory_mb: int, expected: dict[str, Severity]) -> None:
-    found = check("rpi5", PI5.model_copy(update={"memory_mb": memory_mb}))
+    found = check("rpi5", p.replace(PI5, memory_mb=memory_mb))
     assert fields(found) == expected
 
 
 def test_a_missing_feature_that_variants_rely_on_is_an_error_others_warn() -> None:
-    found = check("rpi5", PI5.model_copy(update={"cpu_flags": ["asimd"]}))
+    found = check("rpi5", p.replace(PI5, cpu_flags=["asimd"]))
     assert fields(found) == {
         "cpu.features.asimddp": Severity.ERROR,
         "cpu.features.asimdhp": Severity.WARNING,
     }
-    found = check("factory-server", SERVER.model_copy(update={"cpu_flags": ["avx2", "avx512f"]}))
+    found = check("factory-server", p.replace(SERVER, cpu_flags=["avx2", "avx512f"]))
     assert fields(found) == {
         "cpu.features.avx512_vnni": Severity.ERROR,
         "cpu.features.f16c": Severity.WARNING,
@@ -114,7 +115,7 @@ def test_a_missing_feature_that_variants_rely_on_is_an_error_others_warn() -> No
 
 
 def test_no_features_reported_is_one_warning_not_a_list_of_errors() -> None:
-    found = check("rpi5", PI5.model_copy(update={"cpu_flags": []}))
+    found = check("rpi5", p.replace(PI5, cpu_flags=[]))
     assert fields(found) == {"cpu.features": Severity.WARNING}
     assert "not checked" in found[0].message
 
@@ -123,7 +124,7 @@ def test_a_runtime_of_the_class_the_agent_lacks_is_an_error() -> None:
     [found] = check("rpi5", PI5, [ModelFormat.ONNX])
     assert found.field == "runtimes" and found.severity is Severity.ERROR
     assert found.reported == "onnx" and "tflite" in found.message
-    assert check("coral-dev-board", PI5.model_copy(update={"cpu_flags": ["asimd"]}), []) == [
+    assert check("coral-dev-board", p.replace(PI5, cpu_flags=["asimd"]), []) == [
         Mismatch(
             "runtimes",
             "tflite",

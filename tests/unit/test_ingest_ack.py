@@ -89,8 +89,8 @@ def batch_of(device: str, seq: int, **changes: Any) -> tuple[str, bytes, str]:
     _topic, payload = telemetry(seq)
     batch = p.decode(payload)
     assert isinstance(batch, p.TelemetryBatch)
-    record = batch.records[0].model_copy(update=changes)
-    batch = batch.model_copy(update={"records": [record], "session": f"s-{device}"})
+    record = p.replace(batch.records[0], **changes)
+    batch = p.replace(batch, records=[record], session=f"s-{device}")
     return p.topic(device, p.Channel.TELEMETRY), p.encode(batch), batch.id
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 
@@ -127,8 +128,8 @@ def test_install_writes_a_config_that_loads_and_points_at_the_written_tls_files(
     assert on_disk == [etc / "tls" / n for n in ("ca.pem", "client.pem", "client.key")]
     assert on_disk[0].read_text() == bundle["broker"]["ca_pem"]
     assert on_disk[2].read_text() == bundle["broker"]["key_pem"]
-    staged = tls.model_copy(
-        update=dict(zip(("ca_file", "cert_file", "key_file"), on_disk, strict=True))
+    staged = msgspec.structs.replace(
+        tls, **dict(zip(("ca_file", "cert_file", "key_file"), on_disk, strict=True))
     )
     tls_context(staged)  # the CA, certificate and key load, and the key matches the certificate
 

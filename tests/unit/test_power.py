@@ -520,7 +520,7 @@ def test_power_config_from_yaml_and_environment(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="repeated: rapl"):
         load_config(path, environ={})
     path.write_text("device_id: cam-1\npower:\n  meters: [watts]\n")
-    with pytest.raises(ConfigError, match=r"power\.meters\.0"):
+    with pytest.raises(ConfigError, match=r"power\.meters\[0\]: invalid enum value"):
         load_config(path, environ={})
 
 

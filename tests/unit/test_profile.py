@@ -10,6 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from agent import protocol as p
 from agent.protocol import Fidelity, ModelFormat, Profile, Task
 from model_store.errors import ModelStoreError
 from model_store.profile import (
@@ -323,7 +324,7 @@ def test_broken_outputs_give_no_correlation_rather_than_nan() -> None:
     variant[2] = np.nan
     result = fidelity(Task.REGRESSION, variant, reference, None)
     assert result.correlation is None and result.max_abs_error is None
-    assert Fidelity.model_validate_json(result.model_dump_json()) == result
+    assert p.load(Fidelity, p.encode(result)) == result
 
 
 def test_outputs_of_another_shape_are_refused() -> None:
@@ -343,7 +344,7 @@ def test_profile_of_the_sample_variants_round_trips(heldout: Calibration) -> Non
         profile = profile_variant(
             path, fmt, VIBRATION, heldout, reference, runs=20, memory=fmt is ModelFormat.ONNX
         )
-        assert Profile.model_validate_json(profile.model_dump_json()) == profile
+        assert p.load(Profile, p.encode(profile)) == profile
         assert profile.size_bytes == path.stat().st_size
         assert profile.macs == VIBRATION_MACS
         assert list(profile.latency) == [runtime]
@@ -398,7 +399,7 @@ def test_profile_of_the_surface_classifier() -> None:
     assert profile.fidelity.agreement == 1.0
     assert profile.fidelity.metric == "accuracy"
     assert profile.peak_memory_mb is not None and profile.peak_memory_mb > 0
-    assert Profile.model_validate_json(profile.model_dump_json()) == profile
+    assert p.load(Profile, p.encode(profile)) == profile
 
 
 SURFACE_TFLITE = SAMPLES / "surface-cnn.tflite"

@@ -113,7 +113,7 @@ def test_ingest_stores_fallback_and_the_newest_tier_report(tmp_path: Path) -> No
     small = p.ActiveModel(
         model=p.ModelRef(name="m", version="1+int8"), sha256=sha, format=p.ModelFormat.ONNX
     )
-    staged = birth("s1").model_copy(update={"fallback": small, "tier": p.Tier.LAST_GOOD, "ts": NOW})
+    staged = p.replace(birth("s1"), fallback=small, tier=p.Tier.LAST_GOOD, ts=NOW)
 
     def record(seq: int, start: datetime, tier: p.Tier) -> p.TelemetryRecord:
         return p.TelemetryRecord(
@@ -176,7 +176,7 @@ def test_ingest_stores_fallback_and_the_newest_tier_report(tmp_path: Path) -> No
         "active -> fallback: 3 latency budget breaches",
     ]
     # the agent restarts without its fallback staged (a wiped disk): the controller sees it
-    run((p.Channel.STATE, birth("s2").model_copy(update={"ts": later + timedelta(minutes=1)})))
+    run((p.Channel.STATE, p.replace(birth("s2"), ts=later + timedelta(minutes=1))))
     row = registry.get_device(db, "d1")
     assert (row["fallback_model"], row["tier"]) == (None, "active")
 

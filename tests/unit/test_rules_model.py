@@ -197,6 +197,6 @@ def test_a_manifest_without_rules_is_a_load_error(tmp_path: Path) -> None:
 
 def test_a_manifest_without_inputs_or_outputs_is_a_load_error(tmp_path: Path) -> None:
     for field in ("inputs", "outputs"):
-        broken = manifest().model_copy(update={field: []})
+        broken = p.replace(manifest(), **{field: []})
         with pytest.raises(ModelLoadError, match="names no inputs or outputs"):
             RulesModel(broken, tmp_path / "m.json")

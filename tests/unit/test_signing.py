@@ -41,7 +41,7 @@ def test_signed_manifest_verifies_and_tampering_is_caught(tmp_path: Path) -> Non
     signer = Signer.load_or_create(tmp_path / "keys")
     signed = signer.sign(manifest())
     assert verify(signed, signer.public_raw) == manifest()
-    tampered = signed.model_copy(update={"payload": signed.payload.replace("fp16", "fp32", 1)})
+    tampered = p.replace(signed, payload=signed.payload.replace("fp16", "fp32", 1))
     with pytest.raises(SignatureError, match="does not verify"):
         verify(tampered, signer.public_raw)
     other = Signer.load_or_create(tmp_path / "other")

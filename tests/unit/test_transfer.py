@@ -8,6 +8,7 @@ import random
 import tempfile
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from agent.errors import IntegrityError, TransferError
@@ -158,7 +159,7 @@ def test_sidecar_with_other_chunk_size_starts_over(tmp_path: Path) -> None:
     dl.open()
     dl.accept(0, chunk(0))
     dl.close()
-    other = Artifact(**{**artifact().model_dump(), "chunk_size": 2048})
+    other = msgspec.structs.replace(artifact(), chunk_size=2048)
     assert Download(tmp_path, other).open() == 0
 
 

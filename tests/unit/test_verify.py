@@ -121,7 +121,7 @@ def test_a_signed_manifest_for_this_device_verifies(signer: Signer, tmp_path: Pa
     signed = signer.sign(manifest())
     assert verify(signed, [enrolled(tmp_path)]) == manifest()
     # Wire round trip: the signed manifest survives JSON encoding unchanged.
-    again = p.SignedManifest.model_validate_json(signed.model_dump_json())
+    again = p.load(p.SignedManifest, p.encode(signed))
     assert verify(again, [enrolled(tmp_path)]) == manifest()
 
 
@@ -159,7 +159,7 @@ def test_no_manifest_is_unsigned(signer: Signer) -> None:
 
 
 def test_an_empty_signature_is_unsigned(signer: Signer) -> None:
-    signed = signer.sign(manifest()).model_copy(update={"signature": ""})
+    signed = p.replace(signer.sign(manifest()), signature="")
     with pytest.raises(ManifestRejected) as info:
         verify(signed, [signer.public_raw])
     assert_reason(info, "unsigned")
@@ -184,7 +184,7 @@ def test_an_agent_with_no_enrolled_key_refuses_everything(signer: Signer) -> Non
 
 def test_a_tampered_payload_is_a_bad_signature(signer: Signer) -> None:
     signed = signer.sign(manifest())
-    tampered = signed.model_copy(update={"payload": signed.payload.replace("rpi5", "rpi4", 1)})
+    tampered = p.replace(signed, payload=signed.payload.replace("rpi5", "rpi4", 1))
     with pytest.raises(ManifestRejected, match="does not verify") as info:
         verify(tampered, [signer.public_raw], device_class="rpi4")
     assert_reason(info, "bad_signature")
@@ -194,7 +194,7 @@ def test_a_stranger_claiming_the_enrolled_key_id_is_a_bad_signature(
     signer: Signer, tmp_path: Path
 ) -> None:
     forged = Signer.load_or_create(tmp_path / "stranger").sign(manifest())
-    forged = forged.model_copy(update={"key_id": signer.key_id})
+    forged = p.replace(forged, key_id=signer.key_id)
     with pytest.raises(ManifestRejected) as info:
         verify(forged, [signer.public_raw])
     assert_reason(info, "bad_signature")
@@ -209,7 +209,7 @@ def test_a_stranger_claiming_the_enrolled_key_id_is_a_bad_signature(
     ],
 )
 def test_garbage_signatures_are_bad_signatures(signer: Signer, signature: str) -> None:
-    signed = signer.sign(manifest()).model_copy(update={"signature": signature})
+    signed = p.replace(signer.sign(manifest()), signature=signature)
     with pytest.raises(ManifestRejected) as info:
         verify(signed, [signer.public_raw])
     assert_reason(info, "bad_signature")
@@ -217,7 +217,7 @@ def test_garbage_signatures_are_bad_signatures(signer: Signer, signature: str) -
 
 def test_a_payload_that_cannot_be_utf8_is_a_bad_signature(signer: Signer) -> None:
     signed = signer.sign(manifest())
-    broken = signed.model_copy(update={"payload": signed.payload + "\ud800"})
+    broken = p.replace(signed, payload=signed.payload + "\ud800")
     with pytest.raises(ManifestRejected) as info:
         verify(broken, [signer.public_raw])
     assert_reason(info, "bad_signature")
@@ -225,7 +225,7 @@ def test_a_payload_that_cannot_be_utf8_is_a_bad_signature(signer: Signer) -> Non
 
 def test_a_validly_signed_payload_that_is_not_a_manifest_is_malformed(signer: Signer) -> None:
     # What a newer controller's manifest looks like to an older agent: an unknown field.
-    payload = manifest().model_dump_json()[:-1] + ', "future_field": 1}'
+    payload = p.encode(manifest()).decode()[:-1] + ', "future_field": 1}'
     signed = sign_payload(signer, payload)
     with pytest.raises(ManifestRejected, match=r"future_field.*upgrade the agent") as info:
         verify(signed, [signer.public_raw])
@@ -253,8 +253,8 @@ def test_a_manifest_past_its_expiry_is_refused(signer: Signer) -> None:
 
 def test_a_naive_expiry_is_read_as_utc(signer: Signer) -> None:
     payload = (
-        manifest(expires=None)
-        .model_dump_json()
+        p.encode(manifest(expires=None))
+        .decode()
         .replace('"expires":null', '"expires":"2026-11-26T11:00:00"')
     )
     with pytest.raises(ManifestRejected) as info:
@@ -388,7 +388,7 @@ def test_the_deploy_artifact_must_be_the_signed_one() -> None:
     signed = manifest()
     check_artifact(signed, signed.artifact)
     # The chunk size is the transfer's business, not the artifact's identity.
-    check_artifact(signed, signed.artifact.model_copy(update={"chunk_size": 4096}))
+    check_artifact(signed, p.replace(signed.artifact, chunk_size=4096))
     check_artifact(signed, signed.artifact, model=signed.model)
 
 
@@ -403,7 +403,7 @@ def test_the_deploy_artifact_must_be_the_signed_one() -> None:
 def test_a_deploy_artifact_that_differs_names_the_field(change: dict[str, Any], field: str) -> None:
     signed = manifest()
     with pytest.raises(ManifestRejected, match=f"artifact {field}") as info:
-        check_artifact(signed, signed.artifact.model_copy(update=change))
+        check_artifact(signed, p.replace(signed.artifact, **change))
     assert_reason(info, "artifact_mismatch")
     assert info.value.detail["field"] == field
 
