@@ -1047,8 +1047,8 @@ class Agent:
 
         Paid on every inference, so nothing here is worked out twice: the feed shape and the
         Result's constant fields belong to ``serving``, the thread's CPU time (a system call,
-        ~1.5 us) is read for one inference in ``CPU_SAMPLE_EVERY``, and the Result is encoded
-        without being validated (benchmarks/README.md, "Inference overhead").
+        ~1.5 us) is read for few inferences (``TelemetryWindow.sample_cpu``), and the
+        Result is encoded without being validated (benchmarks/README.md, "Inference overhead").
         """
         try:
             feed = reading.values.reshape(serving.feed_shape)
@@ -1060,7 +1060,7 @@ class Agent:
             )
             self._event(p.EventKind.INPUT_ERROR, reason, throttle="input-shape")
             return reason
-        sample_cpu = window.wants_cpu_sample()
+        sample_cpu = window.sample_cpu
         c0 = time.thread_time_ns() if sample_cpu else 0
         feeds = serving.feeds
         feeds[serving.input_name] = feed
