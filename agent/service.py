@@ -129,6 +129,7 @@ class Agent:
         self.link: MqttLink | None = None
         self.input_link: MqttLink | None = None
         self.inference_seq = 0
+        self._result_id = f"{self.session}-"  # a Result's id is this and its seq
         self.rejected_chunks = 0  # chunks that failed their checks, over the agent's life
         self._results_topic = p.topic(self.device, p.Channel.RESULTS)
         self._ack_topic = p.topic(self.device, p.Channel.ACK)
@@ -1071,7 +1072,8 @@ class Agent:
             window.error()
             self._event(p.EventKind.INFERENCE_ERROR, str(exc), throttle="inference")
             return str(exc)
-        latency_ms = (time.perf_counter_ns() - t0) / 1e6
+        t1 = time.perf_counter_ns()
+        latency_ms = (t1 - t0) / 1e6
         cpu_s = (time.thread_time_ns() - c0) / 1e9 if sample_cpu else None
         values: dict[str, list[float]] | None = None
         if self._publish_results:  # the lists are needed anyway: check them, not the arrays
@@ -1088,12 +1090,10 @@ class Agent:
         if values is not None:
             link = self.link
             assert link is not None
-            id_ = f"{self.session}-{seq}"
-            link.publish(
-                self._results_topic,
-                serving.results.encode(id_, seq, latency_ms, values, reading.ts),
-                qos=0,
+            payload = serving.results.encode(
+                self._result_id + str(seq), seq, latency_ms, values, reading.ts, t1
             )
+            link.publish(self._results_topic, payload, 0)  # qos 0, passed by position
         return latency_ms
 
     def _non_finite(self, serving: Serving, window: TelemetryWindow) -> str:
