@@ -81,6 +81,7 @@ class Serving:
     input_name: str = field(init=False)
     feed_shape: tuple[int, ...] = field(init=False)  # the input's shape, -1 where it is free
     feeds: dict[str, Any] = field(init=False)  # the inference thread's feed, refilled each run
+    only_output: str | None = field(init=False)  # the output's name, if the model has one
     results: ResultWriter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +89,7 @@ class Serving:
         self.input_name = spec.name
         self.feed_shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in spec.shape)
         self.feeds = {}
+        self.only_output = self.model.outputs[0].name if len(self.model.outputs) == 1 else None
         self.results = ResultWriter(self.active.model, self.tier)
 
 
@@ -1077,11 +1079,19 @@ class Agent:
         cpu_s = (time.thread_time_ns() - c0) / 1e9 if sample_cpu else None
         values: dict[str, list[float]] | None = None
         if self._publish_results:  # the lists are needed anyway: check them, not the arrays
-            values = {}
-            for name, v in outputs.items():
-                xs = values[name] = (v if v.dtype.kind == "f" else v.astype(float)).ravel().tolist()
-                if not math.isfinite(sum(xs)) and not all(map(math.isfinite, xs)):
-                    return self._non_finite(serving, window)  # a finite sum proves every term
+            only = serving.only_output
+            if only is not None and (v := outputs[only]).size == 1:  # a score: no loop, no list
+                x = float(v.item())
+                if not math.isfinite(x):
+                    return self._non_finite(serving, window)
+                values = {only: [x]}
+            else:
+                values = {}
+                for name, v in outputs.items():
+                    floats = v if v.dtype.kind == "f" else v.astype(float)
+                    xs = values[name] = floats.ravel().tolist()
+                    if not math.isfinite(sum(xs)) and not all(map(math.isfinite, xs)):
+                        return self._non_finite(serving, window)  # a finite sum proves every term
         elif not all(np.isfinite(v).all() for v in outputs.values()):
             return self._non_finite(serving, window)
         window.observe(latency_ms, cpu_s)

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import cast
 from unittest import mock
 
+import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import protocol as p
 from agent import results
+from agent.config import AgentConfig
+from agent.link import MqttLink
 from agent.results import ResultWriter
+from agent.runtime.base import TensorSpec
+from agent.service import Agent, Serving
+from agent.sources.base import Reading
+from agent.telemetry import TelemetryWindow
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 moments = (
@@ -131,3 +143,76 @@ def test_a_step_of_the_wall_clock_shows_within_a_millisecond() -> None:
         clock["wall"] += 600_000
         clock["perf"] += 600_000
         assert writer.stamp(clock["perf"]) == "2027-01-15T09:00:00.401100Z"
+
+
+class _FixedModel:
+    """A LoadedModel whose run returns the given outputs, whatever it is fed."""
+
+    format = p.ModelFormat.ONNX
+    path = Path("fixed.onnx")
+    inputs = (TensorSpec("window", (1, 4), "float32"),)
+
+    def __init__(self, outputs: dict[str, np.ndarray]) -> None:
+        self._outputs = outputs
+        self.outputs = tuple(TensorSpec(n, v.shape, v.dtype.name) for n, v in outputs.items())
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._outputs
+
+    def close(self) -> None:
+        pass
+
+
+class _KeptLink:
+    """Keeps what the agent publishes; never connected, so events stay in the outbox."""
+
+    def __init__(self) -> None:
+        self.payloads: list[bytes] = []
+        self.connected = threading.Event()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self.payloads.append(payload)
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        {"score": np.array([[0.41]], dtype=np.float32)},  # one value: the agent's short path
+        {"score": np.array(0.1, dtype=np.float64)},
+        {"score": np.array([1.5], dtype=np.float16)},
+        {"score": np.array([[2**53 + 1]], dtype=np.int64)},
+        {"score": np.array([True])},
+        {"score": np.array([[0.1, 0.2], [1e300, -0.0]], dtype=np.float64)},  # the general path
+        {"a": np.array([0.5], dtype=np.float32), "b": np.array([3], dtype=np.int32)},
+        {"score": np.array([[np.nan]], dtype=np.float32)},  # withheld
+        {"score": np.array([np.inf], dtype=np.float64)},
+        {"a": np.array([0.5], dtype=np.float32), "b": np.array([1e308, 1e308])},  # sum overflows
+        {"a": np.array([0.5], dtype=np.float32), "b": np.array([1.0, -np.inf])},
+    ],
+)
+def test_the_agent_publishes_each_output_as_floats_or_withholds_the_result(
+    tmp_path: Path, outputs: dict[str, np.ndarray]
+) -> None:
+    """Whatever the path (one output of one value, or the general one), a Result carries every
+    output flattened to floats, exactly what ``astype(float).ravel().tolist()`` gives, and a
+    NaN or infinity anywhere withholds it."""
+    agent = Agent(AgentConfig(device_id="results-1", state_dir=tmp_path / "state"))
+    link = _KeptLink()
+    agent.link = cast(MqttLink, link)
+    active = p.ActiveModel(
+        model=p.ModelRef(name="m", version="1"), sha256="0" * 64, format=p.ModelFormat.ONNX
+    )
+    serving = Serving(_FixedModel(outputs), active)
+    window = TelemetryWindow(p.utcnow(), 0.0)
+    reading = Reading(np.zeros(4, dtype=np.float32), p.utcnow())
+    outcome = agent._infer_once(serving, reading, window)
+    expected = {n: np.asarray(v).astype(float).ravel().tolist() for n, v in outputs.items()}
+    if all(math.isfinite(x) for xs in expected.values() for x in xs):
+        assert isinstance(outcome, float) and len(link.payloads) == 1
+        result = p.decode(link.payloads[0])
+        assert isinstance(result, p.Result) and result.outputs == expected
+        assert all(type(x) is float for xs in result.outputs.values() for x in xs)
+        assert p.encode(result) == link.payloads[0]
+    else:
+        assert outcome == "model m:1 returned NaN or infinity; result withheld"
+        assert link.payloads == [] and window.errors == 1
