@@ -131,7 +131,6 @@ class Agent:
         self.link: MqttLink | None = None
         self.input_link: MqttLink | None = None
         self.inference_seq = 0
-        self._result_id = f"{self.session}-"  # a Result's id is this and its seq
         self.rejected_chunks = 0  # chunks that failed their checks, over the agent's life
         self._results_topic = p.topic(self.device, p.Channel.RESULTS)
         self._ack_topic = p.topic(self.device, p.Channel.ACK)
@@ -1100,10 +1099,12 @@ class Agent:
         if values is not None:
             link = self.link
             assert link is not None
-            payload = serving.results.encode(
-                self._result_id + str(seq), seq, latency_ms, values, reading.ts, t1
+            id_ = f"{self.session}-{seq}"
+            link.publish(
+                self._results_topic,
+                serving.results.encode(id_, seq, latency_ms, values, reading.ts, t1),
+                qos=0,
             )
-            link.publish(self._results_topic, payload, 0)  # qos 0, passed by position
         return latency_ms
 
     def _non_finite(self, serving: Serving, window: TelemetryWindow) -> str:
