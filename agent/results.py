@@ -101,4 +101,4 @@ class ResultWriter:
         message["latency_ms"] = latency_ms
         message["outputs"] = outputs
         message["input_ts"] = input_ts
-        return _dumps(message, option=_UTC_Z)
+        return _dumps(message, None, _UTC_Z)  # option by position: no keyword to parse
