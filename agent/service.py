@@ -81,6 +81,7 @@ class Serving:
     input_name: str = field(init=False)
     feed_shape: tuple[int, ...] = field(init=False)  # the input's shape, -1 where it is free
     feeds: dict[str, Any] = field(init=False)  # the inference thread's feed, refilled each run
+    only_output: str | None = field(init=False)  # the output's name, if the model has one
     results: ResultWriter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +89,7 @@ class Serving:
         self.input_name = spec.name
         self.feed_shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in spec.shape)
         self.feeds = {}
+        self.only_output = self.model.outputs[0].name if len(self.model.outputs) == 1 else None
         self.results = ResultWriter(self.active.model, self.tier)
 
 
@@ -1045,8 +1047,8 @@ class Agent:
 
         Paid on every inference, so nothing here is worked out twice: the feed shape and the
         Result's constant fields belong to ``serving``, the thread's CPU time (a system call,
-        ~1.5 us) is read for one inference in ``CPU_SAMPLE_EVERY``, and the Result is encoded
-        without being validated (benchmarks/README.md, "Inference overhead").
+        ~1.5 us) is read for few inferences (``TelemetryWindow.sample_cpu``), and the
+        Result is encoded without being validated (benchmarks/README.md, "Inference overhead").
         """
         try:
             feed = reading.values.reshape(serving.feed_shape)
@@ -1058,7 +1060,7 @@ class Agent:
             )
             self._event(p.EventKind.INPUT_ERROR, reason, throttle="input-shape")
             return reason
-        sample_cpu = window.wants_cpu_sample()
+        sample_cpu = window.sample_cpu
         c0 = time.thread_time_ns() if sample_cpu else 0
         feeds = serving.feeds
         feeds[serving.input_name] = feed
@@ -1069,15 +1071,24 @@ class Agent:
             window.error()
             self._event(p.EventKind.INFERENCE_ERROR, str(exc), throttle="inference")
             return str(exc)
-        latency_ms = (time.perf_counter_ns() - t0) / 1e6
+        t1 = time.perf_counter_ns()
+        latency_ms = (t1 - t0) / 1e6
         cpu_s = (time.thread_time_ns() - c0) / 1e9 if sample_cpu else None
         values: dict[str, list[float]] | None = None
         if self._publish_results:  # the lists are needed anyway: check them, not the arrays
-            values = {}
-            for name, v in outputs.items():
-                xs = values[name] = (v if v.dtype.kind == "f" else v.astype(float)).ravel().tolist()
-                if not math.isfinite(sum(xs)) and not all(map(math.isfinite, xs)):
-                    return self._non_finite(serving, window)  # a finite sum proves every term
+            only = serving.only_output
+            if only is not None and (v := outputs[only]).size == 1:  # a score: no loop, no list
+                x = float(v.item())
+                if not math.isfinite(x):
+                    return self._non_finite(serving, window)
+                values = {only: [x]}
+            else:
+                values = {}
+                for name, v in outputs.items():
+                    floats = v if v.dtype.kind == "f" else v.astype(float)
+                    xs = values[name] = floats.ravel().tolist()
+                    if not math.isfinite(sum(xs)) and not all(map(math.isfinite, xs)):
+                        return self._non_finite(serving, window)  # a finite sum proves every term
         elif not all(np.isfinite(v).all() for v in outputs.values()):
             return self._non_finite(serving, window)
         window.observe(latency_ms, cpu_s)
@@ -1089,7 +1100,7 @@ class Agent:
             id_ = f"{self.session}-{seq}"
             link.publish(
                 self._results_topic,
-                serving.results.encode(id_, seq, latency_ms, values, reading.ts),
+                serving.results.encode(id_, seq, latency_ms, values, reading.ts, t1),
                 qos=0,
             )
         return latency_ms

@@ -13,7 +13,8 @@ from datetime import datetime
 from agent.protocol import ModelRef, PowerMethod, TelemetryRecord, Tier
 
 MAX_SAMPLES = 20_000  # latencies kept per window; beyond that every other one is dropped
-CPU_SAMPLE_EVERY = 8  # the thread CPU time of one inference in this many is read
+CPU_SAMPLE_FIRST = 8  # the thread CPU time of the first inferences of a window is read,
+CPU_SAMPLE_EVERY = 32  # and after them, of one inference in this many
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -37,13 +38,14 @@ class TelemetryWindow:
         self.errors = 0
         self._cpu_s = 0.0  # CPU time of the sampled inferences
         self._cpu_samples = 0
-
-    def wants_cpu_sample(self) -> bool:
-        """Whether to read the CPU time of the next inference: the first of a window and one
-        in CPU_SAMPLE_EVERY after it. Reading a thread's CPU clock is a system call (~1.5 us on
-        a 2-core EPYC, two per inference), a large share of what the agent may add to a small
-        model; inputs of one model cost alike, so a sample estimates the window's total."""
-        return self.inferences % CPU_SAMPLE_EVERY == 0
+        # Whether to read the CPU time of the next inference: for the first CPU_SAMPLE_FIRST
+        # of a window and one in CPU_SAMPLE_EVERY after them (an attribute, set by observe, so
+        # the inference loop does not pay a call to ask). Reading a thread's CPU clock is a
+        # system call (~1.5 us on a 2-core EPYC, two per inference, ~5 us right after a model
+        # run), a large share of what the agent may add to a small model; inputs of one model
+        # cost alike, so a sample estimates the window's total. A slow window (10 Hz, 5 s)
+        # still gets 9 samples; a fast one reads the clock for ~3% of its inferences.
+        self.sample_cpu = True
 
     @property
     def inference_cpu_s(self) -> float:
@@ -54,15 +56,17 @@ class TelemetryWindow:
 
     def observe(self, latency_ms: float, cpu_s: float | None) -> None:
         """Record one successful inference: wall latency, and the CPU time of the calling
-        thread if it was sampled (:meth:`wants_cpu_sample`)."""
-        self.inferences += 1
+        thread if it was sampled (:attr:`sample_cpu`)."""
+        n = self.inferences = self.inferences + 1
         if cpu_s is not None:
             self._cpu_s += cpu_s
             self._cpu_samples += 1
-        if self.inferences % self._stride == 0:
-            self._latencies_ms.append(latency_ms)
-            if len(self._latencies_ms) >= MAX_SAMPLES:
-                self._latencies_ms = self._latencies_ms[::2]
+        self.sample_cpu = n < CPU_SAMPLE_FIRST or n % CPU_SAMPLE_EVERY == 0
+        if self._stride == 1 or n % self._stride == 0:
+            latencies = self._latencies_ms
+            latencies.append(latency_ms)
+            if len(latencies) >= MAX_SAMPLES:
+                self._latencies_ms = latencies[::2]
                 self._stride *= 2
 
     def error(self) -> None:
@@ -108,4 +112,5 @@ class TelemetryWindow:
         self.errors = 0
         self._cpu_s = 0.0
         self._cpu_samples = 0
+        self.sample_cpu = True
         return record

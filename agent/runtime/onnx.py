@@ -70,6 +70,9 @@ class OnnxModel:
         self.inputs = tuple(_spec(arg) for arg in session.get_inputs())
         self.outputs = tuple(_spec(arg) for arg in session.get_outputs())
         self._output_names = [spec.name for spec in self.outputs]
+        # a one-output model's result dict is built as a literal: ``dict(zip(...))`` costs
+        # ~3 us per run right after the model (benchmarks/README.md, "Inference overhead")
+        self._only_output = self._output_names[0] if len(self._output_names) == 1 else None
         # The session's C++ run, called directly: the Python ``InferenceSession.run`` checks
         # the feed's names and owners on every call (~6 us of a 40 us model on a 2-core EPYC),
         # and the agent builds its feeds from this model's own input names. A wrong name or
@@ -109,6 +112,8 @@ class OnnxModel:
             values = self._run(self._output_names, feeds, None)
         except Exception as exc:
             raise self._inference_error(feeds, exc) from exc
+        if self._only_output is not None:
+            return {self._only_output: values[0]}
         return dict(zip(self._output_names, values, strict=False))  # as many as were named
 
     def close(self) -> None:

@@ -47,16 +47,19 @@ def test_estimate_is_labelled_and_scales_with_cpu() -> None:
     assert meter.read(10.0, 0.0, 0.0, 0).energy_per_inference_j is None
 
 
-def test_inference_cpu_is_estimated_from_one_inference_in_eight() -> None:
-    """The thread CPU clock is read for the first inference of a window and every 8th after
-    it; the window's inference CPU is the sampled mean times the inferences."""
+def test_inference_cpu_is_estimated_from_sampled_inferences() -> None:
+    """The thread CPU clock is read for the first 8 inferences of a window and every 32nd
+    after them; the window's inference CPU is the sampled mean times the inferences."""
     window = TelemetryWindow(T0, start_cpu_s=0.0)
     sampled = []
-    for i in range(20):
-        sample = window.wants_cpu_sample()
+    for i in range(70):
+        sample = window.sample_cpu
         sampled.append(sample)
         window.observe(1.0, 0.002 + 0.001 * (i % 2) if sample else None)
-    assert [i for i, s in enumerate(sampled) if s] == [0, 8, 16]
-    assert window.inference_cpu_s == pytest.approx(0.002 * 20)  # samples 0, 8, 16 are even
+    assert [i for i, s in enumerate(sampled) if s] == [0, 1, 2, 3, 4, 5, 6, 7, 32, 64]
+    # samples: 0..7 (four of 0.002, four of 0.003), 32 and 64 (0.002): mean 0.0024
+    assert window.inference_cpu_s == pytest.approx(0.024 / 10 * 70)
     window.cut(T0 + timedelta(seconds=1), 1.0, None, "active", None, None, PowerMethod.ESTIMATE)
-    assert window.inference_cpu_s == 0.0 and window.wants_cpu_sample(), "a new window samples"
+    assert window.inference_cpu_s == 0.0 and window.sample_cpu, "a new window samples"
+    window.error()
+    assert window.sample_cpu, "a failed inference is not a sampled one"
