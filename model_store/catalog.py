@@ -174,8 +174,10 @@ def _task(value: str | None) -> Task | None:
 
 
 def _signature(spec: dict[str, Any]) -> TensorSignature:
-    """A tensor signature from a metadata file: checked (ProtocolError, a ValueError)."""
-    return p.convert({"dtype": "float32", **spec}, TensorSignature)
+    """A tensor signature from a metadata file, which may say more of a tensor (its unit):
+    checked (ProtocolError, a ValueError)."""
+    fields = {"name": spec["name"], "dtype": spec.get("dtype", "float32"), "shape": spec["shape"]}
+    return p.convert(fields, TensorSignature)
 
 
 def file_sha256(path: Path) -> tuple[str, int]:

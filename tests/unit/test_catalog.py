@@ -127,3 +127,15 @@ def test_migration_two_keeps_models_added_before_it(tmp_path: Path) -> None:
         ("", True),
         ("tflite", True),
     ]
+
+
+def test_metadata_signatures_are_checked_and_may_say_more(tmp_path: Path) -> None:
+    """A tensor in a metadata file may carry more than the catalog keeps (the sample's
+    "unit"), but a shape that is not a list of sizes is refused, naming the file."""
+    path = tmp_path / "meta.json"
+    path.write_text('{"inputs": [{"name": "window", "shape": [1, 512], "unit": "g"}]}')
+    declared = Declared.from_json(path)
+    assert declared.inputs == (TensorSignature(name="window", dtype="float32", shape=[1, 512]),)
+    path.write_text('{"inputs": [{"name": "window", "shape": "1x512"}]}')
+    with pytest.raises(InvalidModel, match=r"meta\.json: shape: expected `array`"):
+        Declared.from_json(path)
