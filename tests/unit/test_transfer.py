@@ -100,6 +100,35 @@ def test_while_chunks_are_in_flight_a_request_waits_for_a_quarter_of_the_window(
         dl.discard()
 
 
+def test_an_arrived_chunk_leaves_the_window_before_it_is_written() -> None:
+    """The network thread counts arrivals: the next request need not wait for the worker to
+    write the chunks queued before it. What arrived is not asked for again, and a whole window
+    of arrived chunks not yet written holds further requests back (a slow disk)."""
+    data = os.urandom(CHUNK * 40)
+    with tempfile.TemporaryDirectory() as tmp:
+        dl = Download(Path(tmp), artifact(data))
+        dl.open()
+        assert dl.requests(window=8, timeout_s=5) == [(0, 8)]
+        assert dl.arrived(0, CHUNK) and dl.arrived(1, CHUNK)
+        assert not dl.arrived(1, CHUNK), "a second copy counts once"
+        assert dl.requests(window=8, timeout_s=5) == [(8, 2)], "nothing written yet"
+        assert not dl.arrived(2, 10), "a chunk of the wrong size does not leave the window"
+        assert not dl.arrived(40, CHUNK), "nor one past the end"
+        for i in range(2, 6):
+            assert dl.arrived(i, CHUNK)
+        assert dl.requests(window=8, timeout_s=5) == [(10, 4)]
+        for i in range(6, 8):
+            assert dl.arrived(i, CHUNK)
+        assert dl.requests(window=8, timeout_s=5) == [], "a window arrived and is not written"
+        dl.accept(0, chunk(0, data))
+        assert not dl.arrived(0, CHUNK), "written: a late copy is no arrival"
+        assert dl.requests(window=8, timeout_s=5) == [(14, 2)], "room again: 0-7 are not asked"
+        for i in range(1, 8):
+            dl.accept(i, chunk(i, data))
+        assert dl.received == 8
+        dl.discard()
+
+
 def test_the_running_sha256_covers_chunks_in_any_order_and_a_resume(tmp_path: Path) -> None:
     """The hash is fed by the background flushes in file order, whatever order the chunks
     came in and across a restart; a corrupted chunk on disk is caught."""
@@ -203,7 +232,7 @@ def test_a_disk_error_in_the_background_flush_reaches_the_next_chunk(tmp_path: P
     dl._flush = failing_flush  # type: ignore[method-assign]
     clock.now = 2.0  # past FLUSH_PERIOD_S: this chunk starts a background flush
     dl.accept(0, chunk(0, data))
-    dl._flusher.join()  # type: ignore[union-attr]
+    dl._flusher.result()  # type: ignore[union-attr]
     with pytest.raises(NoSpaceError, match="is full"):
         dl.accept(1, chunk(1, data))
     dl.discard()
