@@ -35,12 +35,13 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
+import queue
 import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from agent.errors import IntegrityError, TransferError
@@ -49,10 +50,46 @@ from agent.protocol import BLOB_ROOT, Artifact, shared_blob_topic
 FLUSH_BYTES = 1 << 20  # bytes between background flushes; a power cut re-fetches at most this...
 FLUSH_PERIOD_S = 1.0  # ...or at most this many seconds' worth, for slow links
 
-# One long-lived thread runs every background flush (one download is fetched at a time).
-# Starting a thread per flush cost the receive path up to ~20 ms each time: Thread.start()
-# waits for the new thread to take the GIL, which paho's network thread holds while it reads.
-_FLUSHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gf-download-flush")
+log = logging.getLogger(__name__)
+
+
+class _Flusher:
+    """One long-lived daemon thread that runs the background flushes, one at a time (an agent
+    fetches one download at a time). Starting a thread per flush cost the receive path up to
+    ~20 ms each time: Thread.start() waits for the new thread to take the GIL, which paho's
+    network thread holds while it reads."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Event]] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> threading.Event:
+        """Queue ``job``; the event is set once it has run."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="gf-download-flush", daemon=True
+                )
+                self._thread.start()
+        done = threading.Event()
+        self._jobs.put((job, done))
+        return done
+
+    def _run(self) -> None:
+        while True:
+            job, done = self._jobs.get()
+            try:
+                job()
+            except Exception:  # the job keeps what it expects; this thread serves the next
+                log.exception("background flush failed")
+            finally:
+                done.set()
+
+
+_FLUSHER = _Flusher()
 
 
 def fsync_dir(path: Path) -> None:
@@ -139,7 +176,7 @@ class Download:
         self._flushed_at = clock()
         self._fh: int | None = None
         # Owned by the flusher (one at a time; the caller's thread after wait_flushed()):
-        self._flusher: Future[None] | None = None
+        self._flusher: threading.Event | None = None  # set once the flush has run
         self._closing = False  # close() is under way: a background flush writes no sidecar
         self._flush_error: OSError | IntegrityError | None = None
         self._digest = hashlib.sha256()
@@ -229,7 +266,7 @@ class Download:
     def _flush_in_background(self) -> None:
         """Start a flush of what is written so far, unless one is still running (the next
         chunk tries again)."""
-        if self._fh is None or (self._flusher is not None and not self._flusher.done()):
+        if self._fh is None or (self._flusher is not None and not self._flusher.is_set()):
             return
         fh, received = self._fh, frozenset(self._received)
         self._unflushed = 0
@@ -247,7 +284,7 @@ class Download:
         """Wait for a background flush to end; raise what it failed with: an OSError (a full
         disk as NoSpaceError) or an IntegrityError (the file shrank under us)."""
         if self._flusher is not None:
-            self._flusher.result()  # flush() keeps its error in _flush_error
+            self._flusher.wait()  # flush() keeps its error in _flush_error
             self._flusher = None
         error, self._flush_error = self._flush_error, None
         if isinstance(error, OSError) and error.errno in NO_SPACE:

@@ -232,7 +232,7 @@ def test_a_disk_error_in_the_background_flush_reaches_the_next_chunk(tmp_path: P
     dl._flush = failing_flush  # type: ignore[method-assign]
     clock.now = 2.0  # past FLUSH_PERIOD_S: this chunk starts a background flush
     dl.accept(0, chunk(0, data))
-    dl._flusher.result()  # type: ignore[union-attr]
+    dl._flusher.wait()  # type: ignore[union-attr]
     with pytest.raises(NoSpaceError, match="is full"):
         dl.accept(1, chunk(1, data))
     dl.discard()
