@@ -146,10 +146,16 @@ def request_batch(window: int) -> int:
     """The fewest chunks a request asks for while others are still in flight.
 
     Asking for each chunk as the one before lands costs a request, a SUBSCRIBE and an
-    UNSUBSCRIBE per chunk at every hop (agent, broker, controller); waiting for a quarter of the
-    window to free keeps the pipe three quarters full and cuts those messages fourfold.
+    UNSUBSCRIBE per chunk at every hop (agent, broker, controller); waiting for half of the
+    window to free cuts those messages eightfold (to 0.375 per chunk at every hop) and keeps at
+    least half of it in flight. A quarter kept more in flight, which mattered while requests
+    waited for the worker to write the chunks before them; asked for from the network thread as
+    chunks land (Download.arrived), half a window (2 MiB by default) outlasts a request's trip,
+    and on a 2-core host the messages saved were worth more (benchmarks/README.md, "Model push:
+    issue 14, item 1"). A link whose round trip is longer than half a window takes to arrive
+    (2 MiB at 10 MB/s: 0.2 s) no longer keeps the whole window busy.
     """
-    return max(1, window // 4)
+    return max(1, window // 2)
 
 
 class Download:
@@ -354,8 +360,8 @@ class Download:
         restart), but only once no chunk at all has arrived for ``timeout_s``: while chunks keep
         coming the rest are queued behind them (a slow link, a busy broker), and asking again
         would only have them published and delivered twice. Ranges are contiguous runs of
-        missing chunks. While chunks are in flight, nothing is asked until a quarter of the
-        window is free (:func:`request_batch`). Nothing is asked either while a whole window of
+        missing chunks. While chunks are in flight, nothing is asked until half of the window is
+        free (:func:`request_batch`). Nothing is asked either while a whole window of
         arrived chunks waits to be written: a slow disk holds the transfer back, and the agent
         never holds more than two windows of chunks in memory.
         """

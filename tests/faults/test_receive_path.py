@@ -819,14 +819,14 @@ def test_the_next_chunks_are_asked_for_as_chunks_arrive_not_once_they_are_writte
 
         _deliver(agent, [(CMD, p.encode(deploy))])  # the worker asks for the first window
         assert asked() == [(0, 8)]
-        for i in range(2):
+        for i in range(4):
             agent._on_message(*chunk(i))  # paho's thread alone: the worker does not run
-        assert asked() == [(0, 8), (8, 2)], "a quarter of the window arrived: ask at once"
-        for i in range(2, 8):
+        assert asked() == [(0, 8), (8, 4)], "half the window arrived: ask at once"
+        for i in range(4, 8):
             agent._on_message(*chunk(i))
-        assert asked() == [(0, 8), (8, 2), (10, 2), (12, 2)], "then a window waits on the disk"
+        assert asked() == [(0, 8), (8, 4)], "a window waits on the disk: nothing more"
         _deliver(agent, [])  # the worker writes them: room again
-        assert asked()[4:] == [(14, 2)]
+        assert asked()[2:] == [(12, 4)]
         _deliver(agent, [chunk(i) for i in range(8, artifact.chunk_count)])
         assert agent._serving is not None
         assert str(agent._serving.active.model) == "vibration-ae:1.0.3"
