@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import transfer
 from agent.errors import IntegrityError, TransferError
 from agent.protocol import Artifact, ModelFormat
 from agent.transfer import Download, NoSpaceError
@@ -221,6 +222,32 @@ def test_progress_reaches_disk_within_a_second_on_a_slow_link(tmp_path: Path) ->
     dl.wait_flushed()  # the flush runs in the background
     assert dl.sidecar.exists(), "a crash now loses nothing already received"
     assert Download(tmp_path, artifact()).open() == 2
+
+
+def test_on_a_fast_link_the_sidecar_is_written_every_record_bytes_not_every_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every flush syncs (the tail left at the end stays small); the sidecar, a new file and a
+    rename each time, is written once RECORD_BYTES more are on disk, and by close()."""
+    monkeypatch.setattr(transfer, "FLUSH_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(transfer, "RECORD_BYTES", 6 * CHUNK)
+    dl = Download(tmp_path, artifact(), clock=Clock())
+    dl.open()
+
+    def recorded() -> int:
+        dl.wait_flushed()
+        return Download(tmp_path, artifact()).open() if dl.sidecar.exists() else 0
+
+    for i in range(4):  # two flushes of two chunks
+        dl.accept(i, chunk(i))
+        dl.wait_flushed()
+    assert recorded() == 0, "4 chunks synced, fewer than RECORD_BYTES: no sidecar yet"
+    for i in range(4, 6):
+        dl.accept(i, chunk(i))
+    assert recorded() == 6, "RECORD_BYTES on disk: the flush lists them"
+    dl.accept(6, chunk(6))
+    dl.close()
+    assert Download(tmp_path, artifact()).open() == 7, "close() lists everything written"
 
 
 def test_a_disk_error_in_the_background_flush_reaches_the_next_chunk(tmp_path: Path) -> None:
