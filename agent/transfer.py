@@ -2,17 +2,22 @@
 
 The agent asks the controller for windows of chunks (``BlobRequest``) and writes every chunk
 at its offset in ``<sha256>.part``; a sidecar ``<sha256>.chunks`` records which chunks are on
-disk (written after the data is fsynced), so a restart or a reconnect only asks for what is
-missing. The finished file is checked against the announced sha256 and size before it is
-renamed into place; nothing unverified is ever loaded.
+disk (written after the data is fsynced, every ``RECORD_BYTES`` or ``FLUSH_PERIOD_S``), so a
+restart or a reconnect only asks for what is missing. The finished file is checked against the
+announced sha256 and size before it is renamed into place; nothing unverified is ever loaded.
 
 Disk work stays off the receive path. Every ``FLUSH_BYTES`` (or ``FLUSH_PERIOD_S``) a
-background thread fsyncs what was written, feeds the chunks that now form an unbroken prefix
-to a running sha256 (read back from the page cache) and writes the sidecar. A chunk's arrival
-costs one ``pwrite``; when the last one lands only the tail is left to sync and hash. Done on
-the worker thread, every 16th chunk blocked it for a 4 MiB fsync (~14 ms) and the whole file
-was read and hashed again at the end (~60 ms for 20 MiB on a 2-core EPYC): a third of the
-transfer time (benchmarks/README.md, "Model push").
+background thread fsyncs what was written and feeds the chunks that now form an unbroken
+prefix to a running sha256 (read back from the page cache); every fourth flush (or one a
+period after the last) also writes the sidecar. A chunk's arrival costs one ``pwrite``; when
+the last one lands only the tail is left to sync and hash. Done on the worker thread, every
+16th chunk blocked it for a 4 MiB fsync (~14 ms) and the whole file was read and hashed again
+at the end (~60 ms for 20 MiB on a 2-core EPYC): a third of the transfer time
+(benchmarks/README.md, "Model push").
+
+Nor does the window wait for the disk: a chunk leaves it when it arrives (:meth:`Download.arrived`,
+on the network thread), not when the worker has written it, so the next request goes out at
+once; a whole window of chunks waiting to be written holds requests back instead.
 
 Chunks come on the artifact's shared topic (``gf/blobs/v1/{sha256}/{index}``, fanned out by the
 broker to every agent fetching it; controller/blobs.py), so some arrive that this agent did not
@@ -31,7 +36,9 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
+import queue
 import shutil
 import threading
 import time
@@ -41,8 +48,50 @@ from pathlib import Path
 from agent.errors import IntegrityError, TransferError
 from agent.protocol import BLOB_ROOT, Artifact, shared_blob_topic
 
-FLUSH_BYTES = 1 << 20  # bytes between background flushes; a power cut re-fetches at most this...
+FLUSH_BYTES = 1 << 20  # bytes between background flushes (fsync): the tail left to sync at the end
+RECORD_BYTES = 4 << 20  # bytes between sidecar writes: a crash re-fetches at most this...
 FLUSH_PERIOD_S = 1.0  # ...or at most this many seconds' worth, for slow links
+
+log = logging.getLogger(__name__)
+
+
+class _Flusher:
+    """One long-lived daemon thread that runs the background flushes, one at a time (an agent
+    fetches one download at a time). Starting a thread per flush cost the receive path up to
+    ~20 ms each time: Thread.start() waits for the new thread to take the GIL, which paho's
+    network thread holds while it reads."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Event]] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> threading.Event:
+        """Queue ``job``; the event is set once it has run."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="gf-download-flush", daemon=True
+                )
+                self._thread.start()
+        done = threading.Event()
+        self._jobs.put((job, done))
+        return done
+
+    def _run(self) -> None:
+        while True:
+            job, done = self._jobs.get()
+            try:
+                job()
+            except Exception:  # the job keeps what it expects; this thread serves the next
+                log.exception("background flush failed")
+            finally:
+                done.set()
+
+
+_FLUSHER = _Flusher()
 
 
 def fsync_dir(path: Path) -> None:
@@ -99,10 +148,16 @@ def request_batch(window: int) -> int:
     """The fewest chunks a request asks for while others are still in flight.
 
     Asking for each chunk as the one before lands costs a request, a SUBSCRIBE and an
-    UNSUBSCRIBE per chunk at every hop (agent, broker, controller); waiting for a quarter of the
-    window to free keeps the pipe three quarters full and cuts those messages fourfold.
+    UNSUBSCRIBE per chunk at every hop (agent, broker, controller); waiting for half of the
+    window to free cuts those messages eightfold (to 0.375 per chunk at every hop) and keeps at
+    least half of it in flight. A quarter kept more in flight, which mattered while requests
+    waited for the worker to write the chunks before them; asked for from the network thread as
+    chunks land (Download.arrived), half a window (2 MiB by default) outlasts a request's trip,
+    and on a 2-core host the messages saved were worth more (benchmarks/README.md, "Model push:
+    issue 14, item 1"). A link whose round trip is longer than half a window takes to arrive
+    (2 MiB at 10 MB/s: 0.2 s) no longer keeps the whole window busy.
     """
-    return max(1, window // 4)
+    return max(1, window // 2)
 
 
 class Download:
@@ -118,14 +173,22 @@ class Download:
         self.part = directory / f"{artifact.sha256}.part"
         self.sidecar = directory / f"{artifact.sha256}.chunks"
         self._clock = clock
-        self._received: set[int] = set()
+        # Flow control is shared by two threads: the network thread counts a chunk as arrived
+        # (:meth:`arrived`) and asks for the next ones at once; the worker writes it.
+        self._lock = threading.Lock()
+        self._received: set[int] = set()  # on disk (written; durable after the next flush)
+        self._arrived: set[int] = set()  # arrived, not yet written by the worker
         self._in_flight: dict[int, float] = {}
         self._last_arrival = float("-inf")  # any chunk of this artifact, wanted or not
         self._unflushed = 0  # bytes written since the last flush started
         self._flushed_at = clock()
         self._fh: int | None = None
         # Owned by the flusher (one at a time; the caller's thread after wait_flushed()):
-        self._flusher: threading.Thread | None = None
+        self._flusher: threading.Event | None = None  # set once the flush has run
+        self._closing = False  # close() is under way: a background flush writes no sidecar
+        # The sidecar last written lists this many chunks, written at this time (flusher):
+        self._recorded = 0
+        self._recorded_at = clock()
         self._flush_error: OSError | IntegrityError | None = None
         self._digest = hashlib.sha256()
         self._hashed = 0  # chunks 0 .. _hashed - 1 are in _digest
@@ -150,6 +213,8 @@ class Download:
                 total = None
             raise NoSpaceError(self.part.parent, needed, free, total)
         self._fh = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
+        self._closing = False
+        self._recorded, self._recorded_at = len(self._received), self._clock()
         try:
             os.ftruncate(self._fh, self.artifact.size)  # sparse where the filesystem allows
         except OSError as exc:
@@ -183,11 +248,23 @@ class Download:
         count = self.artifact.chunk_count
         return {i for i in state.get("received", []) if isinstance(i, int) and 0 <= i < count}
 
-    def _flush(self, fh: int, received: frozenset[int], record: bool = True) -> None:
-        """Make the chunks in ``received`` durable, hash the unbroken prefix they complete and
-        (``record``) list them in the sidecar: a chunk is listed only once its bytes are on
-        disk."""
-        os.fsync(fh)
+    def _flush(
+        self,
+        fh: int,
+        received: frozenset[int],
+        record: bool = True,
+        synced: bool = False,
+        background: bool = False,
+    ) -> None:
+        """Make the chunks in ``received`` durable (``synced``: the caller has fsynced them),
+        hash the unbroken prefix they complete and (``record``) list them in the sidecar: a
+        chunk is listed only once its bytes are on disk. A ``background`` flush writes the
+        sidecar only once ``RECORD_BYTES`` or ``FLUSH_PERIOD_S`` have passed since the last
+        one, and never while the download closes (:meth:`close` writes it, or renames the
+        file). Written after every 1 MiB flush, the sidecar (a new file and a rename, each a
+        journal entry for the next fsync) cost the 20 MiB push 8 ms of CPU in 20 writes."""
+        if not synced:
+            os.fsync(fh)
         size, count = self.artifact.chunk_size, self.artifact.chunk_count
         while self._hashed < count and self._hashed in received:
             expected = self._chunk_length(self._hashed)
@@ -196,15 +273,23 @@ class Download:
                 raise IntegrityError(f"{self.part} is shorter than announced; it was discarded")
             self._digest.update(data)
             self._hashed += 1
-        if record:
+        if record and (not background or self._record_due(received)):
             tmp = self.sidecar.with_suffix(".chunks.tmp")
             tmp.write_text(json.dumps({"chunk_size": size, "received": sorted(received)}))
             os.replace(tmp, self.sidecar)
+            self._recorded, self._recorded_at = len(received), self._clock()
+
+    def _record_due(self, received: frozenset[int]) -> bool:
+        """Whether a background flush of ``received`` writes the sidecar."""
+        if self._closing:
+            return False
+        fresh = (len(received) - self._recorded) * self.artifact.chunk_size
+        return fresh >= RECORD_BYTES or self._clock() - self._recorded_at >= FLUSH_PERIOD_S
 
     def _flush_in_background(self) -> None:
         """Start a flush of what is written so far, unless one is still running (the next
         chunk tries again)."""
-        if self._fh is None or (self._flusher is not None and self._flusher.is_alive()):
+        if self._fh is None or (self._flusher is not None and not self._flusher.is_set()):
             return
         fh, received = self._fh, frozenset(self._received)
         self._unflushed = 0
@@ -212,18 +297,17 @@ class Download:
 
         def flush() -> None:
             try:
-                self._flush(fh, received)
+                self._flush(fh, received, background=True)
             except (OSError, IntegrityError) as exc:  # the next accept() or close() raises it
                 self._flush_error = exc
 
-        self._flusher = threading.Thread(target=flush, name="gf-download-flush", daemon=True)
-        self._flusher.start()
+        self._flusher = _FLUSHER.submit(flush)
 
     def wait_flushed(self) -> None:
         """Wait for a background flush to end; raise what it failed with: an OSError (a full
         disk as NoSpaceError) or an IntegrityError (the file shrank under us)."""
         if self._flusher is not None:
-            self._flusher.join()
+            self._flusher.wait()  # flush() keeps its error in _flush_error
             self._flusher = None
         error, self._flush_error = self._flush_error, None
         if isinstance(error, OSError) and error.errno in NO_SPACE:
@@ -233,12 +317,23 @@ class Download:
 
     def close(self, record: bool = True) -> None:
         """Flush progress so a later ``open`` resumes from here (``record=False``: sync and
-        hash only, for a file about to be verified and renamed)."""
+        hash only, for a file about to be verified and renamed).
+
+        The final fsync does not wait for a background flush still syncing an earlier part:
+        both run at once (an fsync covers every write before it), and only the hashing, which
+        must go in file order, waits for that flush to end. One at a time, they cost a transfer
+        two disk syncs in a row (4-20 ms each here) after its last chunk.
+        """
         if self._fh is None:
             return
+        self._closing = True
         try:
-            self.wait_flushed()
-            self._flush(self._fh, frozenset(self._received), record)
+            received = frozenset(self._received)
+            try:
+                os.fsync(self._fh)
+            finally:
+                self.wait_flushed()  # never hash (or close the file) beside a running flush
+            self._flush(self._fh, received, record, synced=True)
         finally:
             os.close(self._fh)
             self._fh = None
@@ -255,8 +350,10 @@ class Download:
         for path in (self.part, self.sidecar, self.sidecar.with_suffix(".chunks.tmp")):
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
-        self._received.clear()
-        self._in_flight.clear()
+        with self._lock:
+            self._received.clear()
+            self._arrived.clear()
+            self._in_flight.clear()
         self._digest, self._hashed = hashlib.sha256(), 0
 
     # -- flow control -------------------------------------------------------------------------
@@ -272,40 +369,86 @@ class Download:
     def requests(self, window: int, timeout_s: float) -> list[tuple[int, int]]:
         """Ranges ``(first, count)`` to ask for now, keeping at most ``window`` chunks in flight.
 
-        Chunks asked for more than ``timeout_s`` ago without arriving are asked for again
-        (a lost message, a broker restart), but only once no chunk at all has arrived for
-        ``timeout_s``: while chunks keep coming the rest are queued behind them (a slow link, a
-        busy broker), and asking again would only have them published and delivered twice.
-        Ranges are contiguous runs of missing chunks. While chunks are in flight, nothing is
-        asked until a quarter of the window is free (:func:`request_batch`).
+        Any thread may call this (the worker, and the network thread as chunks arrive).
+
+        A chunk is in flight from the request until it arrives (:meth:`arrived`, or
+        :meth:`accept` for a caller that does not count arrivals). Chunks asked for more than
+        ``timeout_s`` ago without arriving are asked for again (a lost message, a broker
+        restart), but only once no chunk at all has arrived for ``timeout_s``: while chunks keep
+        coming the rest are queued behind them (a slow link, a busy broker), and asking again
+        would only have them published and delivered twice. Ranges are contiguous runs of
+        missing chunks. While chunks are in flight, nothing is asked until half of the window is
+        free (:func:`request_batch`). Nothing is asked either while a whole window of
+        arrived chunks waits to be written: a slow disk holds the transfer back, and the agent
+        never holds more than two windows of chunks in memory.
         """
-        now = self._clock()
-        stalled = now - self._last_arrival > timeout_s
-        for index, asked in list(self._in_flight.items()):
-            if stalled and now - asked > timeout_s:
-                del self._in_flight[index]
-        budget = window - len(self._in_flight)
-        if self._in_flight and budget < request_batch(window):
-            return []
-        wanted: list[int] = []
-        if budget > 0:
-            for index in range(self.artifact.chunk_count):
-                if index not in self._received and index not in self._in_flight:
-                    wanted.append(index)
-                    if len(wanted) == budget:
-                        break
-        ranges: list[tuple[int, int]] = []
-        for index in wanted:
-            self._in_flight[index] = now
-            if ranges and ranges[-1][0] + ranges[-1][1] == index:
-                ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
-            else:
-                ranges.append((index, 1))
-        return ranges
+        with self._lock:
+            now = self._clock()
+            stalled = now - self._last_arrival > timeout_s
+            for index, asked in list(self._in_flight.items()):
+                if stalled and now - asked > timeout_s:
+                    del self._in_flight[index]
+            budget = window - len(self._in_flight)
+            if self._in_flight and budget < request_batch(window):
+                return []
+            if len(self._arrived) >= window:
+                return []
+            wanted: list[int] = []
+            if budget > 0:
+                for index in range(self.artifact.chunk_count):
+                    if (
+                        index not in self._received
+                        and index not in self._in_flight
+                        and index not in self._arrived
+                    ):
+                        wanted.append(index)
+                        if len(wanted) == budget:
+                            break
+            ranges: list[tuple[int, int]] = []
+            for index in wanted:
+                self._in_flight[index] = now
+                if ranges and ranges[-1][0] + ranges[-1][1] == index:
+                    ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
+                else:
+                    ranges.append((index, 1))
+            return ranges
 
     def reset_in_flight(self) -> None:
         """Forget outstanding requests (after a reconnect they will not be answered)."""
-        self._in_flight.clear()
+        with self._lock:
+            self._in_flight.clear()
+
+    def _check(self, index: int, length: int) -> None:
+        """TransferError unless chunk ``index`` exists and has ``length`` bytes."""
+        count = self.artifact.chunk_count
+        if not 0 <= index < count:
+            raise TransferError(
+                f"chunk {index} is out of range: artifact {self.artifact.sha256[:12]} has "
+                f"{count} chunks"
+            )
+        expected = self._chunk_length(index)
+        if length != expected:
+            raise TransferError(
+                f"chunk {index} of {self.artifact.sha256[:12]} has {length} bytes, "
+                f"expected {expected}"
+            )
+
+    def arrived(self, index: int, length: int) -> bool:
+        """Network thread: chunk ``index`` (``length`` bytes) came and is queued for
+        :meth:`accept`; it leaves the window now, so the next request need not wait for the
+        worker to write it. False (nothing changes) for a chunk that does not fit the artifact
+        (accept() refuses it, and it is asked again after a stall) or is already here."""
+        try:
+            self._check(index, length)
+        except TransferError:
+            return False
+        with self._lock:
+            self._last_arrival = self._clock()
+            if index in self._received or index in self._arrived:
+                return False
+            self._in_flight.pop(index, None)
+            self._arrived.add(index)
+            return True
 
     def accept(self, index: int, data: bytes) -> bool:
         """Write chunk ``index``; return False for a duplicate.
@@ -315,31 +458,25 @@ class Download:
         """
         if self._fh is None:
             raise TransferError("download is not open")
-        count = self.artifact.chunk_count
-        if not 0 <= index < count:
-            raise TransferError(
-                f"chunk {index} is out of range: artifact {self.artifact.sha256[:12]} has "
-                f"{count} chunks"
-            )
+        self._check(index, len(data))
+        with self._lock:
+            self._in_flight.pop(index, None)
+            self._last_arrival = self._clock()
+            if index in self._received:
+                return False
         size = self.artifact.chunk_size
-        expected = self._chunk_length(index)
-        if len(data) != expected:
-            raise TransferError(
-                f"chunk {index} of {self.artifact.sha256[:12]} has {len(data)} bytes, "
-                f"expected {expected}"
-            )
-        self._in_flight.pop(index, None)
-        self._last_arrival = self._clock()
-        if index in self._received:
-            return False
         try:
             if self._flush_error is not None:
                 self.wait_flushed()  # raises what the background flush met
             written = 0
             while written < len(data):  # a nearly full disk may take part of a write
                 written += os.pwrite(self._fh, data[written:], index * size + written)
-            self._received.add(index)
+            with self._lock:
+                self._received.add(index)
+                self._arrived.discard(index)
             self._unflushed += len(data)
+            if self.complete:
+                return True  # the last chunk: finish() syncs and hashes the rest at once
             if self._unflushed >= FLUSH_BYTES or self._clock() - self._flushed_at >= FLUSH_PERIOD_S:
                 self._flush_in_background()
         except OSError as exc:

@@ -147,9 +147,9 @@ class _Transfer:
         return len(self.received) == self.artifact.chunk_count
 
     def requests(self, now: float) -> list[tuple[int, int]]:
-        """Ranges to ask for now, at most ``window`` chunks in flight, at least a quarter of it
-        at a time; re-asks only once no chunk came for CHUNK_TIMEOUT_S (as
-        agent.transfer.Download.requests)."""
+        """Ranges to ask for now, at most ``window`` chunks in flight, at least half of it at a
+        time (agent.transfer.request_batch); re-asks only once no chunk came for
+        CHUNK_TIMEOUT_S (as agent.transfer.Download.requests)."""
         stalled = now - self.last_arrival > CHUNK_TIMEOUT_S
         for index, asked in list(self.in_flight.items()):
             if stalled and now - asked > CHUNK_TIMEOUT_S:

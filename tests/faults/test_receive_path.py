@@ -805,6 +805,40 @@ def test_agent_activates_a_deploy_whose_chunks_arrive_among_garbage() -> None:
         assert any(r.ok and r.ref == "deploy-copy-1.0.1" for r in replies)
 
 
+def test_the_next_chunks_are_asked_for_as_chunks_arrive_not_once_they_are_written() -> None:
+    """paho's thread asks for the next chunks as each one lands (the worker, which writes
+    them, lags behind it); a window of chunks not yet written holds further requests back, and
+    no chunk is asked for twice."""
+    data, size = _model_bytes()["copy"], 4096
+    artifact = p.replace(_artifact("copy"), chunk_size=size)
+    deploy = p.Deploy(id="deploy-flow", model=_ref("1.0.3"), artifact=artifact, window=8)
+
+    def chunk(i: int) -> tuple[str, bytes]:
+        return p.shared_blob_topic(artifact.sha256, i), data[i * size : (i + 1) * size]
+
+    with stand_alone_agent(VibrationInput(seed=3)) as agent:
+        link: StandInLink = agent.link  # type: ignore[assignment]
+
+        def asked() -> list[tuple[int, int]]:
+            return [(r.first, r.count) for r in link.messages(p.Channel.BLOB_REQ)]
+
+        _deliver(agent, [(CMD, p.encode(deploy))])  # the worker asks for the first window
+        assert asked() == [(0, 8)]
+        for i in range(4):
+            agent._on_message(*chunk(i))  # paho's thread alone: the worker does not run
+        assert asked() == [(0, 8), (8, 4)], "half the window arrived: ask at once"
+        for i in range(4, 8):
+            agent._on_message(*chunk(i))
+        assert asked() == [(0, 8), (8, 4)], "a window waits on the disk: nothing more"
+        _deliver(agent, [])  # the worker writes them: room again
+        assert asked()[2:] == [(12, 4)]
+        _deliver(agent, [chunk(i) for i in range(8, artifact.chunk_count)])
+        assert agent._serving is not None
+        assert str(agent._serving.active.model) == "vibration-ae:1.0.3"
+        indexes = [first + n for first, count in asked() for n in range(count)]
+        assert sorted(indexes) == list(range(len(indexes))), "no chunk asked for twice"
+
+
 def test_enrolled_agent_activates_a_signed_deploy_among_garbage() -> None:
     signed = _sign(json.dumps(_manifest_of_copy()))
     noise = [(CMD, _deploy("copy", "1.0.1")), (STATE, b"[]"), ("gf/v1/x/blob/zz/1", b"")]

@@ -11,6 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from agent import transfer
 from agent.errors import IntegrityError, TransferError
 from agent.protocol import Artifact, ModelFormat
 from agent.transfer import Download, NoSpaceError
@@ -63,7 +64,9 @@ def test_requests_keep_a_window_in_flight_and_re_ask_after_timeout(tmp_path: Pat
     clock.now = 6.0  # nothing more arrived: every chunk in flight is asked for again
     assert dl.requests(window=4, timeout_s=5) == [(1, 1), (3, 3)]
     dl.accept(1, chunk(1))
-    assert dl.requests(window=4, timeout_s=5) == [(6, 1)]
+    assert dl.requests(window=4, timeout_s=5) == [], "one slot free: not worth asking"
+    dl.accept(3, chunk(3))
+    assert dl.requests(window=4, timeout_s=5) == [(6, 2)]
 
 
 def test_overdue_chunks_are_not_asked_again_while_others_keep_arriving(tmp_path: Path) -> None:
@@ -73,31 +76,64 @@ def test_overdue_chunks_are_not_asked_again_while_others_keep_arriving(tmp_path:
     dl = Download(tmp_path, artifact(), clock=clock)
     dl.open()
     assert dl.requests(window=4, timeout_s=5) == [(0, 4)]
-    for i in range(3):  # chunk i lands at 4, 8, 12 s: each one later than 5 s after asking
-        clock.now = 4.0 * (i + 1)
-        dl.accept(i, chunk(i))
-        assert dl.requests(window=4, timeout_s=5) == [(4 + i, 1)], "only the freed slot"
-    clock.now = 17.5  # then nothing for 5.5 s: the transfer stalled, ask again
-    assert dl.requests(window=4, timeout_s=5) == [(3, 4)]  # all four overdue by now
+    clock.now = 6.0  # chunk 0 lands 6 s after it was asked for: 1-3 are overdue as well
+    dl.accept(0, chunk(0))
+    assert dl.requests(window=4, timeout_s=5) == [], "one slot free: not worth asking"
+    clock.now = 7.0
+    dl.accept(1, chunk(1))
+    assert dl.requests(window=4, timeout_s=5) == [(4, 2)], "the freed slots only, not 2-3"
+    clock.now = 13.0
+    dl.accept(2, chunk(2))
+    assert dl.requests(window=4, timeout_s=5) == [], "3 is 13 s overdue, but chunks still come"
+    clock.now = 18.5  # then nothing for 5.5 s: the transfer stalled, ask again
+    assert dl.requests(window=4, timeout_s=5) == [(3, 4)]  # 3-5 overdue by now, and 6
 
 
-def test_while_chunks_are_in_flight_a_request_waits_for_a_quarter_of_the_window() -> None:
-    data = os.urandom(CHUNK * 40)
+def test_while_chunks_are_in_flight_a_request_waits_for_half_of_the_window() -> None:
+    data = os.urandom(CHUNK * 44)
     with tempfile.TemporaryDirectory() as tmp:
         dl = Download(Path(tmp), artifact(data))
         dl.open()
         assert dl.requests(window=16, timeout_s=5) == [(0, 16)]
-        for i in range(3):
+        for i in range(7):
             dl.accept(i, chunk(i, data))
             assert dl.requests(window=16, timeout_s=5) == [], f"{i + 1} free: not worth asking"
-        dl.accept(3, chunk(3, data))
-        assert dl.requests(window=16, timeout_s=5) == [(16, 4)]
-        for i in range(4, 16):
+        dl.accept(7, chunk(7, data))
+        assert dl.requests(window=16, timeout_s=5) == [(16, 8)]
+        for i in range(8, 20):
             dl.accept(i, chunk(i, data))
-        assert dl.requests(window=16, timeout_s=5) == [(20, 12)]
-        for i in range(16, 32):
+        assert dl.requests(window=16, timeout_s=5) == [(24, 12)]
+        for i in range(20, 36):
             dl.accept(i, chunk(i, data))
-        assert dl.requests(window=16, timeout_s=5) == [(32, 8)], "the end of the file"
+        assert dl.requests(window=16, timeout_s=5) == [(36, 8)], "the end of the file"
+        dl.discard()
+
+
+def test_an_arrived_chunk_leaves_the_window_before_it_is_written() -> None:
+    """The network thread counts arrivals: the next request need not wait for the worker to
+    write the chunks queued before it. What arrived is not asked for again, and a whole window
+    of arrived chunks not yet written holds further requests back (a slow disk)."""
+    data = os.urandom(CHUNK * 40)
+    with tempfile.TemporaryDirectory() as tmp:
+        dl = Download(Path(tmp), artifact(data))
+        dl.open()
+        assert dl.requests(window=8, timeout_s=5) == [(0, 8)]
+        assert dl.arrived(0, CHUNK) and dl.arrived(1, CHUNK)
+        assert not dl.arrived(1, CHUNK), "a second copy counts once"
+        assert not dl.arrived(2, 10), "a chunk of the wrong size does not leave the window"
+        assert not dl.arrived(40, CHUNK), "nor one past the end"
+        for i in range(2, 4):
+            assert dl.arrived(i, CHUNK)
+        assert dl.requests(window=8, timeout_s=5) == [(8, 4)], "nothing written yet"
+        for i in range(4, 8):
+            assert dl.arrived(i, CHUNK)
+        assert dl.requests(window=8, timeout_s=5) == [], "a window arrived and is not written"
+        dl.accept(0, chunk(0, data))
+        assert not dl.arrived(0, CHUNK), "written: a late copy is no arrival"
+        assert dl.requests(window=8, timeout_s=5) == [(12, 4)], "room again: 0-7 are not asked"
+        for i in range(1, 8):
+            dl.accept(i, chunk(i, data))
+        assert dl.received == 8
         dl.discard()
 
 
@@ -189,6 +225,32 @@ def test_progress_reaches_disk_within_a_second_on_a_slow_link(tmp_path: Path) ->
     assert Download(tmp_path, artifact()).open() == 2
 
 
+def test_on_a_fast_link_the_sidecar_is_written_every_record_bytes_not_every_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every flush syncs (the tail left at the end stays small); the sidecar, a new file and a
+    rename each time, is written once RECORD_BYTES more are on disk, and by close()."""
+    monkeypatch.setattr(transfer, "FLUSH_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(transfer, "RECORD_BYTES", 6 * CHUNK)
+    dl = Download(tmp_path, artifact(), clock=Clock())
+    dl.open()
+
+    def recorded() -> int:
+        dl.wait_flushed()
+        return Download(tmp_path, artifact()).open() if dl.sidecar.exists() else 0
+
+    for i in range(4):  # two flushes of two chunks
+        dl.accept(i, chunk(i))
+        dl.wait_flushed()
+    assert recorded() == 0, "4 chunks synced, fewer than RECORD_BYTES: no sidecar yet"
+    for i in range(4, 6):
+        dl.accept(i, chunk(i))
+    assert recorded() == 6, "RECORD_BYTES on disk: the flush lists them"
+    dl.accept(6, chunk(6))
+    dl.close()
+    assert Download(tmp_path, artifact()).open() == 7, "close() lists everything written"
+
+
 def test_a_disk_error_in_the_background_flush_reaches_the_next_chunk(tmp_path: Path) -> None:
     """The flush runs on its own thread; what it meets (a full disk here) is raised by the
     next accept(), as a write error would be, and discard() still gives everything back."""
@@ -204,7 +266,7 @@ def test_a_disk_error_in_the_background_flush_reaches_the_next_chunk(tmp_path: P
     dl._flush = failing_flush  # type: ignore[method-assign]
     clock.now = 2.0  # past FLUSH_PERIOD_S: this chunk starts a background flush
     dl.accept(0, chunk(0, data))
-    dl._flusher.join()  # type: ignore[union-attr]
+    dl._flusher.wait()  # type: ignore[union-attr]
     with pytest.raises(NoSpaceError, match="is full"):
         dl.accept(1, chunk(1, data))
     dl.discard()
