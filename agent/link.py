@@ -25,6 +25,8 @@ The controller uses this class too: it is the one place that knows paho's API.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import ipaddress
 import logging
 import socket
@@ -32,19 +34,58 @@ import ssl
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-
 from agent.config import TlsConfig
 from agent.errors import BrokerAuthError, ConfigError
+
+
+class _LoadedOnFirstUse(types.ModuleType):
+    """A stand-in for a module that is imported but not used: the real one is loaded by the
+    first attribute read. paho imports ``urllib.request`` (with http.client and the email
+    package, ~1.6 MiB of an agent's RSS) only to look up proxies when PySocks is installed,
+    which the agent's install does not do, so an agent never reads it. (With PySocks, paho's
+    first connect reads it, and it loads then.) ``importlib.util.LazyLoader`` does not do here:
+    Python 3.11's import statement reads the lazy module's ``__spec__`` and so loads it."""
+
+    _lock = threading.Lock()  # two threads' first reads load it once
+
+    def __getattr__(self, name: str) -> Any:
+        with self._lock:
+            if sys.modules.get(self.__name__) is self:
+                del sys.modules[self.__name__]
+            real = importlib.import_module(self.__name__)  # also sets it on the parent package
+            self.__dict__.update(real.__dict__)  # later reads do not come back here
+        return getattr(real, name)
+
+
+def _defer_import(name: str) -> None:
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        return
+    stand_in = _LoadedOnFirstUse(name)
+    stand_in.__spec__ = spec
+    sys.modules[name] = stand_in
+    parent, _, child = name.rpartition(".")
+    setattr(sys.modules[parent], child, stand_in)
+
+
+_defer_import("urllib.request")  # with PySocks installed, paho's first connect loads it
+
+import paho.mqtt.client as mqtt  # noqa: E402  (after the stand-in above)
+from paho.mqtt.client import topic_matches_sub  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode  # noqa: E402
+from paho.mqtt.packettypes import PacketTypes  # noqa: E402
+from paho.mqtt.properties import Properties  # noqa: E402
+from paho.mqtt.reasoncodes import ReasonCode  # noqa: E402
+
+__all__ = ["MqttLink", "Will", "topic_matches_sub"]
 
 log = logging.getLogger(__name__)
 

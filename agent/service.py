@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from paho.mqtt.client import topic_matches_sub
 
 from agent import protocol as p
 from agent.activation import Activation, Pointer
@@ -35,7 +34,7 @@ from agent.config import AgentConfig, MqttInput
 from agent.errors import IntegrityError, TransferError
 from agent.fallback import Ladder, Move, RunRecord
 from agent.hardware import read_hardware
-from agent.link import MqttLink, Will
+from agent.link import MqttLink, Will, topic_matches_sub
 from agent.outbox import Outbox, OutboxSender
 from agent.power.chain import MeterChain
 from agent.results import ResultWriter

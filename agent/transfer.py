@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -137,11 +136,23 @@ class NoSpaceError(OSError):
 
 
 def free_bytes(directory: Path) -> int | None:
-    """Free space for an unprivileged writer in ``directory``, or None if it cannot be read."""
+    """Free space for an unprivileged writer in ``directory``, or None if it cannot be read.
+    (os.statvfs, as shutil.disk_usage does: shutil would load the archive codecs, ~0.5 MiB of
+    an agent that never packs an archive.)"""
     try:
-        return shutil.disk_usage(directory).free
+        st = os.statvfs(directory)
     except OSError:
         return None
+    return st.f_bavail * st.f_frsize
+
+
+def total_bytes(directory: Path) -> int | None:
+    """The size of the file system holding ``directory``, or None if it cannot be read."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_blocks * st.f_frsize
 
 
 def request_batch(window: int) -> int:
@@ -207,11 +218,7 @@ class Download:
         if free is not None and free < self._missing_bytes():
             needed = self._missing_bytes()
             self.discard()
-            try:
-                total: int | None = shutil.disk_usage(self.part.parent).total
-            except OSError:
-                total = None
-            raise NoSpaceError(self.part.parent, needed, free, total)
+            raise NoSpaceError(self.part.parent, needed, free, total_bytes(self.part.parent))
         self._fh = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
         self._closing = False
         self._recorded, self._recorded_at = len(self._received), self._clock()

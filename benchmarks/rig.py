@@ -27,6 +27,8 @@ from agent import protocol as p
 from agent.link import MqttLink
 from controller.broker import Mosquitto
 
+REPO = Path(__file__).resolve().parents[1]
+
 AGENT_START_TIMEOUT_S = 30.0
 
 
@@ -112,14 +114,18 @@ def write_agent_config(
 
 
 @contextmanager
-def agent_process(config: Path, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``python -m agent.cli run --config config`` as a child process, terminated on exit."""
+def agent_process(
+    config: Path, log_path: Path, python: str = sys.executable
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m agent.cli run --config config`` as a child process, terminated on exit;
+    ``python`` may be another environment's interpreter (the repository is put on its path)."""
     log_file = log_path.open("ab")
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     process = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "--log-level", "INFO", "run", "--config", str(config)],
+        [python, "-m", "agent.cli", "--log-level", "INFO", "run", "--config", str(config)],
         stdout=log_file,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path},
     )
     try:
         yield process

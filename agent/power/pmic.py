@@ -14,14 +14,18 @@ PMIC's own conversion losses, so the figure is below what the wall supply delive
 
 from __future__ import annotations
 
+import os
 import re
-import subprocess
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from agent.power.base import MeterError, MeterUnavailable, PowerReading, attribute_energy
 from agent.protocol import PowerMethod
 
-CommandRunner = Callable[[Sequence[str]], subprocess.CompletedProcess[str]]
+if TYPE_CHECKING:
+    import subprocess
+
+CommandRunner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
 _LINE = re.compile(
     r"^\s*(?P<rail>\S+)_(?P<kind>[AV])\s+(?:current|volt)\(\d+\)=(?P<value>[-+0-9.eE]+)[AV]\s*$"
@@ -30,10 +34,22 @@ TIMEOUT_S = 5.0
 
 
 def run_command(args: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    """Run a short command and capture its output (the default runner)."""
+    """Run a short command and capture its output (the default runner). subprocess is imported
+    here: an agent whose meter is not a PMIC never starts a process and does not load it."""
+    import subprocess
+
     return subprocess.run(
         list(args), capture_output=True, text=True, timeout=TIMEOUT_S, check=False
     )
+
+
+def on_path(command: str) -> bool:
+    """Whether ``command`` names an executable file, as a path or on PATH (shutil.which does
+    this too, at the price of importing shutil)."""
+    if os.sep in command:
+        return os.access(command, os.X_OK)
+    folders = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    return any(os.access(os.path.join(folder or ".", command), os.X_OK) for folder in folders)
 
 
 def parse_pmic_adc(text: str) -> dict[str, float]:
@@ -66,7 +82,14 @@ class PmicMeter:
         self.rails: list[str] = []
 
     def start(self) -> None:
-        """Run the command once; MeterUnavailable unless it prints rail readings."""
+        """Run the command once; MeterUnavailable unless it prints rail readings. The default
+        runner looks for the command on PATH first: on a host that is not a Pi, learning that
+        costs no process (and no import of subprocess)."""
+        if self.run is run_command and not on_path(self.command):
+            raise MeterUnavailable(
+                f"{self.command} not found: not a Raspberry Pi",
+                "on Raspberry Pi OS it comes with the raspi-utils package",
+            )
         try:
             rails = self._sample()
         except FileNotFoundError as exc:
@@ -104,6 +127,8 @@ class PmicMeter:
         return PowerReading(round(power, 4), energy, self.method)
 
     def _sample(self) -> dict[str, float]:
+        import subprocess  # see run_command
+
         args = [self.command, "pmic_read_adc"]
         try:
             done = self.run(args)

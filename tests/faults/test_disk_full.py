@@ -14,7 +14,7 @@ How the small disk is made depends on what the host allows; the test id says whi
   the tmpfs mounted in its own mount namespace (needs user namespaces); the test reaches the disk
   through ``/proc/<pid>/root``;
 - ``simulated-enospc``: neither works (a locked-down container): the agent runs under a small
-  wrapper that makes ``os.pwrite`` fail with ENOSPC and ``shutil.disk_usage`` report a 2 MiB disk
+  wrapper that makes ``os.pwrite`` fail with ENOSPC and ``os.statvfs`` report a 2 MiB disk
   for files under the directory. The same scenario and assertions, at the write seam the agent
   uses, rather than a skip. ``GREENFLEET_TEST_SMALL_DISK`` forces one of the three.
 """
@@ -51,15 +51,13 @@ SIMULATOR = '''
 """greenfleet-agent on a simulated small disk: the fallback of tests/faults/test_disk_full.py.
 
 Writes through os.pwrite (the agent's download writes) to files under ROOT fail with ENOSPC
-once the files under ROOT would take more than LIMIT bytes, and shutil.disk_usage reports ROOT
-as a LIMIT-byte disk. Usage: simulate_small_disk.py ROOT LIMIT <greenfleet-agent arguments>.
+once the files under ROOT would take more than LIMIT bytes, and os.statvfs reports ROOT as a
+LIMIT-byte disk. Usage: simulate_small_disk.py ROOT LIMIT <greenfleet-agent arguments>.
 """
-import errno, os, shutil, sys
-from collections import namedtuple
+import errno, os, sys
 
 root, limit = os.path.realpath(sys.argv[1]), int(sys.argv[2])
-usage = namedtuple("usage", "total used free")
-real_pwrite, real_disk_usage = os.pwrite, shutil.disk_usage
+real_pwrite, real_statvfs = os.pwrite, os.statvfs
 
 
 def inside(path):
@@ -83,14 +81,14 @@ def pwrite(fd, data, offset):
     return real_pwrite(fd, data, offset)
 
 
-def disk_usage(path):
+def statvfs(path):
     if inside(os.path.realpath(path)):
-        taken = used()
-        return usage(limit, taken, max(limit - taken, 0))
-    return real_disk_usage(path)
+        free = max(limit - used(), 0)  # 1-byte fragments: blocks and free counts are bytes
+        return os.statvfs_result((4096, 1, limit, free, free, 1000, 1000, 1000, 0, 255))
+    return real_statvfs(path)
 
 
-os.pwrite, shutil.disk_usage = pwrite, disk_usage
+os.pwrite, os.statvfs = pwrite, statvfs
 sys.argv = ["greenfleet-agent", *sys.argv[3:]]
 from agent.cli import main
 
