@@ -38,4 +38,4 @@ bench-check: $(STAMP)
 	$(BIN)/python -m benchmarks.freshness
 
 clean:
-	rm -rf $(VENV) .venv-tflite-runtime .venv-tf .greenfleet
+	rm -rf $(VENV) .venv-tflite-runtime .venv-tf .venv-agent .greenfleet
