@@ -201,7 +201,7 @@ def push_once(
 
 
 def run(quick: bool) -> Outcome:
-    rounds = 1 if quick else 5
+    rounds = 1 if quick else 9  # the VM's speed drifts within a run: more rounds, steadier medians
     raw_s: list[float] = []
     pushes: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="gf-bench-push-") as tmp:
