@@ -20,12 +20,12 @@ for maintenance windows): kept on disk until an active deploy of the same file a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 import msgspec
+import msgspec.json
 
 from agent import protocol as p
 from agent.protocol import ActiveModel, Deploy, Manifest, Strict
@@ -143,13 +143,13 @@ class Activation:
     def save_pending(self, command: Deploy, state: str) -> None:
         """Remember the deploy being worked on, so a restarted agent carries on with it."""
         tmp = self.pending_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"state": state, "command": p.to_builtins(command)}))
+        tmp.write_bytes(msgspec.json.encode({"state": state, "command": p.to_builtins(command)}))
         os.replace(tmp, self.pending_path)
 
     def load_pending(self) -> tuple[Deploy, str] | None:
         """The deploy a previous run did not finish, or None (an unreadable record is dropped)."""
         try:
-            raw = json.loads(self.pending_path.read_text())
+            raw = msgspec.json.decode(self.pending_path.read_bytes())
             return p.convert(raw["command"], Deploy), str(raw["state"])
         except FileNotFoundError:
             return None

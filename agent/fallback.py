@@ -20,12 +20,13 @@ budget), and whether the process died while probing (that probe failed: start be
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
+
+import msgspec
+import msgspec.json
 
 from agent.config import FallbackConfig
 from agent.protocol import Tier
@@ -35,8 +36,7 @@ log = logging.getLogger(__name__)
 ORDER: tuple[Tier, ...] = (Tier.ACTIVE, Tier.LAST_GOOD, Tier.FALLBACK, Tier.RULES)
 
 
-@dataclass(frozen=True)
-class Move:
+class Move(msgspec.Struct, frozen=True):
     """Switch to ``to`` because of ``cause``; ``probe``: an attempt to go back up."""
 
     to: Tier
@@ -44,14 +44,15 @@ class Move:
     probe: bool = False
 
 
-@dataclass
-class Ladder:
+class Ladder(msgspec.Struct):
     """Where on the chain the agent is and what would move it. No I/O, no clock of its own."""
 
     policy: FallbackConfig
     tier: Tier = Tier.NONE
-    available: set[Tier] = field(default_factory=set)
-    broken: set[Tier] = field(default_factory=set)  # failed to load or stage; until re-deployed
+    available: set[Tier] = msgspec.field(default_factory=set)
+    broken: set[Tier] = msgspec.field(
+        default_factory=set
+    )  # failed to load or stage; until re-deployed
     since: float = 0.0  # when the current tier started serving
     hold_s: float = 0.0  # wait below before the next probe
     probing: bool = False
@@ -204,7 +205,7 @@ class RunRecord:
         """Count the previous run if it died; return the floor tier index to start at and why."""
         running, probing = False, None
         try:
-            raw = json.loads(self.path.read_text())
+            raw = msgspec.json.decode(self.path.read_bytes())
             # parse every field before using any: a half-read record is not "ignored"
             read = (
                 bool(raw.get("running")),
@@ -268,7 +269,7 @@ class RunRecord:
         }
         tmp = self.path.with_suffix(".json.tmp")
         try:
-            tmp.write_text(json.dumps(record))
+            tmp.write_bytes(msgspec.json.encode(record))
             os.replace(tmp, self.path)
         except OSError as exc:  # a full disk must not stop inference
             log.error("cannot record the run state in %s: %s", self.path, exc)

@@ -36,9 +36,10 @@ import threading
 import time
 import types
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from agent.config import TlsConfig
 from agent.errors import BrokerAuthError, ConfigError
@@ -291,8 +292,7 @@ def describe_tls_failure(exc: BaseException, tls: TlsConfig, host: str, setting:
     return f"{exc}; check {setting}.tls and that {setting}.port is the broker's TLS listener"
 
 
-@dataclass(frozen=True, slots=True)
-class Will:
+class Will(msgspec.Struct, frozen=True):
     """A message the broker publishes for us if we vanish."""
 
     topic: str

@@ -21,16 +21,17 @@ store (``stats()["durable"]`` is then false).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sqlite3
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import msgspec
+import msgspec.json
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,7 @@ _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(msgspec.Struct, frozen=True):
     """One stored message; ``id`` grows with every put and is never reused; ``key`` is the
     envelope id the controller names when it has stored the message (protocol.Stored)."""
 
@@ -78,7 +78,7 @@ class _Unusable(Exception):
 def _payload_id(payload: bytes) -> str:
     """The JSON ``id`` of a payload stored without a key (a schema 1 file), or ``""``."""
     try:
-        value = json.loads(payload).get("id")
+        value = msgspec.json.decode(payload).get("id")
     except (ValueError, AttributeError, RecursionError):
         return ""
     return value if isinstance(value, str) else ""

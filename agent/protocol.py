@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
@@ -134,8 +133,7 @@ def subscription(channel: Channel, device: str = "+") -> str:
     return f"{ROOT}/{device}/{channel.value}"
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedTopic:
+class ParsedTopic(msgspec.Struct, frozen=True):
     """A topic taken apart: the device, the channel, and for chunks the sha256 and index.
 
     A chunk on the shared tree (``gf/blobs/v1/...``) has no device: ``device`` is ``""``.

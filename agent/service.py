@@ -21,11 +21,11 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from agent import protocol as p
@@ -69,32 +69,42 @@ BLOB_PREFIX = p.BLOB_ROOT + "/"  # the shared chunk tree (controller.blobs)
 OUTBOX_WINDOW = 32  # telemetry/event messages in flight; below the link's max_inflight (64)
 
 
-@dataclass
 class Serving:
     """What the inference thread uses, swapped as a whole: a tier of the fallback chain and
     the model file it runs (for the rules tier, the model whose manifest holds the rules)."""
 
-    model: LoadedModel | RulesModel
-    active: p.ActiveModel
-    tier: p.Tier = p.Tier.ACTIVE
-    # worked out once, not on every inference:
-    input_name: str = field(init=False)
-    feed_shape: tuple[int, ...] = field(init=False)  # the input's shape, -1 where it is free
-    feeds: dict[str, Any] = field(init=False)  # the inference thread's feed, refilled each run
-    only_output: str | None = field(init=False)  # the output's name, if the model has one
-    results: ResultWriter = field(init=False)
+    __slots__ = (
+        "active",
+        "feed_shape",
+        "feeds",
+        "input_name",
+        "model",
+        "only_output",
+        "results",
+        "tier",
+    )
 
-    def __post_init__(self) -> None:
-        spec = self.model.inputs[0]
-        self.input_name = spec.name
+    def __init__(
+        self, model: LoadedModel | RulesModel, active: p.ActiveModel, tier: p.Tier = p.Tier.ACTIVE
+    ) -> None:
+        self.model = model
+        self.active = active
+        self.tier = tier
+        # worked out once, not on every inference:
+        spec = model.inputs[0]
+        self.input_name: str = spec.name
+        # the input's shape, -1 where it is free
         self.feed_shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in spec.shape)
-        self.feeds = {}
-        self.only_output = self.model.outputs[0].name if len(self.model.outputs) == 1 else None
-        self.results = ResultWriter(self.active.model, self.tier)
+        self.feeds: dict[str, Any] = {}  # the inference thread's feed, refilled each run
+        # the output's name, if the model has one
+        self.only_output = model.outputs[0].name if len(model.outputs) == 1 else None
+        self.results = ResultWriter(active.model, tier)
+
+    def __repr__(self) -> str:
+        return f"Serving({self.active.model}, tier={self.tier.value})"
 
 
-@dataclass
-class Transfer:
+class Transfer(msgspec.Struct):
     """A deploy in progress."""
 
     command: p.Deploy

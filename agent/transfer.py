@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -43,6 +42,8 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import msgspec.json
 
 from agent.errors import IntegrityError, TransferError
 from agent.protocol import BLOB_ROOT, Artifact, shared_blob_topic
@@ -247,7 +248,7 @@ class Download:
 
     def _load_sidecar(self) -> set[int]:
         try:
-            state = json.loads(self.sidecar.read_text())
+            state = msgspec.json.decode(self.sidecar.read_bytes())
         except (OSError, ValueError):
             return set()
         if not isinstance(state, dict) or state.get("chunk_size") != self.artifact.chunk_size:
@@ -282,7 +283,7 @@ class Download:
             self._hashed += 1
         if record and (not background or self._record_due(received)):
             tmp = self.sidecar.with_suffix(".chunks.tmp")
-            tmp.write_text(json.dumps({"chunk_size": size, "received": sorted(received)}))
+            tmp.write_bytes(msgspec.json.encode({"chunk_size": size, "received": sorted(received)}))
             os.replace(tmp, self.sidecar)
             self._recorded, self._recorded_at = len(received), self._clock()
 

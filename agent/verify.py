@@ -19,7 +19,6 @@ import binascii
 import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -133,15 +132,14 @@ def _signature_valid(public_raw: bytes, signature: bytes, data: bytes) -> bool:
 # --------------------------------------------------------------------------------- versions
 
 
-@dataclass(frozen=True, order=True)
-class SemVer:
+class SemVer(msgspec.Struct, frozen=True, order=True):
     """A semver 2.0 version without build metadata, ordered by precedence (semver §11)."""
 
     major: int
     minor: int
     patch: int
-    _pre_key: tuple[Any, ...] = field(repr=False)
-    prerelease: tuple[str, ...] = field(default=(), compare=False)
+    _pre_key: tuple[Any, ...]  # orders the prerelease; equal keys, equal prereleases
+    prerelease: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         pre = "-" + ".".join(self.prerelease) if self.prerelease else ""

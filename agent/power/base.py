@@ -32,9 +32,10 @@ yields 0, not a negative energy. For the estimate, whose above-idle power is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+import msgspec
 
 from agent.errors import AgentError
 from agent.protocol import PowerMethod
@@ -59,8 +60,7 @@ class WindowSkipped(MeterError):
     """One window cannot be measured (counter reset, no interval); the next one will be."""
 
 
-@dataclass(frozen=True, slots=True)
-class PowerReading:
+class PowerReading(msgspec.Struct, frozen=True):
     """Power over one telemetry window, how it was obtained, and anything odd about it."""
 
     power_w: float

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Literal
+
+import msgspec
 
 from agent.config import PowerConfig
 from agent.power import meter_class
@@ -30,8 +31,7 @@ MAX_SKIPS = 3  # windows in a row a meter may fail to measure before it is dropp
 MeterState = Literal["active", "standby", "unavailable", "failed"]
 
 
-@dataclass(frozen=True, slots=True)
-class MeterStatus:
+class MeterStatus(msgspec.Struct, frozen=True):
     """One configured meter: whether it measures, waits, cannot work here, or failed mid-run."""
 
     method: PowerMethod
@@ -173,7 +173,7 @@ class MeterChain:
             if reading.note:
                 notes.append(reading.note)
             notes.append(f"fell back to {reading.method.value}")
-            reading = replace(reading, note="; ".join(notes))
+            reading = msgspec.structs.replace(reading, note="; ".join(notes))
         return reading
 
     def _drop(self, reason: str, exc: BaseException | None) -> list[str]:

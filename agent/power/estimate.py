@@ -8,7 +8,7 @@ it never fails: it is the chain's last resort.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 from agent.power.base import PowerReading
 from agent.protocol import PowerMethod
@@ -16,8 +16,7 @@ from agent.protocol import PowerMethod
 __all__ = ["EstimateMeter", "PowerReading"]
 
 
-@dataclass(frozen=True, slots=True)
-class EstimateMeter:
+class EstimateMeter(msgspec.Struct, frozen=True):
     """Estimates power from CPU time and the device profile's idle and per-core power."""
 
     idle_w: float

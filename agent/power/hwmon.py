@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 from agent.power.base import (
     MeterError,
@@ -37,8 +38,7 @@ TOTAL_RAILS = ("VDD_IN", "POM_5V_IN")  # Jetson module input: Orin/Xavier NX, Na
 _INPUT = re.compile(r"^(power|curr)(\d+)_input$")
 
 
-@dataclass(frozen=True)
-class Rail:
+class Rail(msgspec.Struct, frozen=True):
     """One measured rail: its label and either a power file (µW) or a voltage/current pair."""
 
     label: str

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from agent.power.base import (
     MeterError,
@@ -30,8 +31,7 @@ MIN_INTERVAL_S = 0.05  # the energy counter updates every few ms; shorter deltas
 INSTALL_HINT = "pip install nvidia-ml-py"
 
 
-@dataclass
-class _Gpu:
+class _Gpu(msgspec.Struct):
     index: int
     handle: Any
     counter: bool  # True: total-energy counter (mJ); False: power sample (mW)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 from agent.power.base import (
     MeterError,
@@ -45,8 +46,7 @@ PERMISSION_HINT = (
 )
 
 
-@dataclass
-class _Zone:
+class _Zone(msgspec.Struct):
     path: Path
     name: str
     max_range_uj: int | None

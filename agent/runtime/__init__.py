@@ -11,9 +11,10 @@ import functools
 import importlib
 import importlib.util
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from agent.protocol import ModelFormat
 from agent.runtime.base import (
@@ -60,8 +61,7 @@ REQUIRES: dict[ModelFormat, tuple[str, ...]] = {
 }
 
 
-@dataclass(frozen=True)
-class _Probe:
+class _Probe(msgspec.Struct, frozen=True):
     available: tuple[ModelFormat, ...]
     failures: dict[ModelFormat, str]
 

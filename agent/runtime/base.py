@@ -14,9 +14,10 @@ Error tree (third-party errors are translated into these at the backend boundary
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+import msgspec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,8 +37,7 @@ class InferenceError(ModelRuntimeError):
     """One inference call failed; the message names the model file and the offending feed."""
 
 
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
+class TensorSpec(msgspec.Struct, frozen=True):
     """One model input or output: name, shape (``None`` for a dynamic dim), numpy dtype name."""
 
     name: str

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+import msgspec
 import numpy as np
 
 from agent.protocol import FaultKind
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
+class Reading(msgspec.Struct, frozen=True):
     """One window of samples and when it was captured."""
 
     values: np.ndarray

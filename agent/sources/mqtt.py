@@ -7,11 +7,11 @@ model always works on recent data.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import deque
 
+import msgspec.json
 import numpy as np
 
 from agent.config import MqttInput
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def parse_reading(payload: bytes) -> Reading:
     """Decode one payload; ProtocolError says what is wrong with it."""
     try:
-        raw = json.loads(payload)
+        raw = msgspec.json.decode(payload)
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"sensor reading is not valid JSON: {str(exc)[:200]}") from exc
     if isinstance(raw, list):

@@ -16,8 +16,8 @@ load from window to window, so a model trained on a few machines must generalize
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -26,8 +26,7 @@ from agent.protocol import FaultKind
 __all__ = ["BearingGeometry", "VibrationSimulator"]
 
 
-@dataclass(frozen=True, slots=True)
-class BearingGeometry:
+class BearingGeometry(msgspec.Struct, frozen=True):
     """Rolling-element bearing dimensions; the defect frequencies follow from them.
 
     The defaults are the SKF 6205 deep-groove ball bearing used in the CWRU bearing data set.
