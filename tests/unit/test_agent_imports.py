@@ -27,8 +27,9 @@ def _run(code: str) -> str:
 
 def test_the_agent_does_not_load_what_it_never_uses() -> None:
     """urllib.request (paho's proxy lookup, with http.client and the email package), shutil
-    (argparse's terminal width, the download's free space) and subprocess (the PMIC meter on a
-    host without vcgencmd) stay out of an agent that has built its parser and services."""
+    (argparse's terminal width, the download's free space), subprocess (the PMIC meter on a
+    host without vcgencmd), dataclasses (msgspec's structs instead) and json (msgspec's) stay
+    out of an agent that has built its parser and services."""
     loaded = _run(
         """
         import sys
@@ -42,7 +43,7 @@ def test_the_agent_does_not_load_what_it_never_uses() -> None:
             PmicMeter(command="no-such-vcgencmd").start()
         except MeterUnavailable as exc:
             assert "not found" in str(exc), exc
-        unused = ("http.client", "email", "shutil", "subprocess")
+        unused = ("http.client", "email", "shutil", "subprocess", "dataclasses", "json")
         print(" ".join(m for m in unused if m in sys.modules))
         """
     )
