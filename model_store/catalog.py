@@ -219,6 +219,18 @@ def signature_of(
     return sigs(model.inputs), sigs(model.outputs)
 
 
+def check_feedable(path: Path, inputs: Sequence[TensorSignature]) -> None:
+    """InvalidModel unless every input takes float32: an agent feeds its model float32 windows
+    of sensor samples, and a model that wants integers (token ids, say) would fail on every
+    device. Refused before anything is stored, so no half-added version is left behind."""
+    for sig in inputs:
+        if sig.dtype != "float32":
+            raise InvalidModel(
+                f"{path.name}: input {sig.name!r} takes {sig.dtype}, but agents feed float32 "
+                "sensor windows; export it with float32 inputs (a Cast or Quantize op inside)"
+            )
+
+
 def check_declared(
     what: str, declared: tuple[TensorSignature, ...] | None, actual: tuple[TensorSignature, ...]
 ) -> None:
@@ -311,6 +323,7 @@ class Catalog:
                 "publish the new file under a new version"
             )
         inputs, outputs = read_signature(path, fmt)
+        check_feedable(path, inputs)
         check_declared("inputs", declared.inputs, inputs)
         check_declared("outputs", declared.outputs, outputs)
         base_id = f"{name}:{base_version}"

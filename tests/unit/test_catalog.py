@@ -139,3 +139,25 @@ def test_metadata_signatures_are_checked_and_may_say_more(tmp_path: Path) -> Non
     path.write_text('{"inputs": [{"name": "window", "shape": "1x512"}]}')
     with pytest.raises(InvalidModel, match=r"meta\.json: shape: expected `array`"):
         Declared.from_json(path)
+
+
+def test_a_model_agents_cannot_feed_is_refused_before_anything_is_stored(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    """An int64 input (token ids) once gave a traceback in ``models add`` after the version was
+    stored; agents feed float32 windows, so such a model is refused up front, with the fix."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["ids"], ["y"], to=TensorProto.FLOAT)],
+        "tokens",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    path = tmp_path / "tokens.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(InvalidModel, match="input 'ids' takes int64, but agents feed float32"):
+        catalog.add(path, "tok", "1.0.0")
+    assert catalog.all() == []
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
