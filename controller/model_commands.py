@@ -134,21 +134,29 @@ def cmd_add(args: argparse.Namespace) -> int:
         )
     catalog = _catalog(args)
     model = catalog.add(Path(args.path), args.name, args.version, declared=declared)
+    # the same file again: what it declares now (a forgotten --task, another floor) applies
+    changes = catalog.redeclare(model.base, declared) if model.technique == "source" else {}
     signer = Signer.load_or_create(args.home.keys)
     try:  # enrolled agents run only signed manifests
         model, unsigned = sign_added(catalog, signer, model.id), None
     except ModelStoreError as exc:
         unsigned = f"{exc}; enrolled agents will refuse it until it is signed"
-    data = {
+    updated = {k: [None if a is None else str(a), str(b)] for k, (a, b) in changes.items()}
+    data: dict[str, Any] = {
         "id": model.id,
         "format": model.format.value,
         "sha256": model.sha256,
         "size": model.size,
         "signed_by": signer.key_id if unsigned is None else None,
         "unsigned_because": unsigned,
+        "updated": {
+            k: [str(a) if a is not None else None, str(b)] for k, (a, b) in changes.items()
+        },
     }
 
     def render() -> None:
+        for name, (was, now) in updated.items():
+            console.print(f"updated {model.base}: {name.replace('_', ' ')} {now} (was {was})")
         console.print(
             f"added {model.id} ({model.format.value}, {model.size:,} bytes, "
             f"sha256 {model.sha256[:12]})"

@@ -34,6 +34,7 @@ from agent.protocol import (
     TensorSignature,
 )
 from agent.runtime.base import LoadedModel, TensorSpec
+from model_store.eligibility import judge
 from model_store.errors import InvalidModel, ModelStoreError, VersionConflict
 
 SUFFIX_FORMATS = {".onnx": ModelFormat.ONNX, ".tflite": ModelFormat.TFLITE}
@@ -435,6 +436,43 @@ class Catalog:
         with self.db.conn:
             self.db.table("models").upsert(row, pk="id")
         return Variant.from_row(row, self.store)
+
+    def redeclare(self, version_id: str, declared: Declared) -> dict[str, tuple[Any, Any]]:
+        """Apply what a repeated ``models add`` of the same file declares, and judge the stored
+        variants again: ``{field: (was, now)}`` for what changed. A version added without
+        ``--task`` could not be fixed before (the add said "added" and changed nothing).
+
+        What cannot change under the same number raises VersionConflict: a task once set (its
+        variants' fidelity was measured for it), and the alarm threshold once compressed (the
+        profiles measured alarm agreement at the old one)."""
+        version = self.version(version_id)
+        changes = {
+            name: (getattr(version, name), getattr(declared, name))
+            for name in ("task", "accuracy_floor", "threshold")
+            if getattr(declared, name) is not None
+            and getattr(declared, name) != getattr(version, name)
+        }
+        if "task" in changes and version.task is not None:
+            raise VersionConflict(
+                f"{version.id} is a {version.task.value} model; a version's task does not "
+                "change: add the file under a new version"
+            )
+        if "threshold" in changes and version.compressed is not None:
+            raise VersionConflict(
+                f"{version.id} was compressed with alarm threshold {version.threshold:g}; "
+                "add the file under a new version to profile it at another one"
+            )
+        if not changes:
+            return {}
+        row = {k: v.value if isinstance(v, Task) else v for k, (_, v) in changes.items()}
+        self.update_version(version.id, **row)
+        version = self.version(version.id)
+        for variant in self.variants(version.id):
+            if variant.profile is None:  # never judged: compress will
+                continue
+            eligible, reason = judge(version, variant.profile, variant.technique or "")
+            self.update_variant(variant.id, eligible=int(eligible), reason=reason)
+        return changes
 
     def update_variant(self, variant_id: str, **fields: Any) -> None:
         with self.db.conn:

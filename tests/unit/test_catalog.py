@@ -161,3 +161,30 @@ def test_a_model_agents_cannot_feed_is_refused_before_anything_is_stored(
         catalog.add(path, "tok", "1.0.0")
     assert catalog.all() == []
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+
+
+def test_adding_the_same_file_again_applies_what_it_now_declares(catalog: Catalog) -> None:
+    """A version added without --task could not be fixed: re-adding it said "added" and
+    changed nothing. The same file with more said now updates the version; what its variants
+    were measured by (a task once set, a threshold once compressed) cannot change."""
+    source = catalog.add(SAMPLES / "vibration-ae.onnx", "vib", "1.0.0")
+    assert catalog.redeclare(source.base, Declared()) == {}
+    changes = catalog.redeclare(
+        source.base, Declared(task=Task.ANOMALY, accuracy_floor=0.9, threshold=0.8)
+    )
+    assert changes == {
+        "task": (None, Task.ANOMALY),
+        "accuracy_floor": (None, 0.9),
+        "threshold": (None, 0.8),
+    }
+    version = catalog.version("vib:1.0.0")
+    assert (version.task, version.accuracy_floor, version.threshold) == (Task.ANOMALY, 0.9, 0.8)
+    assert catalog.redeclare(source.base, Declared(accuracy_floor=0.95)) == {
+        "accuracy_floor": (0.9, 0.95)
+    }
+    with pytest.raises(VersionConflict, match="task does not change"):
+        catalog.redeclare(source.base, Declared(task=Task.CLASSIFICATION))
+    catalog.update_version("vib:1.0.0", compressed="2026-12-07T00:00:00Z")
+    with pytest.raises(VersionConflict, match=r"compressed with alarm threshold 0\.8"):
+        catalog.redeclare(source.base, Declared(threshold=0.5))
+    assert catalog.version("vib:1.0.0").threshold == 0.8

@@ -227,3 +227,49 @@ def test_models_add_signs_a_manifest_enrolled_agents_accept(
         variant.manifest, [key], now=datetime.now(UTC), device_class="rpi4", active=None
     )
     assert manifest.artifact.sha256 == added["sha256"] and manifest.golden
+
+
+def test_models_add_again_with_a_task_updates_the_version_and_judges_its_variants(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Re-adding the same file with a stricter floor says "updated" and judges the stored
+    variants against it (here one whose agreement with fp32 was 0.93)."""
+    from agent.protocol import Fidelity, Profile
+    from model_store.catalog import Catalog
+
+    argv = ["models", "add", str(SAMPLES / "vibration-ae.onnx"), "--name", "vib"]
+    assert main([*argv, "--version", "1.0.0"]) == 0
+    catalog = Catalog(open_db(home / "greenfleet.db"), home / "store")
+    version = catalog.version("vib:1.0.0")
+    source = catalog.get("vib:1.0.0")
+    profile = Profile(
+        size_bytes=1,
+        parameters=1,
+        macs=1,
+        fidelity=Fidelity(samples=50, agreement=0.93, correlation=0.99),
+        host="test",
+    )
+    catalog.put_variant(
+        version,
+        "int8",
+        source.path,
+        source.format,
+        precision="int8",
+        technique="quantize",
+        eligible=True,
+        reason=None,
+        notes=(),
+        details={},
+        profile=profile,
+    )
+    capsys.readouterr()
+    assert main([*argv, "--version", "1.0.0", "--task", "anomaly", "--accuracy-floor", "0.95"]) == 0
+    out = capsys.readouterr().out
+    assert "updated vib:1.0.0: task anomaly (was None)" in out
+    assert "updated vib:1.0.0: accuracy floor 0.95 (was None)" in out
+    int8 = catalog.get("vib:1.0.0+int8")
+    assert not int8.eligible and "agreement with fp32 0.930 is below the accuracy floor" in (
+        int8.reason or ""
+    )
+    assert main([*argv, "--version", "1.0.0", "--task", "classification"]) != 0
+    assert "task does not change" in capsys.readouterr().err

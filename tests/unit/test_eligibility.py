@@ -1,4 +1,4 @@
-"""Which variants may be deployed (``model_store.pipeline.eligibility``): a table.
+"""Which variants may be deployed (``model_store.eligibility``): a table.
 
 Issue 16 found every variant eligible when a version declared no accuracy floor, a pruned model
 at chance and an int8 model that outputs zeros among them. Without a floor, fidelity to fp32 on
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from agent.protocol import Fidelity
-from model_store.pipeline import eligibility
+from model_store.eligibility import eligibility
 
 
 def fid(
