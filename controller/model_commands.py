@@ -15,7 +15,7 @@ from controller.db import open_db
 from controller.output import console, emit, fmt, progress_bar, stage_progress
 from model_store.catalog import Catalog, Declared, ModelVersion, Variant, _task
 from model_store.errors import ModelStoreError
-from model_store.pipeline import compress, sign_added
+from model_store.pipeline import compress, profile_added, sign_added
 from model_store.signing import Signer
 from model_store.variants.base import Calibration
 
@@ -133,7 +133,14 @@ def cmd_add(args: argparse.Namespace) -> int:
             declared.outputs,
         )
     catalog = _catalog(args)
+    existed = catalog.variant_or_none(p.ModelRef.parse(f"{args.name}:{args.version}")) is not None
     model = catalog.add(Path(args.path), args.name, args.version, declared=declared)
+    unprofiled = None
+    if not existed:  # priced on its own runtime from the start, so the plan can place it
+        try:
+            model = profile_added(catalog, model.id)
+        except ModelStoreError as exc:
+            unprofiled = f"{exc}; the plan cannot price it until `models compress` runs"
     # the same file again: what it declares now (a forgotten --task, another floor) applies
     changes = catalog.redeclare(model.base, declared) if model.technique == "source" else {}
     signer = Signer.load_or_create(args.home.keys)
@@ -149,9 +156,9 @@ def cmd_add(args: argparse.Namespace) -> int:
         "size": model.size,
         "signed_by": signer.key_id if unsigned is None else None,
         "unsigned_because": unsigned,
-        "updated": {
-            k: [str(a) if a is not None else None, str(b)] for k, (a, b) in changes.items()
-        },
+        "updated": updated,
+        "profile": None if model.profile is None else p.to_builtins(model.profile),
+        "unprofiled_because": unprofiled,
     }
 
     def render() -> None:
@@ -164,6 +171,16 @@ def cmd_add(args: argparse.Namespace) -> int:
         )
         if unsigned is not None:
             console.print(f"[yellow]not signed[/]: {escape(unsigned)}")
+        if model.profile is not None and not existed:
+            runtime, stats = next(iter(model.profile.latency.items()), ("-", None))
+            console.print(
+                f"profiled on {runtime}: p50 {stats.p50_ms:.3f} ms, {model.profile.macs / 1e6:.2f}"
+                f" M MACs ({model.profile.host})"
+                if stats is not None
+                else "profiled: no latency measured"
+            )
+        if unprofiled is not None:
+            console.print(f"[yellow]not profiled[/]: {escape(unprofiled)}")
 
     emit(args, data, render)
     return 0

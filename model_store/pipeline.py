@@ -259,6 +259,25 @@ def compress(
     return report
 
 
+def profile_added(catalog: Catalog, variant_id: str, *, runs: int = 50) -> Variant:
+    """Profile a file just added (``models add``) on its own runtime: size, MACs, peak memory
+    and latency, no fidelity (that needs ``compress --calibration``). The plan prices a
+    variant by its profile, so a model added as .tflite alone was "not profiled on litert"
+    and could not be planned until now. ModelStoreError (nothing stored) if it cannot be run
+    the way the profiler feeds it (one input of a fixed shape)."""
+    from model_store import profile as profiling
+
+    variant = catalog.get(variant_id)
+    version = catalog.version(variant.base)
+    info = model_info(version, need_task=False)
+    measured = profiling.profile_variant(variant.path, variant.format, info, None, None, runs=runs)
+    eligible, reason = judge(version, measured, variant.technique or "")
+    catalog.update_variant(
+        variant.id, profile=encode(measured).decode(), eligible=int(eligible), reason=reason
+    )
+    return catalog.get(variant_id)
+
+
 def sign_added(catalog: Catalog, signer: Signer, variant_id: str) -> Variant:
     """Sign the manifest of a model added as a file (``models add``), so enrolled agents, which
     run only what the controller signed, accept it: golden cases from seeded random inputs, no

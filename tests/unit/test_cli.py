@@ -273,3 +273,33 @@ def test_models_add_again_with_a_task_updates_the_version_and_judges_its_variant
     )
     assert main([*argv, "--version", "1.0.0", "--task", "classification"]) != 0
     assert "task does not change" in capsys.readouterr().err
+
+
+def test_a_model_added_as_tflite_alone_is_profiled_on_litert_and_can_be_planned(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 16: a model added as .tflite only was "not profiled on litert" and no device could
+    be planned on it. ``models add`` now profiles every file on its own runtime."""
+    from controller.planning import candidate
+    from controller.selection import DeviceNeeds, select_variant
+    from model_store.catalog import Catalog
+
+    argv = ["models", "add", str(SAMPLES / "surface-cnn.tflite"), "--name", "surf"]
+    assert main([*argv, "--version", "1.0.0", "--json"]) == 0
+    added = json.loads(capsys.readouterr().out)
+    assert added["unprofiled_because"] is None
+    assert added["profile"]["latency"]["litert"]["p50_ms"] > 0 and added["profile"]["macs"] > 0
+    variant = Catalog(open_db(home / "greenfleet.db"), home / "store").get("surf:1.0.0")
+    gateway = DeviceNeeds(
+        id="gw-1",
+        device_class="rpi4",
+        runtimes=frozenset({"tflite"}),
+        precisions=frozenset({"fp32", "int8"}),
+        model_memory_mb=256,
+        storage_mb=1024,
+        latency_budget_ms=100,
+        speed={"fp32": 4.0},
+        active_w_per_core=1.0,
+    )
+    decision = select_variant(gateway, [candidate(variant)], {})
+    assert decision.chosen == "surf:1.0.0", decision
