@@ -149,7 +149,7 @@ def compress(
     try:
         total = len(names) + 1
         progress("build", 0, total, "fp32 reference")
-        reference = optimize_reference(source.path, workdir / "fp32.onnx")
+        reference, normalized = optimize_reference(source.path, workdir / "fp32.onnx")
         built: list[BuiltVariant] = [
             BuiltVariant(
                 "fp32",
@@ -157,7 +157,7 @@ def compress(
                 ModelFormat.ONNX,
                 "fp32",
                 "reference",
-                notes=("onnxruntime basic graph optimizations",),
+                notes=(*normalized, "onnxruntime basic graph optimizations"),
             )
         ]
         for done, name in enumerate(names, start=1):

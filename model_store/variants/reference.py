@@ -56,7 +56,8 @@ def session(model: Path | bytes, variant: str) -> ort.InferenceSession:
         source = model if isinstance(model, bytes) else str(model)
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/NotImplemented/... types
-        raise VariantError(variant, f"onnxruntime cannot load the result: {exc}") from exc
+        detail = " ".join(str(exc).split())[:300]  # onnxruntime's messages run to 2,000 chars
+        raise VariantError(variant, f"onnxruntime cannot load the result: {detail}") from exc
 
 
 def run_outputs(
@@ -136,15 +137,54 @@ def calibration_inputs(ctx: BuildContext, variant: str, minimum: int = 1) -> np.
     return np.asarray(ctx.calibration.inputs, dtype=np.float32)
 
 
-def optimize_reference(source: Path, target: Path) -> Path:
-    """The fp32 reference: the source with onnxruntime's portable graph optimizations applied."""
+MIN_OPSET = 13  # per-channel QDQ quantization and the builders' ops need opset 13 or later
+
+
+def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """The graph in the layout the builders expect, and what was changed.
+
+    Exporters before IR version 4 listed every weight among the graph inputs as well as the
+    initializers; onnxruntime then treats the weights as overridable inputs, keeps them out of
+    constant folding, and a builder that converts initializers (fp16) leaves a float32 input
+    over a float16 initializer. Such inputs are dropped (IR 4 allows it), the IR version is
+    raised to 4, and an opset below MIN_OPSET is converted up where onnx's converter can."""
+    changes: list[str] = []
+    weights = {t.name for t in model.graph.initializer}
+    overlap = [i for i in model.graph.input if i.name in weights]
+    if overlap:
+        for item in overlap:
+            model.graph.input.remove(item)
+        changes.append(f"{len(overlap)} weight(s) taken out of the graph inputs")
+    if model.ir_version < 4:
+        changes.append(f"IR version {model.ir_version} -> 4")
+        model.ir_version = 4
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset < MIN_OPSET:
+        from onnx import version_converter
+
+        try:
+            model = version_converter.convert_version(model, MIN_OPSET)
+            changes.append(f"opset {opset} -> {MIN_OPSET}")
+        except Exception as exc:  # the converter lacks adapters for some ops
+            changes.append(f"opset {opset} kept (onnx cannot convert it: {str(exc)[:120]})")
+    return model, changes
+
+
+def optimize_reference(source: Path, target: Path) -> tuple[Path, list[str]]:
+    """The fp32 reference: the source, normalized (:func:`normalize`), with onnxruntime's
+    portable graph optimizations applied; and what normalizing changed."""
     import onnxruntime as ort
 
+    try:
+        model, changes = normalize(onnx.load(str(source)))
+    except Exception as exc:  # onnx raises DecodeError, ValidationError, OSError, ...
+        raise VariantError("fp32", f"cannot read the source as ONNX: {str(exc)[:300]}") from exc
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(target)
     try:
-        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise VariantError("fp32", f"onnxruntime cannot optimize the source: {exc}") from exc
-    return target
+        detail = " ".join(str(exc).split())[:300]
+        raise VariantError("fp32", f"onnxruntime cannot optimize the source: {detail}") from exc
+    return target, changes

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.protocol import ModelFormat
+from agent.protocol import ModelFormat, Task
 from agent.runtime import load_model
 from controller.db import open_db
 from model_store import pipeline
@@ -177,3 +177,67 @@ def test_a_version_without_a_task_cannot_be_compressed(catalog: Catalog, tmp_pat
         pipeline.compress(
             catalog, Signer.load_or_create(tmp_path / "k"), "vib:1.0.0", None, tmp_path / "w"
         )
+
+
+def _old_layout_model(path: Path) -> Path:
+    """A small CNN in the layout of exporters before IR 4: every weight is listed among the
+    graph inputs too, IR version 3, opset 8 (built here: the classic model zoo files are)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.2).astype("f4"), "W"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "B"),
+        numpy_helper.from_array((rng.standard_normal((8, 4)) * 0.3).astype("f4"), "G"),
+        numpy_helper.from_array(np.array([1, 8], np.int64), "shape"),
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+            helper.make_node("Reshape", ["g", "shape"], ["f"]),
+            helper.make_node("MatMul", ["f", "G"], ["y"]),
+        ],
+        "old",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])]
+        + [helper.make_tensor_value_info(w.name, w.data_type, list(w.dims)) for w in weights],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    model.ir_version = 3
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_graph_in_the_old_layout_is_normalized_before_the_variants_are_built(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    """Issue 16: weights listed among the graph inputs (IR 3) made the fp16 variant unloadable
+    (a float32 input over a float16 initializer) and other exporters' references invalid. The
+    reference is now normalized first and says what changed."""
+    import onnx
+
+    path = _old_layout_model(tmp_path / "old.onnx")
+    catalog.add(path, "old", "1.0.0", declared=Declared(task=Task.CLASSIFICATION))
+    inputs = np.random.default_rng(1).standard_normal((60, 3, 16, 16)).astype(np.float32)
+    report = pipeline.compress(
+        catalog,
+        Signer.load_or_create(tmp_path / "keys"),
+        "old:1.0.0",
+        Calibration(inputs),
+        tmp_path / "work",
+        only=["fp16", "int8-static"],
+        latency_runs=5,
+    )
+    built = {v.variant: v for v in report.variants}
+    assert report.failures == [], report.failures
+    assert {"fp32", "fp16", "int8-static-qdq", "int8-static-qop"} <= set(built)
+    reference = onnx.load(str(built["fp32"].path))
+    onnx.checker.check_model(reference)
+    assert [i.name for i in reference.graph.input] == ["x"]
+    assert "4 weight(s) taken out of the graph inputs" in built["fp32"].notes
+    assert "IR version 3 -> 4" in built["fp32"].notes
+    assert built["fp16"].eligible, built["fp16"].reason
