@@ -353,6 +353,12 @@ def _m9_revoked(db: sqlite_utils.Database) -> None:
     devices.add_column("outbox_dropped", int, not_null_default=0)
 
 
+def _m10_build_cost(db: sqlite_utils.Database) -> None:
+    """What the last ``compress`` of a version cost (issue 16): CPU seconds, wall seconds and
+    energy, measured (RAPL) or estimated, per step and in total, as JSON."""
+    db.table("model_versions").add_column("build_cost", str)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m1_initial,
     _m2_variants,
@@ -363,6 +369,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m7_identities,
     _m8_telemetry_rollups,
     _m9_revoked,
+    _m10_build_cost,
 ]
 
 

@@ -7,12 +7,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from rich.markup import escape
 from rich.table import Table
 
 from agent import protocol as p
 from controller.db import open_db
 from controller.output import console, emit, fmt, progress_bar, stage_progress
+from model_store.build_cost import BuildCost
 from model_store.catalog import Catalog, Declared, ModelVersion, Variant, _task
 from model_store.errors import ModelStoreError
 from model_store.pipeline import compress, profile_added, sign_added
@@ -65,6 +67,7 @@ def version_row(version: ModelVersion, variants: list[Variant]) -> dict[str, Any
         "has_rules": version.rules is not None,
         "created": version.created,
         "compressed": version.compressed,
+        "build_cost": version.build_cost,
     }
 
 
@@ -236,6 +239,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             f"accuracy floor {fmt(version.accuracy_floor)}"
         )
         console.print(variants_table(f"{len(rows)} variants (size x against fp32)", rows))
+        if version.build_cost:
+            cost = msgspec.convert(version.build_cost["total"], BuildCost)
+            console.print(f"the last compress cost {cost.label()}")
         if version.rules:
             console.print(
                 f"rule baseline: {version.rules.get('kind', '?')} on "
@@ -271,12 +277,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         "variants": rows,
         "failures": failures,
         "rules": report.rules,
+        "build_cost": catalog.version(report.version.id).build_cost,
     }
 
     def render() -> None:
         console.print(variants_table(f"{report.version.id}: {len(rows)} variants", rows))
         for f in failures:
             console.print(f"[yellow]not built[/] {f['variant']}: {escape(f['reason'])}")
+        if report.cost is not None:
+            console.print(f"this compress cost {report.cost.label()}")
         console.print(f"manifests signed with key {signer.key_id} ({args.home.keys})")
 
     emit(args, data, render)

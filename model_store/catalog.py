@@ -111,6 +111,7 @@ class ModelVersion:
     rules: dict[str, Any] | None
     created: str
     compressed: str | None
+    build_cost: dict[str, Any] | None = None  # the last compress: {"total": ..., "steps": ...}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ModelVersion:
@@ -129,6 +130,7 @@ class ModelVersion:
             rules=json.loads(row["rules"]) if row.get("rules") else None,
             created=row["created"],
             compressed=row.get("compressed"),
+            build_cost=json.loads(row["build_cost"]) if row.get("build_cost") else None,
         )
 
 

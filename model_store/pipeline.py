@@ -22,6 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from agent.protocol import (
@@ -35,6 +36,9 @@ from agent.protocol import (
 )
 from agent.runtime import load_model
 from agent.runtime.base import LoadedModel
+from model_store.build_cost import BuildCost
+from model_store.build_cost import Meter as BuildMeter
+from model_store.build_cost import total as total_cost
 from model_store.catalog import Catalog, ModelVersion, Variant, now_iso, signature_of
 from model_store.eligibility import judge
 from model_store.errors import ModelStoreError
@@ -67,6 +71,9 @@ class CompressReport:
     variants: list[Variant] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (variant or builder, reason)
     rules: dict[str, Any] | None = None
+    # what each step cost ("fp32", each builder, "profile"), and the whole run: see build_cost
+    costs: dict[str, BuildCost] = field(default_factory=dict)
+    cost: BuildCost | None = None
 
 
 def model_info(version: ModelVersion, *, need_task: bool = True) -> ModelInfo:
@@ -146,10 +153,12 @@ def compress(
     report = CompressReport(version)
     workdir = workroot / f"compress-{uuid.uuid4().hex[:8]}"
     workdir.mkdir(parents=True)
+    meter, spent = BuildMeter(), dict[str, list[BuildCost]]()
     try:
         total = len(names) + 1
         progress("build", 0, total, "fp32 reference")
-        reference, normalized = optimize_reference(source.path, workdir / "fp32.onnx")
+        with meter.measure(spent.setdefault("fp32", [])):
+            reference, normalized = optimize_reference(source.path, workdir / "fp32.onnx")
         built: list[BuiltVariant] = [
             BuiltVariant(
                 "fp32",
@@ -168,7 +177,11 @@ def compress(
                 reference=reference, info=info, calibration=building, workdir=scratch
             )
             try:
-                built.extend(_builder(name).build(ctx))
+                with meter.measure(spent.setdefault(name, [])):
+                    made = _builder(name).build(ctx)
+                for variant in made:  # whose build this variant's cost is part of
+                    variant.details.setdefault("built_by", name)
+                built.extend(made)
             except VariantError as exc:
                 report.failures.append((exc.variant, exc.reason))
                 log.info("%s", exc)  # reported to the caller in the CompressReport
@@ -177,84 +190,98 @@ def compress(
                 report.failures.append((name, f"unexpected error: {type(exc).__name__}: {exc}"))
         progress("build", total, total, "done")
 
-        reference_outputs = (
-            profiling.run_outputs(
-                reference,
-                ModelFormat.ONNX,
-                heldout.inputs,
-                info.input_name,
-                output_name=info.output_names[0],
-            )
-            if heldout is not None
-            else None
-        )
-        for variant in built:
-            if variant.path is None and variant.rules is not None:
-                report.rules = variant.rules
-        catalog.update_version(
-            version.id,
-            rules=None if report.rules is None else json.dumps(report.rules),
-            compressed=now_iso(),
-        )
-        version = catalog.version(version.id)
-
-        files = [v for v in built if v.path is not None and v.format is not None]
-        existing = [
-            v for v in catalog.variants(version.id) if v.technique in ("source", "imported")
-        ]
-        steps = len(files) + len(existing)
-
-        def profiled(name: str, path: Path, fmt: ModelFormat) -> Profile | None:
-            try:
-                return profiling.profile_variant(
-                    path,
-                    fmt,
-                    info,
-                    heldout,
-                    reference_outputs,
-                    runs=latency_runs,
-                    threshold=version.threshold,
+        with meter.measure(spent.setdefault("profile", [])):
+            reference_outputs = (
+                profiling.run_outputs(
+                    reference,
+                    ModelFormat.ONNX,
+                    heldout.inputs,
+                    info.input_name,
+                    output_name=info.output_names[0],
                 )
-            except ModelStoreError as exc:
-                report.failures.append((name, f"profiling failed: {exc}"))
-                return None
+                if heldout is not None
+                else None
+            )
+            for variant in built:
+                if variant.path is None and variant.rules is not None:
+                    report.rules = variant.rules
+            catalog.update_version(
+                version.id,
+                rules=None if report.rules is None else json.dumps(report.rules),
+                compressed=now_iso(),
+            )
+            version = catalog.version(version.id)
 
-        for done, variant in enumerate(files):
-            progress("profile", done, steps, variant.variant)
-            assert variant.path is not None and variant.format is not None
-            profile = profiled(variant.variant, variant.path, variant.format)
-            if profile is None:
-                continue
-            eligible, reason = judge(version, profile, variant.technique)
-            stored = catalog.put_variant(
-                version,
-                variant.variant,
-                variant.path,
-                variant.format,
-                precision=variant.precision,
-                technique=variant.technique,
-                eligible=eligible,
-                reason=reason,
-                notes=variant.notes,
-                details=variant.details,
-                profile=profile,
-            )
-            report.variants.append(_sign(catalog, signer, version, info, stored, heldout, building))
-        for done, stored in enumerate(existing, start=len(files)):
-            progress("profile", done, steps, stored.variant or "source")
-            profile = profiled(stored.variant or "source", stored.path, stored.format)
-            if profile is None:
-                continue
-            eligible, reason = judge(version, profile, stored.technique or "")
-            catalog.update_variant(
-                stored.id, profile=encode(profile).decode(), eligible=int(eligible), reason=reason
-            )
-            report.variants.append(
-                _sign(catalog, signer, version, info, catalog.get(stored.id), heldout, building)
-            )
-        progress("profile", steps, steps, "done")
+            files = [v for v in built if v.path is not None and v.format is not None]
+            existing = [
+                v for v in catalog.variants(version.id) if v.technique in ("source", "imported")
+            ]
+            steps = len(files) + len(existing)
+
+            def profiled(name: str, path: Path, fmt: ModelFormat) -> Profile | None:
+                try:
+                    return profiling.profile_variant(
+                        path,
+                        fmt,
+                        info,
+                        heldout,
+                        reference_outputs,
+                        runs=latency_runs,
+                        threshold=version.threshold,
+                    )
+                except ModelStoreError as exc:
+                    report.failures.append((name, f"profiling failed: {exc}"))
+                    return None
+
+            for done, variant in enumerate(files):
+                progress("profile", done, steps, variant.variant)
+                assert variant.path is not None and variant.format is not None
+                profile = profiled(variant.variant, variant.path, variant.format)
+                if profile is None:
+                    continue
+                eligible, reason = judge(version, profile, variant.technique)
+                stored = catalog.put_variant(
+                    version,
+                    variant.variant,
+                    variant.path,
+                    variant.format,
+                    precision=variant.precision,
+                    technique=variant.technique,
+                    eligible=eligible,
+                    reason=reason,
+                    notes=variant.notes,
+                    details=variant.details,
+                    profile=profile,
+                )
+                report.variants.append(
+                    _sign(catalog, signer, version, info, stored, heldout, building)
+                )
+            for done, stored in enumerate(existing, start=len(files)):
+                progress("profile", done, steps, stored.variant or "source")
+                profile = profiled(stored.variant or "source", stored.path, stored.format)
+                if profile is None:
+                    continue
+                eligible, reason = judge(version, profile, stored.technique or "")
+                catalog.update_variant(
+                    stored.id,
+                    profile=encode(profile).decode(),
+                    eligible=int(eligible),
+                    reason=reason,
+                )
+                report.variants.append(
+                    _sign(catalog, signer, version, info, catalog.get(stored.id), heldout, building)
+                )
+            progress("profile", steps, steps, "done")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    report.costs = {step: total_cost(parts) for step, parts in spent.items()}
+    report.cost = total_cost(list(report.costs.values()))
+    catalog.update_version(
+        version.id,
+        build_cost=json.dumps(
+            {"total": msgspec.to_builtins(report.cost), "steps": msgspec.to_builtins(report.costs)}
+        ),
+    )
     report.variants.sort(key=lambda v: v.variant)
     return report
 

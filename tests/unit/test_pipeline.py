@@ -241,3 +241,27 @@ def test_a_graph_in_the_old_layout_is_normalized_before_the_variants_are_built(
     assert "4 weight(s) taken out of the graph inputs" in built["fp32"].notes
     assert "IR version 3 -> 4" in built["fp32"].notes
     assert built["fp16"].eligible, built["fp16"].reason
+
+
+def test_compress_records_what_each_step_cost(catalog: Catalog, tmp_path: Path) -> None:
+    """Issue 16: the energy of making a variant counts too. Every compress records CPU and wall
+    seconds per step and in total, and energy labelled measured (RAPL) or estimated."""
+    path = _old_layout_model(tmp_path / "old.onnx")
+    catalog.add(path, "old", "1.0.0", declared=Declared(task=Task.CLASSIFICATION))
+    inputs = np.random.default_rng(1).standard_normal((60, 3, 16, 16)).astype(np.float32)
+    report = pipeline.compress(
+        catalog,
+        Signer.load_or_create(tmp_path / "keys"),
+        "old:1.0.0",
+        Calibration(inputs),
+        tmp_path / "work",
+        only=["int8-static"],
+        latency_runs=5,
+    )
+    assert set(report.costs) == {"fp32", "int8-static", "profile"}
+    assert report.cost is not None and report.cost.cpu_s > 0 and report.cost.wall_s > 0
+    assert report.cost.cpu_s == pytest.approx(sum(c.cpu_s for c in report.costs.values()), 1e-3)
+    stored = catalog.version("old:1.0.0").build_cost
+    assert stored is not None and set(stored["steps"]) == set(report.costs)
+    assert stored["total"]["method"] in ("rapl", "estimate")
+    assert catalog.get("old:1.0.0+int8-static-qdq").details["built_by"] == "int8-static"
