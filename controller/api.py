@@ -48,7 +48,7 @@ from agent.version import __version__
 from controller import registry, rollout_store, views
 from controller.config import load_controller_config
 from controller.db import MIGRATIONS, open_db
-from controller.energy import energy_report, totals
+from controller.energy import build_energy, energy_report, totals
 from controller.errors import DatabaseError, InvalidRequest, NotFound
 from controller.home import Home
 from controller.metrics import FleetCollector
@@ -429,6 +429,12 @@ class EnergyRow(_Open):
     j_per_inference: float | None = None
     fp32_j_per_inference: float | None = None
     saving_vs_fp32: float | None = Field(None, description="share of inference energy saved")
+    saved_j: float | None = Field(None, description="inference joules saved against fp32")
+    build_j: float | None = Field(None, description="joules the compress run spent on it")
+    build_energy: str | None = Field(None, description="measured (RAPL) or estimated")
+    payback_inferences: float | None = Field(
+        None, description="inferences after which the saving has paid for the build"
+    )
     methods: list[str]
 
 
@@ -786,7 +792,9 @@ def _routes(
             config = load_controller_config(home.config)
             catalog = Catalog(db, home.store)
             baseline = baseline_per_class(catalog, profiles(), measured(db))
-            rows = energy_report(db, config, baseline, site=site, since=since)
+            rows = energy_report(
+                db, config, baseline, site=site, since=since, build=build_energy(catalog)
+            )
         return {
             "site": site,
             "since": since,

@@ -18,6 +18,8 @@ from typing import Any
 import sqlite_utils
 
 from controller.config import ControllerConfig
+from model_store.catalog import Catalog
+from model_store.errors import ModelStoreError
 
 J_PER_KWH = 3.6e6
 
@@ -38,6 +40,8 @@ class EnergyRow:
     baseline_inferences: int = 0  # inferences for which a baseline was known
     methods: set[str] = field(default_factory=set)
     grid_g_per_kwh: float = 0.0
+    build_j: float | None = None  # what making the variant cost (see build_energy)
+    build_method: str | None = None  # "measured" (RAPL) or "estimated" (CPU time)
 
     @property
     def device_kwh(self) -> float:
@@ -59,6 +63,24 @@ class EnergyRow:
         spent = self.inference_j * self.baseline_inferences / max(self.inferences, 1)
         return 1.0 - spent / self.baseline_j
 
+    @property
+    def saved_j(self) -> float | None:
+        """Inference energy saved against fp32 in this report's period, in joules."""
+        if not self.baseline_inferences or self.baseline_j <= 0:
+            return None
+        return self.baseline_j - self.inference_j * self.baseline_inferences / max(
+            self.inferences, 1
+        )
+
+    @property
+    def payback_inferences(self) -> float | None:
+        """Inferences after which the saving has paid for the variant's build; None while the
+        variant saves nothing (or its build cost is not known)."""
+        saved = self.saved_j
+        if self.build_j is None or saved is None or saved <= 0:
+            return None
+        return self.build_j / (saved / self.baseline_inferences)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "site": self.site,
@@ -76,6 +98,10 @@ class EnergyRow:
             if self.baseline_inferences
             else None,
             "saving_vs_fp32": self.saving,
+            "saved_j": self.saved_j,
+            "build_j": self.build_j,
+            "build_energy": self.build_method,
+            "payback_inferences": self.payback_inferences,
             "methods": sorted(self.methods),
         }
 
@@ -87,11 +113,14 @@ def energy_report(
     *,
     site: str | None = None,
     since: str | None = None,
+    build: Callable[[str], tuple[float, str] | None] = lambda _variant: None,
 ) -> list[EnergyRow]:
     """Aggregate telemetry (optionally of one site, from an ISO time on) into report rows.
 
     ``baseline(device_class, variant_id)`` is what fp32 would have spent per inference instead
     of that variant on that class (see controller.planning.baseline_per_class), or None.
+    ``build(variant_id)`` is what making the variant cost, joules and how they were obtained
+    (:func:`build_energy`), or None.
     """
     devices = {
         row["id"]: (json.loads(row["labels"] or "{}").get("site", "-"), row["device_class"])
@@ -126,6 +155,9 @@ def energy_report(
                 variant or "(source)",
                 grid_g_per_kwh=config.grid_intensity(device_site),
             )
+            made = build(model) if variant else None  # a source file was not built here
+            if made is not None:
+                row.build_j, row.build_method = made
         row.devices.add(device)
         row.inferences += inferences or 0
         if method == "estimate":
@@ -139,6 +171,37 @@ def energy_report(
             row.baseline_j += fp32 * inferences
             row.baseline_inferences += inferences
     return sorted(rows.values(), key=lambda r: (r.site, r.model, r.variant))
+
+
+def build_energy(catalog: Catalog) -> Callable[[str], tuple[float, str] | None]:
+    """``variant_id -> (joules, "measured" | "estimated")``: what the compress run that made
+    the variant spent on it, its builder's step plus the steps every variant of the run needs
+    (the fp32 reference and the profiling), from the version's recorded build cost. A builder
+    that made several variants (int8-static: QDQ and QOperator) is charged to each in full,
+    which errs towards a later payback, never an earlier one."""
+    cache: dict[str, dict[str, Any] | None] = {}
+
+    def cost(variant_id: str) -> tuple[float, str] | None:
+        base = variant_id.partition("+")[0]
+        if base not in cache:
+            version = catalog.version_or_none(base)
+            cache[base] = version.build_cost if version is not None else None
+        recorded = cache[base]
+        if recorded is None:
+            return None
+        try:
+            builder = (catalog.get(variant_id).details or {}).get("built_by")
+        except ModelStoreError:
+            return None
+        steps = recorded.get("steps", {})
+        parts = [steps.get(name) for name in (builder, "fp32", "profile")]
+        if builder is None or any(part is None for part in parts):
+            return None
+        joules = sum(float(part["energy_j"]) for part in parts if part is not None)
+        measured = all(part is not None and part["method"] == "rapl" for part in parts)
+        return joules, "measured" if measured else "estimated"
+
+    return cost
 
 
 def totals(rows: list[EnergyRow]) -> dict[str, Any]:

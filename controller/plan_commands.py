@@ -13,7 +13,7 @@ from rich.table import Table
 from controller import registry
 from controller.config import load_controller_config
 from controller.db import open_db
-from controller.energy import energy_report, totals
+from controller.energy import build_energy, energy_report, totals
 from controller.errors import InvalidRequest
 from controller.output import console, emit, fmt
 from controller.planning import baseline_per_class, fallbacks, fleet_saving, measured, plan
@@ -124,7 +124,9 @@ def cmd_energy_report(args: argparse.Namespace) -> int:
     catalog = Catalog(db, args.home.store)
     config = load_controller_config(args.home.config)
     baseline = baseline_per_class(catalog, load_profiles(), measured(db))
-    rows = energy_report(db, config, baseline, site=args.site, since=args.since)
+    rows = energy_report(
+        db, config, baseline, site=args.site, since=args.since, build=build_energy(catalog)
+    )
     data: dict[str, Any] = {"rows": [r.as_dict() for r in rows], "total": totals(rows)}
 
     def render() -> None:
@@ -140,6 +142,8 @@ def cmd_energy_report(args: argparse.Namespace) -> int:
             "mJ/inf",
             "fp32 mJ/inf",
             "saving",
+            "build J",
+            "payback (inf.)",
             title="energy",
             title_justify="left",
         )
@@ -156,6 +160,10 @@ def cmd_energy_report(args: argparse.Namespace) -> int:
                 _mj(r["j_per_inference"]),
                 _mj(r["fp32_j_per_inference"]),
                 "-" if r["saving_vs_fp32"] is None else f"{r['saving_vs_fp32']:.0%}",
+                "-"
+                if r["build_j"] is None
+                else f"{r['build_j']:.0f}" + ("" if r["build_energy"] == "measured" else " est."),
+                "-" if r["payback_inferences"] is None else f"{r['payback_inferences']:,.0f}",
             )
         console.print(table)
         t = data["total"]

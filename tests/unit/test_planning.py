@@ -259,3 +259,48 @@ def test_plan_names_each_devices_fallback(
     assert (tpu["chosen"], tpu["fallback"], tpu["fallback_reason"]) == (None, None, None)
     assert main(["--home", home, "plan", "--model", "vib:1.0.0", "-v"]) == 0
     assert "pi-1: fallback " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("inference_j", "build_j", "saved_j", "payback"),
+    [
+        pytest.param(0.0004, 30.0, 0.6, 50_000, id="saves-0.6-mJ-an-inference"),
+        pytest.param(0.0010, 30.0, 0.0, None, id="saves-nothing"),
+        pytest.param(0.0012, 30.0, -0.2, None, id="costs-more-than-fp32"),
+        pytest.param(0.0004, None, 0.6, None, id="build-not-known"),
+    ],
+)
+def test_a_variant_pays_back_its_build_after_this_many_inferences(
+    inference_j: float, build_j: float | None, saved_j: float, payback: float | None
+) -> None:
+    """1,000 inferences at ``inference_j`` each against fp32's 1 mJ: the joules saved, and the
+    inferences after which they cover the build (issue 16)."""
+    from controller.energy import EnergyRow
+
+    row = EnergyRow("plant-a", "vib:1.0.0", "int8", inferences=1000, inference_j=inference_j * 1000)
+    row.baseline_j, row.baseline_inferences = 1.0, 1000
+    row.build_j, row.build_method = build_j, "estimated"
+    assert row.saved_j == pytest.approx(saved_j)
+    assert row.payback_inferences == (None if payback is None else pytest.approx(payback))
+    assert row.as_dict()["payback_inferences"] == row.payback_inferences
+
+
+def test_build_energy_charges_a_variant_its_builder_and_the_runs_shared_steps(
+    fleet: tuple[object, Catalog],
+) -> None:
+    """The fixture's compress recorded its cost; a variant is charged its builder's step plus
+    the reference and the profiling, as measured or estimated as they were."""
+    from controller.energy import build_energy
+
+    _db, catalog = fleet
+    recorded = catalog.version("vib:1.0.0").build_cost
+    assert recorded is not None and {"fp32", "int8-dynamic", "profile"} <= set(recorded["steps"])
+    steps = recorded["steps"]
+    cost = build_energy(catalog)
+    joules, how = cost("vib:1.0.0+int8-dynamic") or (None, None)
+    expected = sum(steps[name]["energy_j"] for name in ("int8-dynamic", "fp32", "profile"))
+    assert joules == pytest.approx(expected) and joules > 0
+    rapl = all(steps[name]["method"] == "rapl" for name in ("int8-dynamic", "fp32", "profile"))
+    assert how == ("measured" if rapl else "estimated")
+    assert cost("vib:1.0.0+no-such-variant") is None
+    assert cost("other:1.0.0+x") is None
