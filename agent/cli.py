@@ -59,11 +59,21 @@ class _HelpFormatter(argparse.HelpFormatter):
     agent that runs for months and never prints its help)."""
 
     def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=max(_columns() - 2, 40))
+
+
+def _columns() -> int:
+    """COLUMNS if set, else the terminal's width, else 80 (what shutil.get_terminal_size does)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
         try:
-            columns = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size().columns
-        except (ValueError, OSError):
-            columns = 80
-        super().__init__(prog, width=max(columns - 2, 40))
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,35 +46,43 @@ from agent.errors import BrokerAuthError, ConfigError
 
 
 class _LoadedOnFirstUse(types.ModuleType):
-    """A stand-in for a module that is imported but not used: the real one is loaded by the
-    first attribute read. paho imports ``urllib.request`` (with http.client and the email
-    package, ~1.6 MiB of an agent's RSS) only to look up proxies when PySocks is installed,
-    which the agent's install does not do, so an agent never reads it. (With PySocks, paho's
-    first connect reads it, and it loads then.) ``importlib.util.LazyLoader`` does not do here:
-    Python 3.11's import statement reads the lazy module's ``__spec__`` and so loads it."""
+    """A module that is imported but not used: its code runs on the first read of an
+    attribute it does not have yet, in this same module object (so a later patch, reload or
+    ``install_opener`` acts on the one module everyone holds). paho imports
+    ``urllib.request`` (with http.client and the email package, ~1.6 MiB of an agent's RSS)
+    only to look up proxies when PySocks is installed, which the agent's install does not do,
+    so an agent never reads it; with PySocks, paho's first connect reads it and it loads then.
+    ``importlib.util.LazyLoader`` does not do here: Python 3.11's import statement reads the
+    lazy module's ``__spec__``, and that loads it."""
 
-    _lock = threading.Lock()  # two threads' first reads load it once
+    _lock = threading.RLock()  # two threads' first reads run the module once
 
     def __getattr__(self, name: str) -> Any:
         with self._lock:
-            if sys.modules.get(self.__name__) is self:
-                del sys.modules[self.__name__]
-            real = importlib.import_module(self.__name__)  # also sets it on the parent package
-            self.__dict__.update(real.__dict__)  # later reads do not come back here
-        return getattr(real, name)
+            state = self.__dict__
+            if type(self) is _LoadedOnFirstUse and not state.get("_gf_loading"):
+                state["_gf_loading"] = True  # a read while it runs: a partial module's answer
+                try:
+                    self.__spec__.loader.exec_module(self)  # type: ignore[union-attr]
+                finally:
+                    del state["_gf_loading"]
+                self.__class__ = types.ModuleType  # type: ignore[assignment]
+            if name in state:
+                return state[name]
+        raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
 
 
 def _defer_import(name: str) -> None:
     if name in sys.modules:
         return
     spec = importlib.util.find_spec(name)
-    if spec is None:
+    if spec is None or spec.loader is None:
         return
-    stand_in = _LoadedOnFirstUse(name)
-    stand_in.__spec__ = spec
-    sys.modules[name] = stand_in
+    module = importlib.util.module_from_spec(spec)  # __file__, __spec__, ... but no code run
+    module.__class__ = _LoadedOnFirstUse
+    sys.modules[name] = module
     parent, _, child = name.rpartition(".")
-    setattr(sys.modules[parent], child, stand_in)
+    setattr(sys.modules[parent], child, module)
 
 
 _defer_import("urllib.request")  # with PySocks installed, paho's first connect loads it

@@ -462,8 +462,18 @@ class Download:
         """Write chunk ``index``; return False for a duplicate.
 
         TransferError if the chunk does not fit the artifact; NoSpaceError if the disk is full;
-        another OSError if the disk fails otherwise. After an OSError, :meth:`discard`.
+        another OSError if the disk fails otherwise. After an OSError, :meth:`discard`. A chunk
+        that could not be written leaves the arrived set, so it is asked for again after a
+        stall instead of being waited for forever.
         """
+        try:
+            return self._write(index, data)
+        except BaseException:
+            with self._lock:
+                self._arrived.discard(index)
+            raise
+
+    def _write(self, index: int, data: bytes) -> bool:
         if self._fh is None:
             raise TransferError("download is not open")
         self._check(index, len(data))

@@ -136,7 +136,11 @@ def cmd_add(args: argparse.Namespace) -> int:
             declared.outputs,
         )
     catalog = _catalog(args)
-    existed = catalog.variant_or_none(p.ModelRef.parse(f"{args.name}:{args.version}")) is not None
+    try:
+        ref = p.ModelRef.parse(f"{args.name}:{args.version}")
+    except p.ProtocolError:
+        ref = None  # catalog.add says what is wrong with the name or version
+    existed = ref is not None and catalog.variant_or_none(ref) is not None
     model = catalog.add(Path(args.path), args.name, args.version, declared=declared)
     unprofiled = None
     if not existed:  # priced on its own runtime from the start, so the plan can place it

@@ -470,8 +470,8 @@ class Catalog:
         self.update_version(version.id, **row)
         version = self.version(version.id)
         for variant in self.variants(version.id):
-            if variant.profile is None:  # never judged: compress will
-                continue
+            if variant.profile is None or variant.profile.fidelity is None:
+                continue  # the floor judges fidelity; none measured yet (compress will)
             eligible, reason = judge(version, variant.profile, variant.technique or "")
             self.update_variant(variant.id, eligible=int(eligible), reason=reason)
         return changes

@@ -298,10 +298,8 @@ def profile_added(catalog: Catalog, variant_id: str, *, runs: int = 50) -> Varia
     version = catalog.version(variant.base)
     info = model_info(version, need_task=False)
     measured = profiling.profile_variant(variant.path, variant.format, info, None, None, runs=runs)
-    eligible, reason = judge(version, measured, variant.technique or "")
-    catalog.update_variant(
-        variant.id, profile=encode(measured).decode(), eligible=int(eligible), reason=reason
-    )
+    # the profile prices it; whether it may be deployed is compress's call, on fidelity
+    catalog.update_variant(variant.id, profile=encode(measured).decode())
     return catalog.get(variant_id)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from typing import Any
 
 import msgspec.json
 import numpy as np
@@ -21,10 +22,22 @@ from agent.sources.base import Reading
 log = logging.getLogger(__name__)
 
 
+def _json(payload: bytes) -> Any:
+    """msgspec's JSON, and for what it refuses Python's: a byte-order mark, UTF-16 or -32, NaN
+    or Infinity (refused below as what they are, not as broken JSON). The json module is loaded
+    only when a sensor sends such a payload."""
+    try:
+        return msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        import json
+
+        return json.loads(payload)
+
+
 def parse_reading(payload: bytes) -> Reading:
     """Decode one payload; ProtocolError says what is wrong with it."""
     try:
-        raw = msgspec.json.decode(payload)
+        raw = _json(payload)
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"sensor reading is not valid JSON: {str(exc)[:200]}") from exc
     if isinstance(raw, list):

@@ -182,8 +182,10 @@ def optimize_reference(source: Path, target: Path) -> tuple[Path, list[str]]:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(target)
+    # unchanged, onnxruntime reads the file itself (a model over 2 GiB cannot be serialized)
+    source_or_bytes: str | bytes = model.SerializeToString() if changes else str(source)
     try:
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(source_or_bytes, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
         detail = " ".join(str(exc).split())[:300]
         raise VariantError("fp32", f"onnxruntime cannot optimize the source: {detail}") from exc

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -77,3 +78,39 @@ def test_a_command_is_found_on_path_without_starting_it(
     assert pmic.on_path(str(tool))
     assert not pmic.on_path("absent-tool")
     assert not pmic.on_path(str(tmp_path / "absent-tool"))
+
+
+def test_the_deferred_module_is_the_one_module_everyone_patches() -> None:
+    """Found in review: a stand-in object beside the real module let ``mock.patch`` and
+    ``install_opener`` act on the copy nobody calls. The module now loads in place."""
+    out = _run(
+        """
+        import sys
+        from unittest import mock
+        import agent.link
+        import urllib.request
+        stand_in = sys.modules["urllib.request"]
+        with mock.patch("urllib.request.urlopen", lambda *a, **k: "patched"):
+            from urllib.request import urlopen
+            patched = urlopen("http://example.invalid/")
+        opener = urllib.request.build_opener()
+        urllib.request.install_opener(opener)
+        import importlib
+        importlib.reload(urllib.request)
+        print(patched, stand_in is sys.modules["urllib.request"] is urllib.request,
+              type(stand_in).__name__)
+        """
+    )
+    assert out == "patched True module"
+
+
+def test_the_help_is_as_wide_as_the_terminal_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.cli import _columns
+
+    monkeypatch.setenv("COLUMNS", "132")
+    assert _columns() == 132
+    monkeypatch.setenv("COLUMNS", "not a number")
+    assert _columns() >= 80 or _columns() > 0
+    monkeypatch.delenv("COLUMNS")
+    monkeypatch.setattr("os.get_terminal_size", lambda fd: os.terminal_size((200, 50)))
+    assert _columns() == 200

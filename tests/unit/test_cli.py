@@ -303,3 +303,26 @@ def test_a_model_added_as_tflite_alone_is_profiled_on_litert_and_can_be_planned(
     )
     decision = select_variant(gateway, [candidate(variant)], {})
     assert decision.chosen == "surf:1.0.0", decision
+
+
+def test_models_add_with_a_bad_name_says_so_in_one_line(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["models", "add", str(SAMPLES / "vibration-ae.onnx"), "--name", "Bad_Name"]
+    assert main([*argv, "--version", "1.0.0"]) != 0
+    err = capsys.readouterr().err
+    assert "invalid model name or version Bad_Name:1.0.0" in err and "Traceback" not in err
+
+
+def test_an_imported_variant_is_profiled_but_stays_deployable_until_compress_judges_it(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from model_store.catalog import Catalog
+
+    argv = ["models", "add", str(SAMPLES / "vibration-ae.onnx"), "--name", "vib"]
+    assert main([*argv, "--version", "1.0.0"]) == 0
+    tflite = ["models", "add", str(SAMPLES / "vibration-ae.tflite"), "--name", "vib"]
+    assert main([*tflite, "--version", "1.0.0+tflite"]) == 0
+    variant = Catalog(open_db(home / "greenfleet.db"), home / "store").get("vib:1.0.0+tflite")
+    assert variant.profile is not None and "litert" in variant.profile.latency
+    assert variant.eligible and variant.reason is None

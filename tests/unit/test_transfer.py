@@ -282,3 +282,27 @@ def test_a_model_larger_than_the_whole_disk_is_not_called_a_full_disk(tmp_path: 
     message = str(refused.value)
     assert "is full" not in message and f"needs {2**40:,} bytes" in message, message
     assert "more than the whole" in message and "smaller model" in message
+
+
+def test_a_chunk_that_arrived_but_could_not_be_written_is_asked_for_again() -> None:
+    """Found in review: the network thread counts a chunk as arrived; if writing it then fails
+    (an error the background flush left, a closed download), it must not stay "arrived" for
+    ever, or the download waits on a chunk nobody asks for."""
+    data = os.urandom(CHUNK * 4)
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = Clock()
+        dl = Download(Path(tmp), artifact(data), clock=clock)
+        dl.open()
+        assert dl.requests(window=4, timeout_s=5) == [(0, 4)]
+        assert dl.arrived(0, CHUNK)
+        dl._flush_error = transfer.IntegrityError("the part file is shorter than announced")
+        with pytest.raises(transfer.IntegrityError):
+            dl.accept(0, chunk(0, data))
+        dl._flush_error = None
+        for i in range(1, 4):
+            dl.accept(i, chunk(i, data))
+        clock.now = 10.0  # nothing more comes: the stalled transfer asks for what is missing
+        assert dl.requests(window=4, timeout_s=5) == [(0, 1)]
+        dl.accept(0, chunk(0, data))
+        assert dl.complete
+        dl.discard()
