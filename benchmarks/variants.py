@@ -619,7 +619,7 @@ def prepare(name: str, workdir: Path) -> tuple[Sample, Path, Calibration]:
     sample = load_sample(name)
     folder = workdir / name
     folder.mkdir(parents=True)
-    reference = optimize_reference(sample.source, folder / REFERENCE_FILE)
+    reference, _normalized = optimize_reference(sample.source, folder / REFERENCE_FILE)
     calibration = calibration_set(name, n=CALIBRATION_SIZE)
     calibration.save(folder / CALIBRATION_FILE)
     return sample, reference, calibration
