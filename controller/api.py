@@ -334,6 +334,10 @@ class ModelVariant(_Open):
     )
     energy_source: str | None = Field(None, description="telemetry or profile")
     energy_by_class: list[VariantEnergy] = Field(default_factory=list)
+    build_j: float | None = Field(
+        None, description="joules its compress run spent on it: its builder and the shared steps"
+    )
+    build_energy: str | None = Field(None, description="measured (RAPL) or estimated")
 
 
 class Model(_Open):
@@ -348,6 +352,9 @@ class Model(_Open):
     has_rules: bool
     created: str | None = None
     compressed: str | None = None
+    build_cost: dict[str, Any] | None = Field(
+        None, description="the last compress: CPU s, wall s, joules and method, per step and total"
+    )
     variant_list: list[ModelVariant]
 
 
@@ -712,6 +719,10 @@ def _routes(
         with connect() as db:
             return events(db, device, limit)
 
+    def _build(cost: tuple[float, str] | None) -> dict[str, Any]:
+        joules, how = cost if cost is not None else (None, None)
+        return {"build_j": joules, "build_energy": how}
+
     def model_views(db: sqlite_utils.Database, version_ids: list[str]) -> list[dict[str, Any]]:
         """``models show --json`` of each version, with each variant's energy per inference
         on the fleet's device classes (the generic class for an empty fleet)."""
@@ -721,6 +732,7 @@ def _routes(
         if not classes and "generic" in known:
             classes = ["generic"]
         field = measured(db)
+        build = build_energy(catalog)
         out = []
         for version_id in version_ids:
             version = catalog.version_or_none(version_id)
@@ -734,6 +746,7 @@ def _routes(
                 {
                     **variant_row(v, reference.size if reference else None),
                     **variant_energy(v, classes, known, field),
+                    **_build(build(v.id) if v.variant else None),
                 }
                 for v in variants
             ]

@@ -194,7 +194,7 @@ def build_energy(catalog: Catalog) -> Callable[[str], tuple[float, str] | None]:
         except ModelStoreError:
             return None
         steps = recorded.get("steps", {})
-        parts = [steps.get(name) for name in (builder, "fp32", "profile")]
+        parts = [steps.get(name) for name in dict.fromkeys((builder, "fp32", "profile"))]
         if builder is None or any(part is None for part in parts):
             return None
         joules = sum(float(part["energy_j"]) for part in parts if part is not None)

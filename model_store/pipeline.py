@@ -167,6 +167,7 @@ def compress(
                 "fp32",
                 "reference",
                 notes=(*normalized, "onnxruntime basic graph optimizations"),
+                details={"built_by": "fp32"},
             )
         ]
         for done, name in enumerate(names, start=1):

@@ -671,6 +671,11 @@
                     { label: "Latency p95 (ms)", num: true },
                     { label: "Fidelity", num: true },
                     { label: "Energy / inference (mJ)", num: true, title: "estimate from the profile" },
+                    {
+                      label: "Build (J)",
+                      num: true,
+                      title: "what the compress run spent making it: its builder plus the shared reference and profiling steps",
+                    },
                     { label: "Eligible" },
                   ],
                   { "data-role": "variants" },
@@ -752,6 +757,24 @@
                             : "estimated from the variant's profile",
                       },
                       x.energy_source === "telemetry" ? " fleet" : " profile",
+                    )
+                  : null,
+              ),
+              h(
+                "td",
+                { "data-col": "build", class: "num" },
+                num(x.build_j) === null ? "–" : sig(x.build_j, 3),
+                num(x.build_j) !== null
+                  ? h(
+                      "span",
+                      {
+                        class: "est",
+                        title:
+                          x.build_energy === "measured"
+                            ? "measured from the CPU packages' RAPL counters"
+                            : "estimated from CPU time at an assumed 4.4 W per busy core",
+                      },
+                      x.build_energy === "measured" ? " RAPL" : " est.",
                     )
                   : null,
               ),
