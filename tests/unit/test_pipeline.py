@@ -212,6 +212,24 @@ def _old_layout_model(path: Path) -> Path:
     return path
 
 
+def _compress_old_layout(
+    catalog: Catalog, tmp_path: Path, only: list[str]
+) -> pipeline.CompressReport:
+    """Add the old-layout CNN as a classifier and compress it with 60 random inputs."""
+    path = _old_layout_model(tmp_path / "old.onnx")
+    catalog.add(path, "old", "1.0.0", declared=Declared(task=Task.CLASSIFICATION))
+    inputs = np.random.default_rng(1).standard_normal((60, 3, 16, 16)).astype(np.float32)
+    return pipeline.compress(
+        catalog,
+        Signer.load_or_create(tmp_path / "keys"),
+        "old:1.0.0",
+        Calibration(inputs),
+        tmp_path / "work",
+        only=only,
+        latency_runs=5,
+    )
+
+
 def test_a_graph_in_the_old_layout_is_normalized_before_the_variants_are_built(
     catalog: Catalog, tmp_path: Path
 ) -> None:
@@ -220,18 +238,7 @@ def test_a_graph_in_the_old_layout_is_normalized_before_the_variants_are_built(
     reference is now normalized first and says what changed."""
     import onnx
 
-    path = _old_layout_model(tmp_path / "old.onnx")
-    catalog.add(path, "old", "1.0.0", declared=Declared(task=Task.CLASSIFICATION))
-    inputs = np.random.default_rng(1).standard_normal((60, 3, 16, 16)).astype(np.float32)
-    report = pipeline.compress(
-        catalog,
-        Signer.load_or_create(tmp_path / "keys"),
-        "old:1.0.0",
-        Calibration(inputs),
-        tmp_path / "work",
-        only=["fp16", "int8-static"],
-        latency_runs=5,
-    )
+    report = _compress_old_layout(catalog, tmp_path, ["fp16", "int8-static"])
     built = {v.variant: v for v in report.variants}
     assert report.failures == [], report.failures
     assert {"fp32", "fp16", "int8-static-qdq", "int8-static-qop"} <= set(built)
@@ -246,22 +253,11 @@ def test_a_graph_in_the_old_layout_is_normalized_before_the_variants_are_built(
 def test_compress_records_what_each_step_cost(catalog: Catalog, tmp_path: Path) -> None:
     """Issue 16: the energy of making a variant counts too. Every compress records CPU and wall
     seconds per step and in total, and energy labelled measured (RAPL) or estimated."""
-    path = _old_layout_model(tmp_path / "old.onnx")
-    catalog.add(path, "old", "1.0.0", declared=Declared(task=Task.CLASSIFICATION))
-    inputs = np.random.default_rng(1).standard_normal((60, 3, 16, 16)).astype(np.float32)
-    report = pipeline.compress(
-        catalog,
-        Signer.load_or_create(tmp_path / "keys"),
-        "old:1.0.0",
-        Calibration(inputs),
-        tmp_path / "work",
-        only=["int8-static"],
-        latency_runs=5,
-    )
+    report = _compress_old_layout(catalog, tmp_path, ["int8-static"])
     assert set(report.costs) == {"fp32", "int8-static", "profile"}
     assert report.cost is not None and report.cost.cpu_s > 0 and report.cost.wall_s > 0
     assert report.cost.cpu_s == pytest.approx(sum(c.cpu_s for c in report.costs.values()), 1e-3)
     stored = catalog.version("old:1.0.0").build_cost
     assert stored is not None and set(stored["steps"]) == set(report.costs)
     assert stored["total"]["method"] in ("rapl", "estimate")
-    assert catalog.get("old:1.0.0+int8-static-qdq").details["built_by"] == "int8-static"
+    assert (catalog.get("old:1.0.0+int8-static-qdq").details or {}).get("built_by") == "int8-static"
