@@ -136,14 +136,9 @@ def cmd_add(args: argparse.Namespace) -> int:
             declared.outputs,
         )
     catalog = _catalog(args)
-    try:
-        ref = p.ModelRef.parse(f"{args.name}:{args.version}")
-    except p.ProtocolError:
-        ref = None  # catalog.add says what is wrong with the name or version
-    existed = ref is not None and catalog.variant_or_none(ref) is not None
     model = catalog.add(Path(args.path), args.name, args.version, declared=declared)
-    unprofiled = None
-    if not existed:  # priced on its own runtime from the start, so the plan can place it
+    unprofiled, profiled_now = None, model.profile is None
+    if profiled_now:  # priced on its own runtime from the start, so the plan can place it
         try:
             model = profile_added(catalog, model.id)
         except ModelStoreError as exc:
@@ -178,7 +173,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         )
         if unsigned is not None:
             console.print(f"[yellow]not signed[/]: {escape(unsigned)}")
-        if model.profile is not None and not existed:
+        if model.profile is not None and profiled_now:
             runtime, stats = next(iter(model.profile.latency.items()), ("-", None))
             console.print(
                 f"profiled on {runtime}: p50 {stats.p50_ms:.3f} ms, {model.profile.macs / 1e6:.2f}"
