@@ -6,6 +6,8 @@
 about 70% from healthy machines (label 0) and the rest from machines with an outer-race,
 inner-race or ball fault at severities 0.3 to 1.0 (label 1). Every window of a machine shares
 its label, as in a plant. ``surface-cnn``: 32x32 patches with their class index, balanced.
+``visual-inspection``: 96x96 RGB part images with their class, balanced. ``bearing-diagnosis``:
+4096-sample windows, four from each machine, the four bearing conditions in turn.
 
 Machine and generator seeds are derived from ``seed`` through a :class:`numpy.random.SeedSequence`
 tagged for calibration, which lands far outside the small seeds the sample builders train and
@@ -24,11 +26,12 @@ import numpy as np
 
 from agent.protocol import FaultKind
 from agent.sources.vibration import VibrationSimulator
-from model_store.samples import build, build_surface
+from model_store.samples import build, build_diagnosis, build_surface
+from model_store.samples.inspection import InspectionGenerator
 from model_store.samples.surface import SurfaceGenerator
 from model_store.variants.base import Calibration
 
-MODELS = ("vibration-ae", "surface-cnn")
+MODELS = ("vibration-ae", "surface-cnn", "visual-inspection", "bearing-diagnosis")
 HEALTHY_SHARE = 0.7
 WINDOWS_PER_MACHINE = 10
 FAULTS = (FaultKind.OUTER_RACE, FaultKind.INNER_RACE, FaultKind.BALL)
@@ -82,6 +85,18 @@ def surface_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return generator.batch(n)
 
 
+def inspection_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` images (n, 3, 96, 96) float32 and class labels (n,), balanced and shuffled."""
+    return InspectionGenerator(seed=_seeds(seed, 3, 1)[0]).batch(n)
+
+
+def diagnosis_windows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` windows (n, 4096) float32 and bearing conditions (n,): machines of 4 windows."""
+    machines = -(-n // 4)
+    inputs, labels = build_diagnosis.windows(_seeds(seed, 4, 1)[0], machines, 4)
+    return inputs[:n], labels[:n]
+
+
 def calibration_set(model: str, n: int = 600, seed: int = 1234) -> Calibration:
     """A labelled, shuffled calibration set for one of the sample models."""
     if n < 2:
@@ -90,6 +105,10 @@ def calibration_set(model: str, n: int = 600, seed: int = 1234) -> Calibration:
         inputs, labels = vibration_windows(n, seed)
     elif model == "surface-cnn":
         inputs, labels = surface_images(n, seed)
+    elif model == "visual-inspection":
+        inputs, labels = inspection_images(n, seed)
+    elif model == "bearing-diagnosis":
+        inputs, labels = diagnosis_windows(n, seed)
     else:
         raise ValueError(f"unknown sample model {model!r}; expected one of {', '.join(MODELS)}")
     return Calibration(inputs, labels)

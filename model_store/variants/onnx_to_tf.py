@@ -58,6 +58,7 @@ SUPPORTED = sorted(
         "Concat",
         "Squeeze",
         "Unsqueeze",
+        "Clip",
     }
 )
 
@@ -276,6 +277,24 @@ def _binary(tf: Any, node: onnx.NodeProto, inputs: _Inputs, opset: int) -> list[
             args = (act.nhwc, const) if first else (const, act.nhwc)
             return [_Value(tf, nhwc=op(*args))]
     return [_Value(tf, nchw=op(a.nchw, b.nchw))]
+
+
+@_handler("Clip")
+def _clip(tf: Any, node: onnx.NodeProto, inputs: _Inputs, opset: int) -> list[_Value]:
+    """Clip with constant bounds (ReLU6 is Clip(0, 6), which TFLite fuses into the conv)."""
+    x = inputs[0]
+    assert x is not None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    bounds = []
+    for slot, key, default in ((1, "min", -np.inf), (2, "max", np.inf)):
+        if len(inputs) > slot and inputs[slot] is not None:
+            bounds.append(float(_const(node, inputs[slot], key).reshape(())))
+        else:
+            bounds.append(float(attrs.get(key, default)))
+    low, high = bounds
+    if low == 0.0 and high == 6.0:
+        return _unary_layout(tf, x, tf.nn.relu6)
+    return _unary_layout(tf, x, lambda t: tf.clip_by_value(t, low, high))
 
 
 def _unary_layout(tf: Any, x: _Value, fn: Callable[[Any], Any]) -> list[_Value]:
