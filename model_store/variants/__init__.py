@@ -12,6 +12,7 @@ BUILDERS: dict[str, str] = {
     "int8-static": "model_store.variants.quantize:StaticInt8Builder",
     "prune": "model_store.variants.prune:PruneBuilder",
     "distill": "model_store.variants.distill:DistillBuilder",
+    "width": "model_store.variants.width:WidthStudentBuilder",
     "tflite": "model_store.variants.tflite:TfliteBuilder",
     "rules": "model_store.variants.rules:RulesBuilder",
 }

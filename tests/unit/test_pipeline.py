@@ -55,9 +55,14 @@ def test_compress_builds_profiles_judges_and_signs_every_variant(
         built
     )
     assert {"build", "profile"} <= set(stages)
-    # TensorFlow is not in this environment: the TFLite builder says so, the others still ran
-    assert [n for n, _ in report.failures] == ["tflite"]
-    assert "greenfleet[tflite-build]" in report.failures[0][1]
+    # The width students cannot narrow these graphs and say which operator stops them;
+    # TensorFlow is not in this environment: the TFLite builder says so; the others still ran.
+    failures = dict(report.failures)
+    assert list(failures) == ["student-width", "tflite"]
+    assert ("operator MatMul" if name == "vibration-ae" else "operator MaxPool") in failures[
+        "student-width"
+    ]
+    assert "greenfleet[tflite-build]" in failures["tflite"]
     fp32 = built["fp32"]
     assert built["int8-static-qop"].size < 0.4 * fp32.size
     assert built["student"].size * 4 <= fp32.size
