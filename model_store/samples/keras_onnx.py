@@ -107,10 +107,10 @@ def export(model: Any, interface: Interface) -> Any:
             continue
         if kind in ("Conv1D", "Conv2D", "DepthwiseConv2D"):
             held[out] = _conv(layer, kind, src, spatial[src], pads.get(parents[0]))
-            h, w = spatial[src]
+            height, width = spatial[src]
             a = held[out].attrs
             (kh, kw), (sh, sw), (pt, pl, pb, pr) = a["kernel_shape"], a["strides"], a["pads"]
-            spatial[out] = ((h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1)
+            spatial[out] = ((height + pt + pb - kh) // sh + 1, (width + pl + pr - kw) // sw + 1)
             names[out] = out  # written by the batch normalization that follows
             continue
         if kind == "BatchNormalization":

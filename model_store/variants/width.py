@@ -258,7 +258,7 @@ class _Trainable:
         env[source] = tf.transpose(x, [0, 2, 3, 1]) if rank == 4 else x
         for node in graph.node:
             a = _attrs(node)
-            ins = [env.get(i) for i in node.input]
+            ins: list[Any] = [env.get(i) for i in node.input]
             if node.op_type == "Reshape":
                 shape = [int(d) for d in self.constants[node.input[1]]]
                 y = tf.reshape(ins[0], [-1, *shape[1:]])
@@ -359,7 +359,7 @@ def train(
         flat = outputs.reshape(len(outputs), -1)
         return flat - flat.mean(axis=1, keepdims=True) if classifier else flat
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
     def step(x: Any, y: Any) -> Any:
         with tf.GradientTape() as tape:
             out = tf.reshape(net(x), [tf.shape(x)[0], -1])
