@@ -26,7 +26,8 @@ reference, calibration file, code and host give byte-identical students.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,7 @@ BLOCK = 8
 SEED = 20261207
 EPOCHS = 12
 BATCH = 32
-LEARNING_RATE = 1e-3
+LEARNING_RATE = 3e-3
 MIN_SAMPLES = 100
 SUPPORTED = {"Conv", "Relu", "Clip", "Add", "GlobalAveragePool", "Flatten", "Gemm", "Reshape"}
 PASS_THROUGH = {"Relu", "Clip", "Identity", "GlobalAveragePool", "Flatten"}
@@ -382,6 +383,32 @@ def train(
     return net.export(), {"epochs": epochs, "steps": steps, "loss_by_epoch": losses}
 
 
+def _quantized(ctx: BuildContext, student: Path, variant: str) -> BuiltVariant:
+    """The student composed with static int8 (QDQ, per-channel weights): ``<variant>-int8``.
+
+    Built by the same quantizer, node search and tolerance as ``int8-static-qdq``, judged
+    against the student it starts from; the pipeline then judges it against the reference.
+    """
+    from onnxruntime.quantization import QuantFormat
+
+    from model_store.variants.quantize import StaticInt8Builder
+
+    name = f"{variant}-int8"
+
+    class _StudentInt8(StaticInt8Builder):
+        FORMATS = {name: QuantFormat.QDQ}
+
+    workdir = ctx.workdir / name
+    workdir.mkdir(exist_ok=True)
+    (quantized,) = _StudentInt8().build(replace(ctx, reference=student, workdir=workdir))
+    return replace(
+        quantized,
+        technique="distill-width+quantize-static",
+        notes=(f"{variant} quantized to int8 (QDQ)", *quantized.notes),
+        details={**quantized.details, "student": variant},
+    )
+
+
 class WidthStudentBuilder:
     """``student-w50`` and ``student-w35`` (see the module docstring)."""
 
@@ -393,7 +420,7 @@ class WidthStudentBuilder:
         reference = load_reference(ctx, VARIANT)
         check_graph(reference)
         _tf()
-        built = []
+        built: list[BuiltVariant] = []
         for variant, width in WIDTHS.items():
             started = time.monotonic()
             plan = plan_channels(reference, width)
@@ -413,23 +440,28 @@ class WidthStudentBuilder:
                 f"flipped/shifted copies of them, labelled by the reference ({seconds:.0f} s)",
                 f"file {after} bytes vs {before} ({before / after:.1f}x smaller)",
             )
-            built.append(
-                BuiltVariant(
-                    variant=variant,
-                    path=path,
-                    format=ModelFormat.ONNX,
-                    precision="fp32",
-                    technique="distill-width",
-                    notes=notes,
-                    details={
-                        "width": width,
-                        "block": BLOCK,
-                        "channels_kept": kept,
-                        "seed": SEED,
-                        "seconds": round(seconds, 1),
-                        "calibration_used": len(inputs),
-                        **summary,
-                    },
-                )
+            student_variant = BuiltVariant(
+                variant=variant,
+                path=path,
+                format=ModelFormat.ONNX,
+                precision="fp32",
+                technique="distill-width",
+                notes=notes,
+                details={
+                    "width": width,
+                    "block": BLOCK,
+                    "channels_kept": kept,
+                    "seed": SEED,
+                    "seconds": round(seconds, 1),
+                    "calibration_used": len(inputs),
+                    **summary,
+                },
             )
+            try:
+                composed = _quantized(ctx, path, variant)
+            except VariantError as exc:
+                note = f"not built: {variant}-int8: {exc.reason}"
+                built.append(replace(student_variant, notes=(*student_variant.notes, note)))
+                continue
+            built += [student_variant, composed]
         return built
