@@ -10,7 +10,7 @@ camera's crop gets, about 56 M multiply-accumulates per image. The sensor-class 
 fixed costs decide every ratio. This one is where compression has to pay.
 
 Training needs TensorFlow (the ``tflite-build`` extra, controller side only; ``.venv-tf`` has
-it) and takes about 20 minutes on two cores: every epoch sees images it has never seen (fresh
+it) and took 29 minutes on two cores (1731 s): every epoch sees images it has never seen (fresh
 seeds), Adam on a cosine schedule, then the batch-norm statistics are re-estimated on training
 images (Keras's momentum of 0.999 would otherwise keep most of their random start after a few
 hundred steps). Seeds are fixed and TensorFlow's op determinism is on, so a rebuild on the same
@@ -55,7 +55,7 @@ TEST_IMAGES = 2000
 EPOCHS = 9
 BATCH = 32
 LEARNING_RATE = 2e-3
-BN_RECALIBRATION_BATCHES = 40
+BN_RECALIBRATION_BATCHES = 150
 ACCURACY_FLOOR = 0.95
 
 DEFAULT_OUT = Path(__file__).resolve().parent
@@ -109,18 +109,17 @@ def train() -> Any:
             f"accuracy {history.history['accuracy'][-1]:.4f} "
             f"({time.perf_counter() - started:.0f} s)"
         )
-    recalibrate_batch_norm(model)
-    images, labels = InspectionGenerator(seed=TEST_SEED).batch(500)
-    accuracy = float((keras_logits(model, images).argmax(axis=1) == labels).mean())
-    log(f"held-out accuracy on the first 500 test images: {accuracy:.4f}")
     return model
 
 
 def recalibrate_batch_norm(model: Any) -> None:
     """Re-estimate every BatchNormalization's moving statistics on training images.
 
-    A forward pass in training mode updates them; with momentum 0.9 and 40 batches the random
-    start weighs 0.9^40 = 1.5% (Keras's default of 0.999 would leave 69% of it after training).
+    A forward pass in training mode updates them; with momentum 0.9 and 150 batches what came
+    before weighs 0.9^150 = 1.4e-7. Keras's default of 0.999 leaves 25% of the random start after
+    1400 steps of training, and 40 batches at 0.9 (1.5%) were not enough either: a moving variance
+    that starts at 1 where the true one is 1e-4 still dominates at 1.5%, and held-out accuracy in
+    inference mode was 0.20 while the same weights in training mode reached 0.98.
     """
     import keras
 
@@ -172,6 +171,7 @@ SAMPLE = KerasSample(
     accuracy_floor=ACCURACY_FLOOR,
     keras_model=keras_model,
     train=train,
+    finish=recalibrate_batch_norm,
     test_data=test_data,
     to_keras=_nhwc,
     architecture={
@@ -188,6 +188,11 @@ SAMPLE = KerasSample(
         "loss": "softmax cross-entropy",
         "batch_norm_recalibration_batches": BN_RECALIBRATION_BATCHES,
         "op_determinism": True,
+        "committed_weights": (
+            "trained by an earlier revision of this script that recalibrated batch norm with 40 "
+            "batches, then recalibrated with 150 (the earlier statistics weigh 1.4e-7); a rerun "
+            "trains and recalibrates once"
+        ),
     },
     data={
         "generator": "model_store.samples.inspection.InspectionGenerator",

@@ -48,6 +48,8 @@ class KerasSample:
     data: dict[str, Any]
     regenerate: str
     extra: dict[str, Any] = field(default_factory=dict)
+    # Run on the trained (or reloaded) network before it is evaluated, saved and exported.
+    finish: Callable[[Any], None] | None = None
 
 
 def log(sample: KerasSample, message: str) -> None:
@@ -145,9 +147,11 @@ def build(
         model = sample.train()
         train_s = round(time.perf_counter() - started)
         log(sample, f"trained in {train_s} s")
-        if weights is not None:
-            model.save_weights(weights)
-            log(sample, f"kept the trained weights in {weights}")
+    if sample.finish is not None:
+        sample.finish(model)
+    if weights is not None and train_s is not None:
+        model.save_weights(weights)
+        log(sample, f"kept the trained weights in {weights}")
 
     x, y = sample.test_data()
     want = np.asarray(
