@@ -82,3 +82,57 @@ def judge(
     threshold = version.threshold if version.task is Task.ANOMALY else None
     fidelity = profile.fidelity if profile else None
     return eligibility(fidelity, version.accuracy_floor, technique, threshold)
+
+
+# ------------------------------------------------------------------------ does it pay here?
+
+# Instructions that multiply int8 in one step (VPDPBUSD, SDOT/UDOT, AMX tiles). Without one,
+# onnxruntime's x86 int8 kernels pair products into int16 (VPMADDUBSW) and gain little or
+# nothing over fp32; measured on this AVX2 host, visual-inspection's int8 convolutions took
+# 1.12x fp32's time.
+INT8_DOT_FEATURES = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
+FP16_ARITHMETIC_FEATURES = frozenset({"asimdhp", "avx512_fp16"})
+PAYS_RATIO = 0.95  # faster than fp32 by at least 5%, or it does not pay in time
+BASELINES = {"onnxruntime": "fp32", "litert": "tflite-fp32"}
+
+
+def payoff_note(
+    variant: str,
+    precision: str,
+    technique: str,
+    latency_ms: dict[str, float],
+    baseline_ms: dict[str, float],
+    host_features: frozenset[str],
+) -> str | None:
+    """Why a compressed variant does not run faster than fp32 in the same runtime on this host,
+    or None when it does (or nothing compares). ``latency_ms``: p50 per runtime of the variant;
+    ``baseline_ms``: p50 per runtime of that runtime's fp32 variant.
+
+    A variant may still be worth shipping for its size, and may be faster on a device class
+    with the instruction this host lacks; the note says which, so a plan that passes it over
+    here is explained, and a reader does not take "int8" to mean "faster".
+    """
+    if variant in BASELINES.values() or technique in ("reference", "source", "rules"):
+        return None
+    for runtime, ms in sorted(latency_ms.items()):
+        base = baseline_ms.get(runtime)
+        if base is None or base <= 0 or ms < PAYS_RATIO * base:
+            continue
+        measured = (
+            f"not faster than fp32 on this host: {ms:.3f} ms vs {base:.3f} ms p50 on {runtime} "
+            f"({ms / base:.2f}x)"
+        )
+        if precision in ("int8", "mixed") and not host_features & INT8_DOT_FEATURES:
+            why = (
+                "this host has no int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI, Arm "
+                "dotprod), so int8 kernels run at about fp32's speed here; a device class with "
+                "one can gain, and the plan prices it with that class's factors"
+            )
+        elif precision == "fp16" and not host_features & FP16_ARITHMETIC_FEATURES:
+            why = "fp16 weights are widened to fp32 here (no fp16 arithmetic): it saves size only"
+        elif technique == "prune":
+            why = "dense kernels multiply zeros as fast as weights: it saves compressed size only"
+        else:
+            why = "its arithmetic does not shrink enough to beat fp32's kernels here"
+        return f"{measured}: {why}"
+    return None

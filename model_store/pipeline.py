@@ -40,7 +40,7 @@ from model_store.build_cost import BuildCost
 from model_store.build_cost import Meter as BuildMeter
 from model_store.build_cost import total as total_cost
 from model_store.catalog import Catalog, ModelVersion, Variant, now_iso, signature_of
-from model_store.eligibility import judge
+from model_store.eligibility import BASELINES, judge, payoff_note
 from model_store.errors import ModelStoreError
 from model_store.signing import Signer
 from model_store.variants import BUILDERS
@@ -273,6 +273,7 @@ def compress(
                     _sign(catalog, signer, version, info, catalog.get(stored.id), heldout, building)
                 )
             progress("profile", steps, steps, "done")
+            _note_payoff(catalog, report)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report.costs = {step: total_cost(parts) for step, parts in spent.items()}
@@ -285,6 +286,36 @@ def compress(
     )
     report.variants.sort(key=lambda v: v.variant)
     return report
+
+
+def _note_payoff(catalog: Catalog, report: CompressReport) -> None:
+    """Add to each variant that does not run faster than fp32 in its runtime on this host a
+    note saying so and why (:func:`model_store.eligibility.payoff_note`)."""
+    from agent.hardware import read_hardware
+
+    features = frozenset(read_hardware().cpu_flags)
+
+    def p50(variant: Variant) -> dict[str, float]:
+        latency = variant.profile.latency if variant.profile is not None else {}
+        return {runtime: stats.p50_ms for runtime, stats in latency.items()}
+
+    by_name = {v.variant: v for v in report.variants}
+    baseline: dict[str, float] = {}
+    for runtime, name in BASELINES.items():
+        if name in by_name and runtime in p50(by_name[name]):
+            baseline[runtime] = p50(by_name[name])[runtime]
+    for i, variant in enumerate(report.variants):
+        note = payoff_note(
+            variant.variant or "",
+            variant.precision or "",
+            variant.technique or "",
+            p50(variant),
+            baseline,
+            features,
+        )
+        if note is not None:
+            catalog.update_variant(variant.id, notes=json.dumps([*variant.notes, note]))
+            report.variants[i] = catalog.get(variant.id)
 
 
 def profile_added(catalog: Catalog, variant_id: str, *, runs: int = 50) -> Variant:

@@ -278,8 +278,12 @@ class _Trainable:
             elif node.op_type == "Relu":
                 y = tf.nn.relu(ins[0])
             elif node.op_type == "Clip":
-                low = float(self.constants[node.input[1]]) if len(node.input) > 1 else -np.inf
-                high = float(self.constants[node.input[2]]) if len(node.input) > 2 else np.inf
+                low, high = (
+                    float(self.constants[node.input[k]].reshape(-1)[0])
+                    if len(node.input) > k and node.input[k]
+                    else bound
+                    for k, bound in ((1, -np.inf), (2, np.inf))
+                )
                 y = tf.clip_by_value(ins[0], low, high)
             elif node.op_type == "Add":
                 y = ins[0] + ins[1]

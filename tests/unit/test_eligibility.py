@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from agent.protocol import Fidelity
-from model_store.eligibility import eligibility
+from model_store.eligibility import eligibility, payoff_note
 
 
 def fid(
@@ -110,3 +110,45 @@ def test_eligibility(
         assert why is None
     else:
         assert why is not None and reason in why, why
+
+
+AVX2 = frozenset({"avx2", "fma", "f16c"})
+VNNI = AVX2 | {"avx512f", "avx512_vnni"}
+ORT_FP32 = {"onnxruntime": 2.19, "litert": 2.20}
+
+
+@pytest.mark.parametrize(
+    ("variant", "precision", "technique", "latency", "features", "expected"),
+    [
+        # measured on this AVX2 host: visual-inspection's int8 ran at 1.12x fp32
+        ("int8-static-qop", "int8", "quantize-static", {"onnxruntime": 2.44}, AVX2, "int8 dot"),
+        # the same file on a VNNI host that is still slow: no instruction to blame
+        ("int8-static-qop", "int8", "quantize-static", {"onnxruntime": 2.44}, VNNI, "does not"),
+        ("int8-static-qop", "int8", "quantize-static", {"onnxruntime": 1.10}, AVX2, None),
+        ("fp16", "fp16", "fp16", {"onnxruntime": 2.30}, AVX2, "widened"),
+        ("pruned-50", "fp32", "prune", {"onnxruntime": 2.19}, AVX2, "zeros"),
+        ("student-w50", "fp32", "distill-width", {"onnxruntime": 0.71}, AVX2, None),
+        # 4% faster is within noise: it does not pay in time
+        ("pruned-structured", "fp32", "prune", {"onnxruntime": 2.10}, AVX2, "zeros"),
+        ("tflite-int8", "int8", "tflite", {"litert": 2.15}, AVX2, "on litert"),
+        ("tflite-int8", "int8", "tflite", {"litert": 2.06}, AVX2, None),  # 6% faster: pays
+        # the baselines themselves, and runtimes without a baseline, get no note
+        ("fp32", "fp32", "reference", {"onnxruntime": 2.19}, AVX2, None),
+        ("tflite-fp32", "fp32", "tflite", {"litert": 2.5}, AVX2, None),
+        ("x", "int8", "imported", {"tensorrt": 9.0}, AVX2, None),
+    ],
+)
+def test_a_variant_that_is_not_faster_than_fp32_here_says_so_and_why(
+    variant: str,
+    precision: str,
+    technique: str,
+    latency: dict[str, float],
+    features: frozenset[str],
+    expected: str | None,
+) -> None:
+    note = payoff_note(variant, precision, technique, latency, ORT_FP32, features)
+    if expected is None:
+        assert note is None
+    else:
+        assert note is not None and note.startswith("not faster than fp32 on this host")
+        assert expected in note, note
