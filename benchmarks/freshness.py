@@ -51,6 +51,14 @@ PATHS: dict[str, tuple[str, ...]] = {
     "agent_memory": ("agent", "pyproject.toml", "benchmarks/agent_memory.py"),
     "resilience": ("agent", "benchmarks/resilience.py", "benchmarks/rig.py"),
     "variants": ("model_store", "agent/runtime", "agent/rules.py", "benchmarks/variants.py"),
+    "green_claim": (
+        "model_store",
+        "controller/planning.py",
+        "controller/selection.py",
+        "device_configs",
+        "benchmarks/green_claim.py",
+        "benchmarks/planning.py",
+    ),
     "planning": (
         "controller/planning.py",
         "controller/selection.py",

@@ -297,17 +297,20 @@ def _saving(planned: Sequence[planning.PlannedDevice]) -> dict[str, Any]:
 
 
 def fleet_energy(
-    db: sqlite_utils.Database, catalog: Catalog, profiles: Mapping[str, DeviceProfile]
+    db: sqlite_utils.Database,
+    catalog: Catalog,
+    profiles: Mapping[str, DeviceProfile],
+    version: str = VERSION,
 ) -> dict[str, Any]:
     """The plan against fp32 everywhere, with the catalog as built and with compression only."""
     every = sorted(profiles)
-    planned = planning.plan(db, catalog, profiles, _class_rows(every, profiles), VERSION)
+    planned = planning.plan(db, catalog, profiles, _class_rows(every, profiles), version)
     demo = [p for p in planned if p.device_class in DEMO_FLEET]
     # What compress built: neither the source file (plan never offers it once variants exist)
     # nor the imported TFLite sample.
     built = [
         planning.candidate(v)
-        for v in catalog.variants(VERSION)
+        for v in catalog.variants(version)
         if v.variant and v.technique != "imported"
     ]
     compressed_only = []
@@ -316,7 +319,7 @@ def fleet_energy(
         assert needs is not None
         compressed_only.append(
             planning.PlannedDevice(
-                row["id"], row["device_class"], VERSION, select_variant(needs, built, {})
+                row["id"], row["device_class"], version, select_variant(needs, built, {})
             )
         )
     host = {
@@ -327,7 +330,7 @@ def fleet_energy(
             "host_ms": next(iter(c.host_latency_ms.values()), None),
             "eligible": c.eligible,
         }
-        for c in planning.candidates(catalog, VERSION)
+        for c in planning.candidates(catalog, version)
     }
     return {
         "variants": host,

@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, str] = {
     "agent_memory": "benchmarks.agent_memory",
     "variants": "benchmarks.variants",
     "planning": "benchmarks.planning",
+    "green_claim": "benchmarks.green_claim",
     "resilience": "benchmarks.resilience",
     "rollout_abort": "benchmarks.rollout_abort",
     "ingest": "benchmarks.ingest",

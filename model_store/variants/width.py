@@ -40,7 +40,6 @@ from model_store.variants.reference import (
     calibration_inputs,
     file_size,
     load_reference,
-    run_outputs,
 )
 
 VARIANT = "student-width"
@@ -115,6 +114,11 @@ class Plan:
 
     keep: dict[str, np.ndarray]  # group root -> sorted channel indices
     fixed: set[str]  # groups that keep every channel (graph input and output side)
+    groups: dict[str, str] = field(default_factory=dict)  # tensor -> its group's root
+
+    def kept(self, tensor: str) -> np.ndarray | None:
+        """The channels of ``tensor`` the student keeps; None when it keeps them all."""
+        return self.keep.get(self.groups.get(tensor, tensor))
 
 
 def plan_channels(model: onnx.ModelProto, width: float) -> Plan:
@@ -155,24 +159,13 @@ def plan_channels(model: onnx.ModelProto, width: float) -> Plan:
         # Heaviest first; ties by index, so the plan is the same on every host.
         order = np.lexsort((np.arange(len(score)), -score))
         keep[root] = np.sort(order[:count])
-    return Plan(keep, fixed)
+    tensors = {t for n in model.graph.node for t in (*n.input, *n.output) if t}
+    return Plan(keep, fixed, {t: groups.find(t) for t in tensors})
 
 
 def narrow(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     """The reference with each group's dropped channels cut out of every weight touching it."""
-    groups = _Groups()
-    for node in model.graph.node:  # rebuild the same grouping (cheap, keeps Plan small)
-        if node.op_type in PASS_THROUGH or (
-            node.op_type == "Conv" and int(_attrs(node).get("group", 1)) != 1
-        ):
-            groups.join(node.output[0], node.input[0])
-        elif node.op_type == "Add":
-            groups.join(node.output[0], node.input[0])
-            groups.join(node.output[0], node.input[1])
-
-    def kept(tensor: str) -> np.ndarray | None:
-        return plan.keep.get(groups.find(tensor))
-
+    kept = plan.kept
     result = onnx.ModelProto()
     result.CopyFrom(model)
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -250,7 +243,8 @@ class _Trainable:
                     if name:
                         self.variables[name] = tf.Variable(weights[name].astype(np.float32))
 
-    def __call__(self, x: Any) -> Any:
+    def __call__(self, x: Any, taps: tuple[str, ...] = ()) -> tuple[Any, list[Any]]:
+        """The graph's output for a batch ``x``, and the tensors named in ``taps`` (NHWC)."""
         tf = self.tf
         graph = self.model.graph
         env: dict[str, Any] = {}
@@ -299,7 +293,7 @@ class _Trainable:
             else:  # Identity
                 y = ins[0]
             env[node.output[0]] = y
-        return env[graph.output[0].name]
+        return env[graph.output[0].name], [env[t] for t in taps]
 
     def export(self) -> onnx.ModelProto:
         """The ONNX graph with the trained weights, in ONNX layouts."""
@@ -345,46 +339,74 @@ def _augment(inputs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def hint_tensors(student: onnx.ModelProto, plan: Plan) -> tuple[str, ...]:
+    """The student's narrowed activations (after Relu, Clip or a residual Add): where it is
+    taught the teacher's values of the channels it kept, not only the final outputs."""
+    return tuple(
+        n.output[0]
+        for n in student.graph.node
+        if n.op_type in ("Relu", "Clip", "Add") and plan.kept(n.output[0]) is not None
+    )
+
+
 def train(
-    ctx: BuildContext, student: onnx.ModelProto, inputs: np.ndarray, epochs: int = EPOCHS
+    ctx: BuildContext,
+    reference: onnx.ModelProto,
+    plan: Plan,
+    inputs: np.ndarray,
+    epochs: int = EPOCHS,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Fit the narrowed graph to the reference's outputs; the trained graph and a summary."""
+    """Fit the narrowed reference to the reference; the trained graph and a summary.
+
+    The loss is the outputs' mean squared error (classifier logits centred per input) plus
+    the hint loss: at every narrowed activation, the squared error against the teacher's
+    values of the same channels, divided by their variance. A deep network trained without
+    batch norm from a pruned start learns slowly from its outputs alone (MobileNetV2 at width
+    0.5: 54% of held-out decisions after 12 epochs); the hints tell every layer what to do.
+    """
     tf = _tf()
     tf.config.experimental.enable_op_determinism()
     tf.random.set_seed(SEED)
     rng = np.random.default_rng(SEED)
     classifier = ctx.info.task is Task.CLASSIFICATION
-    net = _Trainable(tf, student)
+    student = narrow(reference, plan)
+    net, teacher = _Trainable(tf, student), _Trainable(tf, reference)
+    hints = hint_tensors(student, plan)
+    kept = [tf.constant(plan.kept(h), dtype=tf.int32) for h in hints]
     variables = list(net.variables.values())
     steps = epochs * max(1, len(inputs) // BATCH)
     schedule = tf.keras.optimizers.schedules.CosineDecay(LEARNING_RATE, steps)
     optimizer = tf.keras.optimizers.Adam(schedule)
 
-    def target(outputs: np.ndarray) -> np.ndarray:
-        flat = outputs.reshape(len(outputs), -1)
-        return flat - flat.mean(axis=1, keepdims=True) if classifier else flat
+    def flat(out: Any, x: Any) -> Any:
+        out = tf.reshape(out, [tf.shape(x)[0], -1])
+        return out - tf.reduce_mean(out, axis=1, keepdims=True) if classifier else out
 
     @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
-    def step(x: Any, y: Any) -> Any:
+    def step(x: Any) -> Any:
+        want, want_taps = teacher(x, hints)
+        want = tf.stop_gradient(flat(want, x))
         with tf.GradientTape() as tape:
-            out = tf.reshape(net(x), [tf.shape(x)[0], -1])
-            if classifier:
-                out = out - tf.reduce_mean(out, axis=1, keepdims=True)
-            loss = tf.reduce_mean(tf.square(out - y))
+            got, got_taps = net(x, hints)
+            loss = tf.reduce_mean(tf.square(flat(got, x) - want))
+            for s_tap, t_tap, keep in zip(got_taps, want_taps, kept, strict=True):
+                t_kept = tf.stop_gradient(tf.gather(t_tap, keep, axis=-1))
+                scale = tf.math.reduce_variance(t_kept) + 1e-6
+                loss += tf.reduce_mean(tf.square(s_tap - t_kept)) / scale / max(1, len(hints))
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
         return loss
 
     losses = []
     for epoch in range(epochs):
         x = inputs if epoch == 0 else _augment(inputs, rng)
-        y = target(run_outputs(ctx.reference, ctx, x, VARIANT)[0]).astype(np.float32)
         order = rng.permutation(len(x))
-        epoch_losses = []
-        for start in range(0, len(x) - BATCH + 1, BATCH):
-            pick = order[start : start + BATCH]
-            epoch_losses.append(float(step(tf.constant(x[pick]), tf.constant(y[pick]))))
+        epoch_losses = [
+            float(step(tf.constant(x[order[start : start + BATCH]])))
+            for start in range(0, len(x) - BATCH + 1, BATCH)
+        ]
         losses.append(float(np.mean(epoch_losses)))
-    return net.export(), {"epochs": epochs, "steps": steps, "loss_by_epoch": losses}
+    summary = {"epochs": epochs, "steps": steps, "hints": len(hints), "loss_by_epoch": losses}
+    return net.export(), summary
 
 
 def _quantized(ctx: BuildContext, student: Path, variant: str) -> BuiltVariant:
@@ -430,7 +452,7 @@ class WidthStudentBuilder:
             plan = plan_channels(reference, width)
             if not plan.keep:
                 raise VariantError(variant, "the graph has no hidden channels to narrow")
-            student, summary = train(ctx, narrow(reference, plan), inputs)
+            student, summary = train(ctx, reference, plan, inputs)
             path = ctx.workdir / f"{variant}.onnx"
             onnx.save(student, str(path))
             seconds = time.monotonic() - started
