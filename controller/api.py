@@ -442,6 +442,10 @@ class EnergyRow(_Open):
     payback_inferences: float | None = Field(
         None, description="inferences after which the saving has paid for the build"
     )
+    sci_g_co2e_per_1000_inferences: float | None = Field(
+        None, description="SCI (ISO/IEC 21031) per 1,000 inferences, operational part E x I"
+    )
+    sci_embodied: str | None = Field(None, description="the embodied part M, or why not known")
     methods: list[str]
 
 

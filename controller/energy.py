@@ -24,6 +24,9 @@ from model_store.errors import ModelStoreError
 J_PER_KWH = 3.6e6
 
 
+SCI_EMBODIED = "not known: no device profile states an embodied-carbon figure with a source"
+
+
 @dataclass
 class EnergyRow:
     """One (site, model version, variant) line of the report."""
@@ -81,6 +84,16 @@ class EnergyRow:
             return None
         return self.build_j / (saved / self.baseline_inferences)
 
+    @property
+    def sci_g_per_1000(self) -> float | None:
+        """Software Carbon Intensity per 1,000 inferences (ISO/IEC 21031:2024,
+        (E x I) + M per functional unit), its operational part E x I: the inference energy
+        of 1,000 inferences in kWh times the site's grid intensity, in g CO2e. M, the
+        device's embodied carbon amortised over its inferences, is not included: no device
+        profile states an embodied figure with a source (``sci_embodied`` says so)."""
+        per = self.j_per_inference
+        return None if per is None else per * 1000 / J_PER_KWH * self.grid_g_per_kwh
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "site": self.site,
@@ -102,6 +115,8 @@ class EnergyRow:
             "build_j": self.build_j,
             "build_energy": self.build_method,
             "payback_inferences": self.payback_inferences,
+            "sci_g_co2e_per_1000_inferences": self.sci_g_per_1000,
+            "sci_embodied": SCI_EMBODIED,
             "methods": sorted(self.methods),
         }
 

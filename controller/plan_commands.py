@@ -13,7 +13,7 @@ from rich.table import Table
 from controller import registry
 from controller.config import load_controller_config
 from controller.db import open_db
-from controller.energy import build_energy, energy_report, totals
+from controller.energy import SCI_EMBODIED, build_energy, energy_report, totals
 from controller.errors import InvalidRequest
 from controller.output import console, emit, fmt
 from controller.planning import baseline_per_class, fallbacks, fleet_saving, measured, plan
@@ -144,6 +144,7 @@ def cmd_energy_report(args: argparse.Namespace) -> int:
             "saving",
             "build J",
             "payback (inf.)",
+            "SCI g/1k inf",
             title="energy",
             title_justify="left",
         )
@@ -164,6 +165,9 @@ def cmd_energy_report(args: argparse.Namespace) -> int:
                 if r["build_j"] is None
                 else f"{r['build_j']:.0f}" + ("" if r["build_energy"] == "measured" else " est."),
                 "-" if r["payback_inferences"] is None else f"{r['payback_inferences']:,.0f}",
+                "-"
+                if r["sci_g_co2e_per_1000_inferences"] is None
+                else f"{r['sci_g_co2e_per_1000_inferences']:.2g}",
             )
         console.print(table)
         t = data["total"]
@@ -172,6 +176,9 @@ def cmd_energy_report(args: argparse.Namespace) -> int:
             f"total: {t['inferences']:,} inferences, {t['device_kwh']:.6f} kWh "
             f"({t['measured_kwh']:.6f} measured, {t['estimated_kwh']:.6f} estimated), "
             f"{t['co2e_kg'] * 1000:.2f} g CO2e; inference energy saved against fp32: {saving}"
+        )
+        console.print(
+            f"SCI per 1,000 inferences is E x I only; M (embodied carbon) is {SCI_EMBODIED}"
         )
 
     emit(args, data, render)

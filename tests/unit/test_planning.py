@@ -285,6 +285,34 @@ def test_a_variant_pays_back_its_build_after_this_many_inferences(
     assert row.as_dict()["payback_inferences"] == row.payback_inferences
 
 
+@pytest.mark.parametrize(
+    ("inference_j", "grid", "expected_g"),
+    [
+        # 1 mJ per inference, 1,000 inferences = 1 J = 1/3.6e6 kWh, at 400 g/kWh
+        (1e-3, 400.0, 400.0 / 3.6e6),
+        (2e-3, 0.0, 0.0),  # a site on carbon-free power
+    ],
+)
+def test_sci_per_1000_inferences_is_energy_times_grid_intensity(
+    inference_j: float, grid: float, expected_g: float
+) -> None:
+    from controller.energy import EnergyRow
+
+    row = EnergyRow(
+        "plant-a",
+        "vib:1.0.0",
+        "int8",
+        inferences=500,
+        inference_j=inference_j * 500,
+        grid_g_per_kwh=grid,
+    )
+    assert row.sci_g_per_1000 == pytest.approx(expected_g)
+    shown = row.as_dict()
+    assert shown["sci_g_co2e_per_1000_inferences"] == pytest.approx(expected_g)
+    assert shown["sci_embodied"].startswith("not known")
+    assert EnergyRow("plant-a", "vib:1.0.0", "fp32").sci_g_per_1000 is None  # no inferences
+
+
 def test_build_energy_charges_a_variant_its_builder_and_the_runs_shared_steps(
     fleet: tuple[object, Catalog],
 ) -> None:
