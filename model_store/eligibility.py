@@ -87,9 +87,9 @@ def judge(
 # ------------------------------------------------------------------------ does it pay here?
 
 # Instructions that multiply int8 in one step (VPDPBUSD, SDOT/UDOT, AMX tiles). Without one,
-# onnxruntime's x86 int8 kernels pair products into int16 (VPMADDUBSW) and gain little or
-# nothing over fp32; measured on this AVX2 host, visual-inspection's int8 convolutions took
-# 1.12x fp32's time.
+# onnxruntime's x86 int8 kernels pair products into int16 (VPMADDUBSW): on the AVX2-only build
+# host visual-inspection's static int8 ran at 0.61-0.73x fp32's time (1 thread, alternating
+# blocks), not the 0.25-0.5x int8 arithmetic promises, and a small graph's may not gain at all.
 INT8_DOT_FEATURES = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
 FP16_ARITHMETIC_FEATURES = frozenset({"asimdhp", "avx512_fp16"})
 PAYS_RATIO = 0.95  # faster than fp32 by at least 5%, or it does not pay in time
