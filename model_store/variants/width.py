@@ -189,13 +189,11 @@ def narrow(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
                 b = weights[node.input[1]]
                 new[node.input[1]] = b[:, in_keep] if trans_b else b[in_keep]
     # A depthwise convolution has one group per channel it keeps.
-    for src, dst in zip(model.graph.node, result.graph.node, strict=True):
-        dst.CopyFrom(src)
-        if src.op_type == "Conv" and int(_attrs(src).get("group", 1)) != 1:
-            w = new[src.input[1]]
-            for a in dst.attribute:
+    for node in result.graph.node:
+        if node.op_type == "Conv" and int(_attrs(node).get("group", 1)) != 1:
+            for a in node.attribute:
                 if a.name == "group":
-                    a.i = int(w.shape[0])
+                    a.i = int(new[node.input[1]].shape[0])
     del result.graph.initializer[:]
     result.graph.initializer.extend(
         numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in new.items()
