@@ -21,7 +21,6 @@ op determinism is on. The ONNX graph is written from the trained weights by
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -145,11 +144,6 @@ def train() -> Any:
     return model
 
 
-def keras_logits(model: Any, x: np.ndarray) -> np.ndarray:
-    """Inference-mode logits."""
-    return np.asarray(model.predict(x, batch_size=200, verbose=0), dtype=np.float32)
-
-
 def test_data() -> tuple[np.ndarray, np.ndarray]:
     """Held-out windows from machines training never heard, with their labels."""
     return windows(TEST_SEED, TEST_MACHINES, 10)
@@ -209,7 +203,6 @@ SAMPLE = KerasSample(
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return command_line(
         "python -m model_store.samples.build_diagnosis", __doc__ or "", DEFAULT_OUT, SAMPLE, argv
     )

@@ -26,7 +26,6 @@ transpose from NCHW, so both files take the same input.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -134,11 +133,6 @@ def recalibrate_batch_norm(model: Any) -> None:
         layer.momentum = 0.999
 
 
-def keras_logits(model: Any, images: np.ndarray) -> np.ndarray:
-    """Inference-mode logits for NCHW images."""
-    return np.asarray(model.predict(_nhwc(images), batch_size=100, verbose=0), dtype=np.float32)
-
-
 INTERFACE = Interface(
     input_name=INPUT_NAME,
     input_shape=(1, 3, SIZE, SIZE),
@@ -208,7 +202,6 @@ SAMPLE = KerasSample(
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return command_line(
         "python -m model_store.samples.build_inspection", __doc__ or "", DEFAULT_OUT, SAMPLE, argv
     )

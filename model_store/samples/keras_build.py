@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 import warnings
@@ -61,6 +62,7 @@ def command_line(
     prog: str, doc: str, default_out: Path, sample: KerasSample, argv: list[str] | None
 ) -> int:
     """``python -m PROG [--out DIR] [--tflite] [--weights FILE]``."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
     parser.add_argument("--out", type=Path, default=default_out, help="output directory")
     parser.add_argument("--tflite", action="store_true", help="also write the TFLite model")
