@@ -43,7 +43,7 @@ from controller.output import (
     progress_bar,
     stage_progress,
 )
-from controller.planning import fleet_saving, plan
+from controller.planning import PlannedDevice, fleet_saving, plan
 from device_configs.schema import load_profiles
 from model_store.catalog import Catalog, Declared
 from model_store.pipeline import compress
@@ -52,7 +52,7 @@ from model_store.signing import Signer
 
 SAMPLES = Path(__file__).resolve().parent.parent / "model_store" / "samples"
 FAULTY = "gw-pump-02"
-SAMPLE_MODELS = ("vibration-ae", "surface-cnn")
+SAMPLE_MODELS = ("vibration-ae", "surface-cnn", "bearing-diagnosis")
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class DemoDevice:
     device_class: str
     labels: dict[str, str]
     rpm: float
+    window: int = 512  # samples per inference, as the model's input asks
 
 
 MODEL = "vibration-ae:1.0.0"  # the plan picks each gateway's variant
@@ -69,6 +70,19 @@ DEVICES = (
     DemoDevice(FAULTY, "jetson-orin-nano", {"site": "plant-a", "line": "2"}, 1800),
     DemoDevice("ipc-line-03", "x86-ipc", {"site": "plant-b", "line": "1"}, 2400),
 )
+# The measured comparison: two fan IPCs of one class diagnose their bearings with the 1-D CNN
+# (4096-sample windows), one on the fp32 reference, the other on the variant the plan picks
+# from what `models compress` built. This host stands in for the x86 IPC class (it is one).
+DIAGNOSIS = "bearing-diagnosis:1.0.0"
+CONTROL = DemoDevice("ipc-fan-04", "x86-ipc", {"site": "plant-b", "line": "2"}, 1500, 4096)
+TREATED = DemoDevice("ipc-fan-05", "x86-ipc", {"site": "plant-b", "line": "2"}, 1650, 4096)
+FANS = (CONTROL, TREATED)
+# What the demo compresses, and with which builders (None: all of them).
+COMPRESS: dict[str, tuple[str, ...] | None] = {
+    "vibration-ae": None,
+    "surface-cnn": None,
+    "bearing-diagnosis": ("fp16", "int8-static"),  # the quick ones: the demo stays under 90 s
+}
 
 
 class ScoreWatch:
@@ -129,6 +143,8 @@ def _screen(db: Any, watch: ScoreWatch, threshold: float, phase: str) -> Group:
         title_justify="left",
     )
     for r in rows:
+        if r["id"] not in {d.id for d in DEVICES}:
+            continue  # the fans run the diagnosis model, which gives classes, not a score
         mean = watch.mean(r["id"])
         verdict = (
             "-"
@@ -159,6 +175,7 @@ def _build_variants(home: Home, db: Any, workdir: Path) -> None:
                 f"{name}:1.0.0",
                 calibration_set(name, n=400),
                 home.scratch,
+                only=COMPRESS[name],
                 progress=stage_progress(bar),
                 latency_runs=50,
             )
@@ -205,7 +222,7 @@ def write_agent_config(
         "labels": device.labels,
         "state_dir": str(workdir / device.id),
         "broker": {"host": "127.0.0.1", "port": port},
-        "input": {"type": "vibration", "rpm": device.rpm, "seed": seed},
+        "input": {"type": "vibration", "rpm": device.rpm, "seed": seed, "window": device.window},
         "inference": {"rate_hz": rate_hz},
         "telemetry": {"interval_s": telemetry_s},
         # What an enrollment bundle would carry: the class profile's power figures, and the
@@ -244,7 +261,7 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
     try:
         controller.start()
         db = open_db(home.database)
-        for seed, device in enumerate(DEVICES, start=1):
+        for seed, device in enumerate(DEVICES + FANS, start=1):
             config = write_agent_config(workdir, device, broker.port, seed, home.keys)
             with (workdir / f"{device.id}.log").open("ab") as log:
                 agents.append(
@@ -254,21 +271,25 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
                         stderr=subprocess.STDOUT,
                     )
                 )
-        console.print("[bold]2/7[/] controller up; three agents starting")
+        console.print(f"[bold]2/7[/] controller up; {len(DEVICES) + len(FANS)} agents starting")
         _build_variants(home, db, workdir)
         ids = {d.id for d in DEVICES}
+        everyone = ids | {d.id for d in FANS}
         _wait(
-            lambda: ids <= {r["id"] for r in views.fleet(db) if r["online"]},
+            lambda: everyone <= {r["id"] for r in views.fleet(db) if r["online"]},
             60,
-            "three agents to come online",
+            f"{len(everyone)} agents to come online",
         )
-        console.print("[bold]4/7[/] three agents online: " + ", ".join(sorted(ids)))
+        console.print(f"[bold]4/7[/] {len(everyone)} agents online: " + ", ".join(sorted(everyone)))
         registry.set_desired(db, sorted(ids), MODEL)
+        registry.set_desired(db, [CONTROL.id], f"{DIAGNOSIS}+fp32")
+        registry.set_desired(db, [TREATED.id], DIAGNOSIS)
+        wanted = {d: MODEL if d in ids else DIAGNOSIS for d in everyone}
         _wait(
             lambda: all(
-                (r["active_model"] or "").partition("+")[0] == MODEL
+                (r["active_model"] or "").partition("+")[0] == wanted[r["id"]]
                 for r in views.fleet(db)
-                if r["id"] in ids
+                if r["id"] in everyone
             ),
             60,
             "the chosen variants to be active everywhere",
@@ -277,6 +298,9 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
         planned = plan(
             db, Catalog(db, home.store), load_profiles(), [r for r in rows if r["id"] in ids]
         )
+        treated = plan(
+            db, Catalog(db, home.store), load_profiles(), [r for r in rows if r["id"] == TREATED.id]
+        )[0]
         for item in planned:
             console.print(
                 f"[bold]5/7[/] plan: {item.device} ({item.device_class}) -> "
@@ -289,6 +313,11 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
                 f"mJ against {fleet.fp32_j * 1000:.3f} mJ for fp32 everywhere "
                 f"({fleet.saving:.0%} less); delivered in {time.monotonic() - started:.0f} s"
             )
+        console.print(
+            f"[bold]5/7[/] plan: {TREATED.id} ({TREATED.device_class}) -> "
+            f"{treated.decision.chosen}: {escape(treated.decision.reason)}; "
+            f"{CONTROL.id} runs {DIAGNOSIS}+fp32 beside it, to measure the saving"
+        )
         watch = ScoreWatch(broker.port)
         threshold = _threshold()
         with Live(console=console, refresh_per_second=2) as live:
@@ -308,7 +337,11 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
                 time.sleep(0.5)
             after = {d.id: watch.take(d.id) for d in DEVICES}
         console.print()
-        _summary(db, before, after, threshold, time.monotonic() - started)
+        _summary(db, before, after, threshold)
+        _measured_saving(db, treated)
+        console.print(
+            f"demo finished in {time.monotonic() - started:.0f} s; state in {home.database}"
+        )
         if keep_running:
             console.print("running until Ctrl-C (--keep-running)")
             with contextlib.suppress(KeyboardInterrupt):
@@ -333,7 +366,6 @@ def _summary(
     before: dict[str, list[float]],
     after: dict[str, list[float]],
     threshold: float,
-    elapsed: float,
 ) -> None:
     table = Table(
         "device",
@@ -373,7 +405,68 @@ def _summary(
             "[bold red]yes[/]" if mean_a > threshold else "no",
         )
     console.print(table)
-    console.print(
-        f"demo finished in {elapsed:.0f} s; state in "
-        f"{db.conn.execute('PRAGMA database_list').fetchone()[2]}"
+
+
+def _measured_saving(db: Any, treated: PlannedDevice) -> None:
+    """fp32 and the variant the plan chose, side by side on one device class over the same
+    minute, from telemetry alone (what a customer measures), next to what the plan predicted
+    before either had run."""
+    chosen = treated.decision.chosen or "-"
+    arms = (
+        (CONTROL.id, f"{DIAGNOSIS}+fp32", treated.decision.reference),
+        (TREATED.id, chosen, treated.decision.estimate),
     )
+    table = Table(
+        "device",
+        "variant",
+        "inferences",
+        "p50 ms",
+        "mJ/inf measured",
+        "method",
+        "mJ/inf predicted",
+        "prediction error",
+        title=f"measured saving on {TREATED.device_class} (telemetry of the same period)",
+        title_justify="left",
+    )
+    energy: dict[str, float] = {}
+    for device, variant, predicted in arms:
+        inferences, joules, p50, methods = db.execute(
+            "SELECT SUM(inferences), "
+            "SUM(energy_per_inference_j * inferences) / NULLIF(SUM(inferences), 0), "
+            "SUM(latency_p50_ms * inferences) / NULLIF(SUM(inferences), 0), "
+            "GROUP_CONCAT(DISTINCT power_method) "
+            "FROM telemetry WHERE device = ? AND model = ? AND inferences > 0",
+            [device, variant],
+        ).fetchone()
+        if joules is not None:
+            energy[device] = joules
+        error = (
+            "-"
+            if joules is None or predicted is None or joules <= 0
+            else f"{predicted.energy_j / joules - 1:+.0%}"
+        )
+        table.add_row(
+            device,
+            variant.partition("+")[2] or variant,
+            f"{inferences or 0:,}",
+            "-" if p50 is None else f"{p50:.3f}",
+            energy_mj(joules),
+            methods or "-",
+            "-" if predicted is None else energy_mj(predicted.energy_j),
+            error,
+        )
+    console.print(table)
+    fp32, ours = energy.get(CONTROL.id), energy.get(TREATED.id)
+    reference, estimate = treated.decision.reference, treated.decision.estimate
+    if fp32 and ours is not None:
+        forecast = ""
+        if estimate is not None and reference is not None and reference.energy_j > 0:
+            change = estimate.energy_j / reference.energy_j - 1
+            forecast = (
+                f"; the plan had predicted {abs(change):.0%} {'more' if change > 0 else 'less'}"
+            )
+        console.print(
+            f"measured: {chosen} spends {1 - ours / fp32:.0%} less energy per inference than "
+            f"fp32 on {TREATED.device_class}{forecast} (energy 'estimate' = the agent's "
+            "inference CPU time x the class's per-core power; this host has no power meter)"
+        )
