@@ -43,7 +43,7 @@ from controller.output import (
     progress_bar,
     stage_progress,
 )
-from controller.planning import PlannedDevice, fleet_saving, plan
+from controller.planning import PlannedDevice, field_checks, fleet_saving, measured, plan
 from device_configs.schema import load_profiles
 from model_store.catalog import Catalog, Declared
 from model_store.pipeline import compress
@@ -338,7 +338,7 @@ def run_demo(home: Home, *, keep_running: bool = False, embedded: bool = False) 
             after = {d.id: watch.take(d.id) for d in DEVICES}
         console.print()
         _summary(db, before, after, threshold)
-        _measured_saving(db, treated)
+        _measured_saving(db, Catalog(db, home.store), treated)
         console.print(
             f"demo finished in {time.monotonic() - started:.0f} s; state in {home.database}"
         )
@@ -407,15 +407,17 @@ def _summary(
     console.print(table)
 
 
-def _measured_saving(db: Any, treated: PlannedDevice) -> None:
+def _measured_saving(db: Any, catalog: Catalog, treated: PlannedDevice) -> None:
     """fp32 and the variant the plan chose, side by side on one device class over the same
-    minute, from telemetry alone (what a customer measures), next to what the plan predicted
-    before either had run."""
+    minute, from telemetry alone (what a customer measures), next to what the profiles
+    predicted before either had run, and what the plan predicts for each once corrected by
+    the other's telemetry (controller.selection.field_check)."""
     chosen = treated.decision.chosen or "-"
-    arms = (
-        (CONTROL.id, f"{DIAGNOSIS}+fp32", treated.decision.reference),
-        (TREATED.id, chosen, treated.decision.estimate),
-    )
+    checks = {
+        check.variant: check
+        for device_class, check in field_checks(catalog, load_profiles(), measured(db))
+        if device_class == TREATED.device_class
+    }
     table = Table(
         "device",
         "variant",
@@ -423,13 +425,15 @@ def _measured_saving(db: Any, treated: PlannedDevice) -> None:
         "p50 ms",
         "mJ/inf measured",
         "method",
-        "mJ/inf predicted",
-        "prediction error",
+        "profile mJ",
+        "error",
+        "corrected by the other",
+        "error",
         title=f"measured saving on {TREATED.device_class} (telemetry of the same period)",
         title_justify="left",
     )
     energy: dict[str, float] = {}
-    for device, variant, predicted in arms:
+    for device, variant in ((CONTROL.id, f"{DIAGNOSIS}+fp32"), (TREATED.id, chosen)):
         inferences, joules, p50, methods = db.execute(
             "SELECT SUM(inferences), "
             "SUM(energy_per_inference_j * inferences) / NULLIF(SUM(inferences), 0), "
@@ -439,12 +443,10 @@ def _measured_saving(db: Any, treated: PlannedDevice) -> None:
             [device, variant],
         ).fetchone()
         if joules is not None:
-            energy[device] = joules
-        error = (
-            "-"
-            if joules is None or predicted is None or joules <= 0
-            else f"{predicted.energy_j / joules - 1:+.0%}"
-        )
+            energy[variant] = joules
+        check = checks.get(variant)
+        profile_error = None if check is None else check.profile_error
+        corrected_error = None if check is None else check.corrected_error
         table.add_row(
             device,
             variant.partition("+")[2] or variant,
@@ -452,18 +454,20 @@ def _measured_saving(db: Any, treated: PlannedDevice) -> None:
             "-" if p50 is None else f"{p50:.3f}",
             energy_mj(joules),
             methods or "-",
-            "-" if predicted is None else energy_mj(predicted.energy_j),
-            error,
+            energy_mj(None if check is None else check.profile_j),
+            "-" if profile_error is None else f"{profile_error:+.0%}",
+            energy_mj(None if check is None else check.corrected_j),
+            "-" if corrected_error is None else f"{corrected_error:+.0%}",
         )
     console.print(table)
-    fp32, ours = energy.get(CONTROL.id), energy.get(TREATED.id)
-    reference, estimate = treated.decision.reference, treated.decision.estimate
+    fp32, ours = energy.get(f"{DIAGNOSIS}+fp32"), energy.get(chosen)
+    before, after = checks.get(f"{DIAGNOSIS}+fp32"), checks.get(chosen)
     if fp32 and ours is not None:
         forecast = ""
-        if estimate is not None and reference is not None and reference.energy_j > 0:
-            change = estimate.energy_j / reference.energy_j - 1
+        if before is not None and after is not None and before.profile_j > 0:
+            change = after.profile_j / before.profile_j - 1
             forecast = (
-                f"; the plan had predicted {abs(change):.0%} {'more' if change > 0 else 'less'}"
+                f"; the profiles had predicted {abs(change):.0%} {'more' if change > 0 else 'less'}"
             )
         console.print(
             f"measured: {chosen} spends {1 - ours / fp32:.0%} less energy per inference than "

@@ -16,13 +16,49 @@ from controller.db import open_db
 from controller.energy import SCI_EMBODIED, build_energy, energy_report, totals
 from controller.errors import InvalidRequest
 from controller.output import console, emit, fmt
-from controller.planning import baseline_per_class, fallbacks, fleet_saving, measured, plan
+from controller.planning import (
+    baseline_per_class,
+    fallbacks,
+    field_checks,
+    fleet_saving,
+    measured,
+    plan,
+)
 from device_configs.schema import load_profiles
 from model_store.catalog import Catalog
 
 
 def _mj(joules: float | None) -> str:
     return "-" if joules is None else f"{joules * 1000:.3f}"
+
+
+def _render_field_check(checks: list[dict[str, Any]]) -> None:
+    """The plan's estimates against what each class measured (selection.field_check)."""
+    table = Table(
+        "class",
+        "variant",
+        "inferences",
+        "measured mJ",
+        "profile mJ",
+        "error",
+        "corrected mJ",
+        "error",
+        title="prediction against the field (corrected: from the class's other variants)",
+        title_justify="left",
+    )
+    for c in checks:
+        corrected = c["corrected_error"]
+        table.add_row(
+            c["class"],
+            c["variant"],
+            f"{c['inferences']:,}",
+            _mj(c["measured_j"]),
+            _mj(c["profile_j"]),
+            f"{c['profile_error']:+.0%}",
+            _mj(c["corrected_j"]),
+            "-" if corrected is None else f"{corrected:+.0%}",
+        )
+    console.print(table)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -57,6 +93,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 "latency_ms": item.decision.estimate.latency_ms if item.decision.estimate else None,
                 "energy_j": item.decision.estimate.energy_j if item.decision.estimate else None,
                 "source": item.decision.estimate.source if item.decision.estimate else None,
+                "basis": item.decision.estimate.basis if item.decision.estimate else None,
                 "fp32_energy_j": item.decision.reference.energy_j
                 if item.decision.reference
                 else None,
@@ -72,6 +109,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
             for item in planned
         ],
         "fleet": None if fleet is None else {**asdict(fleet), "saving": fleet.saving},
+        "field_check": [
+            {
+                "class": device_class,
+                "variant": check.variant,
+                "inferences": check.inferences,
+                "measured_j": check.measured_j,
+                "profile_j": check.profile_j,
+                "profile_error": check.profile_error,
+                "corrected_j": check.corrected_j,
+                "corrected_error": check.corrected_error,
+            }
+            for device_class, check in field_checks(catalog, profiles, measured(db))
+            if args.model is None or check.variant.partition("+")[0] == args.model
+        ],
     }
 
     def render() -> None:
@@ -101,6 +152,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         console.print(table)
         if args.verbose:
             for d in data["devices"]:
+                if d["basis"]:
+                    console.print(f"  {d['device']}: estimate from {escape(d['basis'])}")
                 if d["fallback_reason"]:
                     console.print(
                         f"  {d['device']}: fallback {d['fallback'] or 'none'}: "
@@ -114,6 +167,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 f"inference against {_mj(fleet.fp32_j)} mJ for fp32 everywhere "
                 f"({fleet.saving:.0%} less)"
             )
+        if data["field_check"]:
+            _render_field_check(data["field_check"])
 
     emit(args, data, render)
     return 0

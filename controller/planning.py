@@ -21,11 +21,14 @@ from controller.selection import (
     Decision,
     DeviceNeeds,
     FallbackDecision,
+    FieldCheck,
     Measured,
     estimate,
+    field_check,
     select_fallback,
     select_variant,
 )
+from device_configs.kernels import load_kernel_gains, parse_host
 from device_configs.schema import DeviceProfile
 from model_store.catalog import Catalog, Variant
 
@@ -44,6 +47,7 @@ class PlannedDevice:
 
 def candidate(variant: Variant) -> Candidate:
     profile = variant.profile
+    host_arch, host_features = parse_host(profile.host if profile else "")
     return Candidate(
         id=variant.id,
         format=variant.format.value,
@@ -55,6 +59,8 @@ def candidate(variant: Variant) -> Candidate:
         reason=variant.reason,
         is_reference=variant.variant == "fp32",
         macs=profile.macs if profile else None,
+        host_arch=host_arch,
+        host_features=host_features,
     )
 
 
@@ -99,6 +105,9 @@ def device_needs(row: Mapping[str, Any], profile: DeviceProfile | None) -> Devic
         speed=profile.speed.factors(),
         active_w_per_core=profile.power.active_w_per_core,
         current=row.get("active_model"),
+        arch=profile.cpu.arch.value if profile.cpu.arch else "unknown",
+        features=frozenset(f.value for f in profile.cpu.features),
+        kernels=load_kernel_gains(),
     )
 
 
@@ -233,6 +242,29 @@ def fleet_saving(planned: Sequence[PlannedDevice]) -> FleetSaving | None:
     return FleetSaving(
         len(pairs), sum(a for a, _ in pairs) / len(pairs), sum(b for _, b in pairs) / len(pairs)
     )
+
+
+def field_checks(
+    catalog: Catalog,
+    profiles: Mapping[str, DeviceProfile],
+    telemetry: Mapping[tuple[str, str], Measured],
+) -> list[tuple[str, FieldCheck]]:
+    """(device class, check) for every variant a class has run enough of: the plan's
+    prediction against the field, bare and corrected by the class's other variants
+    (controller.selection.field_check). Sorted by class and variant."""
+    by_group: dict[tuple[str, str], dict[str, Measured]] = {}
+    for (device_class, variant_id), seen in telemetry.items():
+        version = variant_id.partition("+")[0]
+        by_group.setdefault((device_class, version), {})[variant_id] = seen
+    out: list[tuple[str, FieldCheck]] = []
+    for (device_class, version), ran in sorted(by_group.items()):
+        row = {"id": "-", "device_class": device_class, "labels": "{}", "runtimes": "[]"}
+        needs = device_needs(row, profiles.get(device_class))
+        if needs is None or catalog.version_or_none(version) is None:
+            continue
+        options = candidates(catalog, version)
+        out.extend((device_class, check) for check in field_check(needs, options, ran))
+    return out
 
 
 def baseline_per_class(

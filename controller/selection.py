@@ -15,6 +15,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from device_configs.kernels import KernelTable
+
 # Precisions a variant needs the device to support ("mixed" = int8 kernels with fp32 parts).
 REQUIRED_PRECISIONS: Mapping[str, frozenset[str]] = {
     "fp32": frozenset({"fp32"}),
@@ -42,9 +44,12 @@ class DeviceNeeds:
     model_memory_mb: float
     storage_mb: float
     latency_budget_ms: float
-    speed: Mapping[str, float]  # precision -> latency multiplier against the controller host
+    speed: Mapping[str, float]  # fp32 (and measured overrides) -> latency multiplier
     active_w_per_core: float
     current: str | None = None  # the variant it runs now
+    arch: str = "unknown"  # the class's CPU, for its int8/fp16 kernel gains
+    features: frozenset[str] = frozenset()
+    kernels: KernelTable = field(default_factory=KernelTable)  # gains per (runtime, ...)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,8 @@ class Candidate:
     reason: str | None = None
     is_reference: bool = False  # the fp32 baseline savings are measured against
     macs: int | None = None  # multiply-accumulates per inference, from the profile
+    host_arch: str = "unknown"  # the CPU its latency was measured on
+    host_features: frozenset[str] | None = None  # None: not recorded (older profiles)
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class Estimate:
     latency_ms: float
     energy_j: float
     source: str  # "profile" or "telemetry"
+    basis: str = ""  # what a profile estimate rests on: factors and where they come from
 
 
 @dataclass(frozen=True)
@@ -93,12 +101,32 @@ class Decision:
     estimates: Mapping[str, Estimate] = field(default_factory=dict)
 
 
-def speed_factor(device: DeviceNeeds, precision: str) -> float:
-    """How much slower than the controller host this device runs a variant of ``precision``."""
+def speed_factor(device: DeviceNeeds, candidate: Candidate) -> tuple[float, str]:
+    """How much slower than its build host ``device`` runs ``candidate``, and why.
+
+    fp32 moves by the class's fp32 factor. int8 (and "mixed", int8 kernels with fp32 parts)
+    and fp16 also move by gain(host CPU) / gain(device CPU) for the variant's runtime
+    (device_configs.kernels): a host without an int8 dot product measured int8 near fp32's
+    speed, a class with one runs it faster, and the other way round. A factor the class
+    declares for the precision (measured there) replaces the derivation.
+    """
     slowest = max(device.speed.values(), default=1.0)  # no factor declared: assume the worst
-    if precision == "mixed":
-        return max(device.speed.get("int8", slowest), device.speed.get("fp32", slowest))
-    return device.speed.get(precision, slowest)
+    fp32 = device.speed.get("fp32", slowest)
+    precision = "int8" if candidate.precision == "mixed" else candidate.precision
+    if precision == "fp32":
+        return fp32, f"fp32 x{fp32:g} (class)"
+    if precision in device.speed:
+        return device.speed[precision], f"{precision} x{device.speed[precision]:g} (class)"
+    runtime = RUNTIME_OF_FORMAT.get(candidate.format, "")
+    host = device.kernels.gain(
+        runtime, precision, candidate.host_arch, candidate.host_features or frozenset()
+    )
+    here = device.kernels.gain(runtime, precision, device.arch, device.features)
+    recorded = "" if candidate.host_features is not None else ", host flags not recorded"
+    return fp32 * host.value / here.value, (
+        f"fp32 x{fp32:g} (class) x {precision} gain on {runtime}: build host {host.basis}"
+        f"{recorded} / class {here.basis}"
+    )
 
 
 def estimate(
@@ -111,29 +139,74 @@ def estimate(
         and measured.energy_per_inference_j is not None
         and measured.latency_p95_ms is not None
     ):
-        return Estimate(measured.latency_p95_ms, measured.energy_per_inference_j, "telemetry")
+        return Estimate(
+            measured.latency_p95_ms,
+            measured.energy_per_inference_j,
+            "telemetry",
+            f"{measured.inferences} inferences on the class",
+        )
     host = candidate.host_latency_ms.get(RUNTIME_OF_FORMAT.get(candidate.format, ""))
     if host is None:
         return None
-    latency_ms = host * speed_factor(device, candidate.precision)
+    factor, basis = speed_factor(device, candidate)
+    latency_ms = host * factor
     # One core busy for the inference: the same model the agent's estimate meter uses.
     energy_j = device.active_w_per_core * latency_ms / 1000.0
-    return Estimate(latency_ms, energy_j, "profile")
+    return Estimate(latency_ms, energy_j, "profile", basis)
+
+
+@dataclass(frozen=True)
+class Correction:
+    """How a class's field differs from profile estimates, learned from the variants of one
+    version that have run there.
+
+    Profiles are timed in a tight loop on the build host; a device also pays, per inference, a
+    cost no variant changes: reading and shaping the input, the runtime call, cold caches.
+    That cost adds to every variant alike, so the correction adds it (``energy_j``,
+    ``latency_ms``: the median of measured minus profile). Scaling instead would claim the
+    profile's ratio between two variants in the field, which overstates every saving: in the
+    demo (2026-12-08) bearing-diagnosis fp32 and int8 on one class measured 4.55 and 3.01 mJ
+    against profiles of 2.90 and 1.44 (field minus profile 1.66 and 1.57); corrected by the
+    other's telemetry, the additive rule predicted each within 3%, the scaling one 25-33% off.
+    Where the field is cheaper than the profile (the class is faster than its fp32 factor,
+    which no fixed cost explains) the correction scales instead (``scale``).
+    """
+
+    ran: int = 0  # variants it was learned from; 0: no correction
+    energy_j: float = 0.0
+    latency_ms: float = 0.0
+    scale: float | None = None  # energy and latency factor, when the field is the cheaper
+
+    def apply(self, guess: Estimate) -> Estimate:
+        if self.ran == 0 or guess.source != "profile":
+            return guess
+        if self.scale is not None:
+            return Estimate(
+                guess.latency_ms * self.scale,
+                guess.energy_j * self.scale,
+                f"profile x{self.scale:.2f} (field: the class is faster than its profile)",
+                guess.basis,
+            )
+        return Estimate(
+            guess.latency_ms + self.latency_ms,
+            guess.energy_j + self.energy_j,
+            f"profile + {self.energy_j * 1000:.3f} mJ (field cost per inference)",
+            guess.basis,
+        )
 
 
 def field_correction(
     device: DeviceNeeds, candidates: Sequence[Candidate], measured: Mapping[str, Measured]
-) -> tuple[float, float]:
-    """(energy, latency) factors from profile estimates to what this class really measured.
+) -> Correction:
+    """The :class:`Correction` of ``device``'s class from the variants with telemetry there.
 
-    Profiles are timed in a tight loop on the controller; devices infer now and then, with cold
-    caches and other work beside them, so every variant costs more in the field. Comparing one
-    variant's telemetry with another's profile would then always favour the unmeasured one
-    and the plan would hop from variant to variant. Scaling profile estimates by the median
-    measured/profile ratio of the variants that have telemetry keeps the comparison fair.
+    Comparing one variant's telemetry with another's bare profile would always favour the
+    unmeasured one, and the plan would hop from variant to variant; correcting the profiles
+    by what the class measured keeps the comparison fair.
     """
-    energy: list[float] = []
-    latency: list[float] = []
+    extra_j: list[float] = []
+    extra_ms: list[float] = []
+    ratio: list[float] = []
     for candidate in candidates:
         seen = measured.get(candidate.id)
         if seen is None:
@@ -142,11 +215,68 @@ def field_correction(
         observed = estimate(device, candidate, seen)
         if guess is None or observed is None or observed.source != "telemetry":
             continue
+        extra_j.append(observed.energy_j - guess.energy_j)
+        extra_ms.append(observed.latency_ms - guess.latency_ms)
         if guess.energy_j > 0:
-            energy.append(observed.energy_j / guess.energy_j)
-        if guess.latency_ms > 0:
-            latency.append(observed.latency_ms / guess.latency_ms)
-    return _median(energy), _median(latency)
+            ratio.append(observed.energy_j / guess.energy_j)
+    if not extra_j:
+        return Correction()
+    offset = _median(extra_j)
+    if offset < 0 and ratio:
+        return Correction(len(extra_j), scale=_median(ratio))
+    return Correction(len(extra_j), max(offset, 0.0), max(_median(extra_ms), 0.0))
+
+
+@dataclass(frozen=True)
+class FieldCheck:
+    """How well the plan predicted one variant the class has run (telemetry as the truth).
+
+    ``profile_j`` is the bare profile estimate; ``corrected_j`` the estimate corrected by the
+    class's other variants alone (:func:`field_correction` without this one's own telemetry),
+    i.e. what the plan would have said before this variant ran, had the others run first;
+    None where no other variant of the version has run on the class.
+    """
+
+    variant: str
+    inferences: int
+    measured_j: float
+    profile_j: float
+    corrected_j: float | None
+
+    @property
+    def profile_error(self) -> float:
+        return self.profile_j / self.measured_j - 1
+
+    @property
+    def corrected_error(self) -> float | None:
+        return None if self.corrected_j is None else self.corrected_j / self.measured_j - 1
+
+
+def field_check(
+    device: DeviceNeeds, candidates: Sequence[Candidate], measured: Mapping[str, Measured]
+) -> list[FieldCheck]:
+    """Each variant with enough telemetry on ``device``'s class, against what was predicted."""
+    checks: list[FieldCheck] = []
+    for candidate in candidates:
+        seen = measured.get(candidate.id)
+        observed = estimate(device, candidate, seen)
+        guess = estimate(device, candidate, None)
+        if seen is None or observed is None or observed.source != "telemetry" or guess is None:
+            continue
+        if observed.energy_j <= 0:
+            continue
+        others = {k: m for k, m in measured.items() if k != candidate.id}
+        correction = field_correction(device, candidates, others)
+        checks.append(
+            FieldCheck(
+                candidate.id,
+                seen.inferences,
+                observed.energy_j,
+                guess.energy_j,
+                correction.apply(guess).energy_j if correction.ran else None,
+            )
+        )
+    return checks
 
 
 def _median(values: list[float]) -> float:
@@ -189,17 +319,12 @@ def select_variant(
     fitting: list[tuple[str, Estimate]] = []
     estimates: dict[str, Estimate] = {}
     reference: Estimate | None = None
-    energy_factor, latency_factor = field_correction(device, candidates, measured)
+    correction = field_correction(device, candidates, measured)
     fallback_reference: Estimate | None = None
     for candidate in candidates:
         guess = estimate(device, candidate, measured.get(candidate.id))
-        corrected = (energy_factor, latency_factor) != (1.0, 1.0)
-        if guess is not None and guess.source == "profile" and corrected:
-            guess = Estimate(
-                guess.latency_ms * latency_factor,
-                guess.energy_j * energy_factor,
-                f"profile x{energy_factor:.2f} (field correction)",
-            )
+        if guess is not None:
+            guess = correction.apply(guess)
         problem = constraint(device, candidate)
         if guess is not None:
             estimates[candidate.id] = guess

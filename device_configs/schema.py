@@ -218,16 +218,24 @@ class PowerSpec(Strict):
 
 
 class SpeedSpec(Strict):
-    """Latency multipliers from the controller's reference host to this class, per precision.
+    """How much slower than the reference host this class runs fp32, and, only where it was
+    measured on the class, int8 or fp16.
 
-    A variant's latency measured on the reference host (x86-64 AVX-512 server, one thread)
-    times the factor for its precision is the first estimate of its latency here; telemetry
-    replaces it. Above 1 means slower than the reference.
+    A variant's fp32 latency on the build host times ``fp32`` is the first estimate here. An
+    int8 or fp16 variant's estimate also moves by the ratio of the int8 (fp16) speed-up over
+    fp32 on the build host's CPU to that on this class's CPU, per runtime, from
+    ``runtimes/kernel-gains.yaml`` (device_configs.kernels). A factor given here for int8 or
+    fp16 replaces that derivation: give one only from a measurement on the class, and cite it.
+    Telemetry replaces every estimate. Above 1 means slower than the reference.
     """
 
-    fp32: float | None = Field(default=None, gt=0, description="Factor for fp32 variants.")
-    fp16: float | None = Field(default=None, gt=0, description="Factor for fp16 variants.")
-    int8: float | None = Field(default=None, gt=0, description="Factor for int8 variants.")
+    fp32: float = Field(gt=0, description="Factor for fp32 variants (CPU speed of the class).")
+    fp16: float | None = Field(
+        default=None, gt=0, description="Measured factor for fp16 variants (overrides gains)."
+    )
+    int8: float | None = Field(
+        default=None, gt=0, description="Measured factor for int8 variants (overrides gains)."
+    )
 
     def factors(self) -> dict[str, float]:
         """Precision name -> factor, for the precisions that have one."""
@@ -279,9 +287,7 @@ class DeviceProfile(Strict):
                 f"model_memory_mb {self.model_memory_mb} exceeds memory_mb {self.memory_mb}"
             )
         factors = self.speed.factors()
-        if missing := [p.value for p in self.precisions if p.value not in factors]:
-            raise ValueError(f"speed has no factor for {', '.join(missing)}, a declared precision")
-        if extra := sorted(set(factors) - {p.value for p in self.precisions}):
+        if extra := sorted(set(factors) - {p.value for p in self.precisions} - {"fp32"}):
             raise ValueError(
                 f"speed gives {', '.join(extra)}, which precisions does not declare: "
                 "declare the precision or remove the factor"
@@ -474,14 +480,20 @@ def markdown_reference(profiles: dict[str, DeviceProfile] | None = None) -> str:
 def _class_table(profiles: dict[str, DeviceProfile]) -> str:
     rows = [
         "| Class | CPU | Cores | RAM MiB | Accelerator | Runtimes | Precisions "
-        "| Idle W | W/core | Budget W | Speed fp32/fp16/int8 | Latency ms |",
+        "| Idle W | W/core | Budget W | Speed fp32 | int8 gain ort/litert | Latency ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    from device_configs.kernels import load_kernel_gains
+
+    kernels = load_kernel_gains()
     for name, p in profiles.items():
-        speed = "/".join(
-            f"{getattr(p.speed, x.value):g}" if getattr(p.speed, x.value) else "-"
-            for x in Precision
+        arch = p.cpu.arch.value if p.cpu.arch else "unknown"
+        features = frozenset(f.value for f in p.cpu.features)
+        gains = "/".join(
+            f"{kernels.gain(runtime, 'int8', arch, features).value:g}"
+            for runtime in ("onnxruntime", "litert")
         )
+        speed = f"{p.speed.fp32:g} | {gains}"
         rows.append(
             f"| `{name}` | {p.cpu.arch or 'any'}: {p.cpu.model} | {p.cpu.cores} | {p.memory_mb} "
             f"| {', '.join(a.name for a in p.accelerators) or '-'} "

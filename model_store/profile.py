@@ -803,7 +803,13 @@ def fidelity(
 
 
 def host_description() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores"
+    """Architecture, cores and the CPU flags that decide int8 and fp16 speed (the plan
+    carries the measured latency to other CPUs with them: device_configs.kernels)."""
+    from agent.hardware import read_hardware
+    from device_configs.kernels import host_text
+
+    facts = read_hardware()
+    return host_text(platform.machine(), os.cpu_count() or 1, facts.cpu_flags)
 
 
 def _timing_inputs(info: ModelInfo, heldout: Calibration | None) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from agent import protocol as p
+from agent.hardware import read_hardware
 from agent.protocol import Fidelity, ModelFormat, Profile, Task
+from device_configs.kernels import parse_host
 from model_store.errors import ModelStoreError
 from model_store.profile import (
     count_parameters,
@@ -352,7 +355,8 @@ def test_profile_of_the_sample_variants_round_trips(heldout: Calibration) -> Non
         assert profile.fidelity.samples == len(heldout.inputs)
         assert profile.fidelity.correlation is not None and profile.fidelity.correlation > 0.999
         assert profile.fidelity.agreement == 1.0
-        assert profile.host.endswith("cores")
+        arch, flags = parse_host(profile.host)  # the plan carries latency over with these
+        assert arch == platform.machine() and flags == set(read_hardware().cpu_flags)
     assert profile.peak_memory_mb is None  # memory=False for the TFLite one
 
 
