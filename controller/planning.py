@@ -16,13 +16,13 @@ from typing import Any
 
 import sqlite_utils
 
+from controller.pricing import class_prices
 from controller.selection import (
     Candidate,
     Decision,
     DeviceNeeds,
     FallbackDecision,
     Measured,
-    estimate,
     select_fallback,
     select_variant,
 )
@@ -58,11 +58,16 @@ def candidate(variant: Variant) -> Candidate:
     )
 
 
-def candidates(catalog: Catalog, version_id: str) -> list[Candidate]:
-    """Deployable variants of a version (the source file counts only if nothing was built)."""
-    variants = catalog.variants(version_id)
+def deployable(variants: Sequence[Variant]) -> list[Variant]:
+    """The variants the plan chooses among: the built ones (the source file counts only if
+    nothing was built)."""
     built = [v for v in variants if v.variant]
-    return [candidate(v) for v in (built or variants)]
+    return built or list(variants)
+
+
+def candidates(catalog: Catalog, version_id: str) -> list[Candidate]:
+    """Deployable variants of a version, as selection sees them."""
+    return [candidate(v) for v in deployable(catalog.variants(version_id))]
 
 
 def is_planned(catalog: Catalog, desired: str) -> bool:
@@ -100,6 +105,24 @@ def device_needs(row: Mapping[str, Any], profile: DeviceProfile | None) -> Devic
         active_w_per_core=profile.power.active_w_per_core,
         current=row.get("active_model"),
     )
+
+
+def class_needs(device_class: str, profile: DeviceProfile | None) -> DeviceNeeds | None:
+    """A device of ``device_class`` with no labels or runtime report of its own: enough to
+    price variants there, since estimates depend only on the class's speed and power."""
+    row = {"id": "-", "device_class": device_class, "labels": "{}", "runtimes": "[]"}
+    return device_needs(row, profile)
+
+
+def of_class(
+    telemetry: Mapping[tuple[str, str], Measured],
+    device_class: str,
+    options: Sequence[Candidate],
+) -> dict[str, Measured]:
+    """The telemetry of ``options`` on ``device_class``, by variant id (what selection takes)."""
+    return {
+        c.id: telemetry[(device_class, c.id)] for c in options if (device_class, c.id) in telemetry
+    }
 
 
 def measured(db: sqlite_utils.Database) -> dict[tuple[str, str], Measured]:
@@ -173,11 +196,7 @@ def _plan_rows(
                 f"unknown device class {row['device_class']!r}; known classes: {known}",
             )
         else:
-            by_variant = {
-                c.id: telemetry[(needs.device_class, c.id)]
-                for c in cache[version]
-                if (needs.device_class, c.id) in telemetry
-            }
+            by_variant = of_class(telemetry, needs.device_class, cache[version])
             decision = select_variant(needs, cache[version], by_variant)
         planned.append(PlannedDevice(row["id"], row["device_class"], version, decision))
 
@@ -242,44 +261,37 @@ def baseline_per_class(
 ) -> Callable[[str, str], float | None]:
     """``(device class, variant id) -> J per inference fp32 would have spent instead``.
 
-    fp32's own telemetry on that class is used when there is enough of it. Otherwise the
-    variant's measured energy is scaled by the ratio of the two profile estimates: profiles
-    are measured in a tight loop on the controller, while devices infer now and then with cold
-    caches, so absolute profile figures understate what any variant costs in the field; the
-    ratio between two variants carries over far better than either number.
+    fp32 priced on that class as the plan and the Models page price it
+    (controller.pricing.class_prices): its own telemetry there when there is enough, else its
+    profile estimate times the class's field correction. Profiles are timed in a tight loop
+    on the controller while devices infer now and then with cold caches, so a plain profile
+    figure would understate fp32 and with it the saving; the correction is the median
+    measured/profile ratio of the variants that did run on the class. None when the version
+    has no fp32 variant, the class is unknown, or fp32 has no profile.
     """
     cache: dict[tuple[str, str], float | None] = {}
 
     def lookup(device_class: str, variant_id: str) -> float | None:
-        key = (device_class, variant_id)
-        if key in cache:
-            return cache[key]
-        cache[key] = None
         version = variant_id.partition("+")[0]
-        options = candidates(catalog, version)
-        fp32 = next((c for c in options if c.is_reference), None)
-        ran = next((c for c in options if c.id == variant_id), None)
-        profile = profiles.get(device_class)
-        if fp32 is None or profile is None:
-            return None
-        needs = device_needs(
-            {"id": "-", "device_class": device_class, "labels": "{}", "runtimes": "[]"}, profile
-        )
-        assert needs is not None
-        fp32_measured = telemetry.get((device_class, fp32.id))
-        fp32_guess = estimate(needs, fp32, fp32_measured)
-        if fp32_guess is None:
-            return None
-        if fp32_guess.source == "telemetry" or ran is None or ran.id == fp32.id:
-            cache[key] = fp32_guess.energy_j
-            return cache[key]
-        ran_profile = estimate(needs, ran, None)
-        ran_measured = telemetry.get((device_class, variant_id))
-        if ran_profile is None or ran_measured is None or not ran_measured.energy_per_inference_j:
-            cache[key] = fp32_guess.energy_j
-        else:
-            ratio = fp32_guess.energy_j / ran_profile.energy_j
-            cache[key] = ran_measured.energy_per_inference_j * ratio
+        key = (device_class, version)
+        if key not in cache:
+            cache[key] = _fp32_price(catalog, profiles, telemetry, device_class, version)
         return cache[key]
 
     return lookup
+
+
+def _fp32_price(
+    catalog: Catalog,
+    profiles: Mapping[str, DeviceProfile],
+    telemetry: Mapping[tuple[str, str], Measured],
+    device_class: str,
+    version: str,
+) -> float | None:
+    options = candidates(catalog, version)
+    fp32 = next((c for c in options if c.is_reference), None)
+    needs = class_needs(device_class, profiles.get(device_class))
+    if fp32 is None or needs is None:
+        return None
+    price = class_prices(needs, options, of_class(telemetry, device_class, options)).get(fp32.id)
+    return None if price is None else price.energy_j

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+import sqlite_utils
 
 from agent import protocol as p
 from controller import registry
@@ -332,3 +333,49 @@ def test_build_energy_charges_a_variant_its_builder_and_the_runs_shared_steps(
     assert how == ("measured" if rapl else "estimated")
     assert cost("vib:1.0.0+no-such-variant") is None
     assert cost("other:1.0.0+x") is None
+
+
+def test_the_plan_prices_each_candidate_as_the_models_page_and_report_do(
+    fleet: tuple[object, Catalog],
+) -> None:
+    """After telemetry of one variant on rpi4, every estimate the plan weighs for pi-1 is the
+    one controller.pricing gives the class, and the report's fp32 baseline is fp32's."""
+    from controller.planning import candidates, class_needs, of_class
+    from controller.pricing import class_prices
+
+    db, catalog = cast(sqlite_utils.Database, fleet[0]), fleet[1]
+    options = candidates(catalog, "vib:1.0.0")
+    ran = next(c for c in options if c.precision == "fp16")
+    db.table("telemetry").insert(
+        {
+            "device": "pi-1",
+            "session": "s",
+            "seq": 99,
+            "start": "2026-11-26T13:00:00+00:00",
+            "window_s": 60.0,
+            "model": ran.id,
+            "tier": "active",
+            "inferences": 500,
+            "errors": 0,
+            "latency_p95_ms": 3.0,
+            "power_w": 3.0,
+            "energy_per_inference_j": 0.003,
+            "power_method": "rapl",
+            "received_at": "x",
+        }
+    )
+    field = measured(db)
+    (pi,) = [
+        x
+        for x in plan(db, catalog, load_profiles(), registry.devices(db), "vib:1.0.0")
+        if x.device == "pi-1"
+    ]
+    rpi4 = class_needs("rpi4", load_profiles()["rpi4"])
+    assert rpi4 is not None
+    prices = class_prices(rpi4, options, of_class(field, "rpi4", options))
+    assert pi.decision.estimates == prices
+    assert prices[ran.id].source == "telemetry"
+    assert any("(field correction)" in p.source for p in prices.values()), prices
+    fp32 = next(c for c in options if c.is_reference)
+    baseline = baseline_per_class(catalog, load_profiles(), field)
+    assert baseline("rpi4", ran.id) == prices[fp32.id].energy_j
