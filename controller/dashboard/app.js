@@ -619,6 +619,26 @@
     );
   }
 
+  /* A variant's fleet energy figure by how its per-class figures were obtained (the API's
+   * energy_source): the short label beside the number, and what it means. */
+  const ENERGY_SOURCES = {
+    telemetry: ["fleet", "measured by the fleet on every device class"],
+    mixed: ["part fleet", "measured on some device classes, estimated on the others"],
+    "field-corrected profile": [
+      "est.",
+      "estimated from the profile, scaled by what the variants that ran on each class measured against their profiles",
+    ],
+    profile: ["profile", "estimated from the variant's profile: nothing has run on these classes yet"],
+  };
+
+  function energyByClassTitle(v) {
+    return (
+      list(v.energy_by_class)
+        .map((c) => `${c.device_class}: ${sig(c.energy_j * 1000, 3)} mJ (${c.source}), ${fixed(c.vs_fp32, 2)} × fp32`)
+        .join("\n") || null
+    );
+  }
+
   const METRICS = { roc_auc: "AUC", accuracy: "accuracy", r2: "R²" };
 
   views.models = {
@@ -670,7 +690,16 @@
                     { label: "Latency p50 (ms)", num: true },
                     { label: "Latency p95 (ms)", num: true },
                     { label: "Fidelity", num: true },
-                    { label: "Energy / inference (mJ)", num: true, title: "estimate from the profile" },
+                    {
+                      label: "Energy / inference (mJ)",
+                      num: true,
+                      title: "the mean over the fleet's device classes, each priced as the plan prices it (hover a figure for its classes)",
+                    },
+                    {
+                      label: "Energy × fp32",
+                      num: true,
+                      title: "energy per inference against the fp32 variant, same classes and basis: the energy report's saving is 1 minus this",
+                    },
                     {
                       label: "Build (J)",
                       num: true,
@@ -690,7 +719,7 @@
               h(
                 "p",
                 { class: "scatter-note" },
-                "Each point is a variant: further left spends less energy per inference, higher keeps more of the model's fidelity on the calibration set. Hollow points are not eligible (see the table). Energy is measured where the fleet ran the variant, else estimated from its profile.",
+                "Each point is a variant: further left spends less energy per inference, higher keeps more of the model's fidelity on the calibration set. Hollow points are not eligible (see the table). Energy is the mean over the fleet's device classes: on a class where the variant ran, what it measured there; elsewhere its profile estimate, scaled by how much more the variants that did run on that class measured than their profiles promised.",
               ),
             ),
           );
@@ -744,22 +773,17 @@
               ),
               h(
                 "td",
-                { "data-col": "energy", class: "num" },
+                { "data-col": "energy", class: "num", title: energyByClassTitle(x) },
                 e === null ? "–" : sig(e * 1000, 3),
                 e !== null && x.energy_source
                   ? h(
                       "span",
-                      {
-                        class: "est",
-                        title:
-                          x.energy_source === "telemetry"
-                            ? "from the fleet's telemetry of this variant"
-                            : "estimated from the variant's profile",
-                      },
-                      x.energy_source === "telemetry" ? " fleet" : " profile",
+                      { class: "est", title: ENERGY_SOURCES[x.energy_source]?.[1] || x.energy_source },
+                      ` ${ENERGY_SOURCES[x.energy_source]?.[0] || x.energy_source}`,
                     )
                   : null,
               ),
+              h("td", { "data-col": "energy_vs_fp32", class: "num" }, fixed(x.vs_fp32, 2)),
               h(
                 "td",
                 { "data-col": "build", class: "num" },

@@ -435,11 +435,14 @@ def test_models_page_lists_variants_and_plots_energy_against_fidelity(
         assert float(row["latency_p50_ms"]) > 0 and float(row["latency_p95_ms"]) > 0, row
         assert row["fidelity"].startswith("AUC"), row
         assert float(row["energy"].split()[0]) > 0, row
+        # priced on the plan's basis, as the energy report's saving is (1 - this)
+        assert float(row["energy_vs_fp32"]) > 0, row
         assert row["eligible"].startswith("yes"), row
         # what making it cost (issue 16): joules, labelled estimated here (no RAPL in CI)
         joules, _, how = row["build"].partition(" ")
         assert float(joules) > 0 and how in ("est.", "RAPL"), row
     assert variants["(source)"]["build"] == "\u2013", "the source was added, not built (an en dash)"
+    assert variants["fp32"]["energy_vs_fp32"] == "1.00", variants["fp32"]
     int8, fp32 = (float(variants[n]["size"].split()[0]) for n in ("int8-dynamic", "fp32"))
     assert int8 < fp32 / 2, "int8 weights are about a quarter of fp32"
     scatter = page.js(
