@@ -53,15 +53,8 @@ from controller.errors import DatabaseError, InvalidRequest, NotFound
 from controller.home import Home
 from controller.metrics import FleetCollector
 from controller.model_commands import variant_row, version_row
-from controller.planning import (
-    baseline_per_class,
-    candidate,
-    class_needs,
-    deployable,
-    measured,
-    of_class,
-)
-from controller.pricing import FleetPrice, class_prices, fleet_price, ratio
+from controller.planning import baseline_per_class, measured, priced_on_class
+from controller.pricing import FleetPrice, fleet_price, ratio
 from controller.rollout_commands import detail as rollout_detail
 from controller.rollout_commands import summary as rollout_summary
 from controller.selection import Estimate, Measured
@@ -558,19 +551,13 @@ def variant_energy(
     report's saving agree. ``vs_fp32`` is the ratio to the fp32 variant (the source file when
     nothing was built) on the same basis.
     """
-    chosen_among = {v.id for v in deployable(variants)}
-    options = [candidate(v) for v in variants if v.id in chosen_among]
-    others = [candidate(v) for v in variants if v.id not in chosen_among]
     reference = next((v.id for v in variants if v.variant == "fp32"), None) or next(
         (v.id for v in variants if v.variant == ""), None
     )
     priced: dict[str, list[tuple[str, Estimate]]] = {v.id: [] for v in variants}
     for device_class in classes:
-        needs = class_needs(device_class, profiles.get(device_class))
-        if needs is None:
-            continue
-        measured_here = of_class(field, device_class, options)
-        for variant_id, price in class_prices(needs, options, measured_here, others).items():
+        on_class = priced_on_class(variants, device_class, profiles.get(device_class), field)
+        for variant_id, price in on_class.items():
             priced[variant_id].append((device_class, price))
     fleet = {variant_id: fleet_price([p for _, p in rows]) for variant_id, rows in priced.items()}
     base_by_class = dict(priced.get(reference or "", []))

@@ -21,6 +21,7 @@ from controller.selection import (
     Candidate,
     Decision,
     DeviceNeeds,
+    Estimate,
     FallbackDecision,
     Measured,
     select_fallback,
@@ -123,6 +124,25 @@ def of_class(
     return {
         c.id: telemetry[(device_class, c.id)] for c in options if (device_class, c.id) in telemetry
     }
+
+
+def priced_on_class(
+    variants: Sequence[Variant],
+    device_class: str,
+    profile: DeviceProfile | None,
+    telemetry: Mapping[tuple[str, str], Measured],
+) -> dict[str, Estimate]:
+    """Every variant of one version priced on ``device_class`` by variant id
+    (controller.pricing.class_prices): the plan's candidates set the class's field correction,
+    and the source file of a compressed version is priced alongside. Empty for an unknown
+    class."""
+    needs = class_needs(device_class, profile)
+    if needs is None:
+        return {}
+    chosen_among = {v.id for v in deployable(variants)}
+    options = [candidate(v) for v in variants if v.id in chosen_among]
+    others = [candidate(v) for v in variants if v.id not in chosen_among]
+    return class_prices(needs, options, of_class(telemetry, device_class, options), others)
 
 
 def measured(db: sqlite_utils.Database) -> dict[tuple[str, str], Measured]:
@@ -261,37 +281,42 @@ def baseline_per_class(
 ) -> Callable[[str, str], float | None]:
     """``(device class, variant id) -> J per inference fp32 would have spent instead``.
 
-    fp32 priced on that class as the plan and the Models page price it
+    fp32's figure on that class as the plan and the Models page price it
     (controller.pricing.class_prices): its own telemetry there when there is enough, else its
-    profile estimate times the class's field correction. Profiles are timed in a tight loop
-    on the controller while devices infer now and then with cold caches, so a plain profile
-    figure would understate fp32 and with it the saving; the correction is the median
-    measured/profile ratio of the variants that did run on the class. None when the version
-    has no fp32 variant, the class is unknown, or fp32 has no profile.
+    profile estimate times the class's field correction, because profiles are timed in a
+    tight loop and understate what any variant costs in the field. While the variant that ran
+    has too little telemetry on the class to be priced by it, what it spent is measured but
+    its price is an estimate; the baseline is then fp32's price in the proportion of the
+    variant's measured figure to its price, so the saving is the priced ratio the Models page
+    shows (and fp32, early on, saves nothing against itself). None when the version has no
+    fp32 variant, the class is unknown, or fp32 has no profile.
     """
+    prices: dict[tuple[str, str], dict[str, Estimate]] = {}
     cache: dict[tuple[str, str], float | None] = {}
 
     def lookup(device_class: str, variant_id: str) -> float | None:
-        version = variant_id.partition("+")[0]
-        key = (device_class, version)
+        key = (device_class, variant_id)
         if key not in cache:
-            cache[key] = _fp32_price(catalog, profiles, telemetry, device_class, version)
+            version = variant_id.partition("+")[0]
+            if (device_class, version) not in prices:
+                prices[(device_class, version)] = priced_on_class(
+                    catalog.variants(version), device_class, profiles.get(device_class), telemetry
+                )
+            priced = prices[(device_class, version)]
+            fp32 = priced.get(f"{version}+fp32")
+            ran = priced.get(variant_id)
+            seen = telemetry.get(key)
+            if fp32 is None:
+                cache[key] = None
+            elif (
+                ran is None
+                or ran.source == "telemetry"
+                or ran.energy_j <= 0
+                or not (seen and seen.energy_per_inference_j)
+            ):
+                cache[key] = fp32.energy_j
+            else:
+                cache[key] = fp32.energy_j * seen.energy_per_inference_j / ran.energy_j
         return cache[key]
 
     return lookup
-
-
-def _fp32_price(
-    catalog: Catalog,
-    profiles: Mapping[str, DeviceProfile],
-    telemetry: Mapping[tuple[str, str], Measured],
-    device_class: str,
-    version: str,
-) -> float | None:
-    options = candidates(catalog, version)
-    fp32 = next((c for c in options if c.is_reference), None)
-    needs = class_needs(device_class, profiles.get(device_class))
-    if fp32 is None or needs is None:
-        return None
-    price = class_prices(needs, options, of_class(telemetry, device_class, options)).get(fp32.id)
-    return None if price is None else price.energy_j

@@ -379,3 +379,36 @@ def test_the_plan_prices_each_candidate_as_the_models_page_and_report_do(
     fp32 = next(c for c in options if c.is_reference)
     baseline = baseline_per_class(catalog, load_profiles(), field)
     assert baseline("rpi4", ran.id) == prices[fp32.id].energy_j
+
+
+@pytest.mark.parametrize(
+    ("ran", "inferences", "expected"),
+    [
+        pytest.param("fp16", 500, "fp32's price", id="priced-by-its-telemetry"),
+        pytest.param("fp16", 50, "the priced ratio", id="too-little-telemetry-to-price-by"),
+        pytest.param("fp32", 50, "what it spent", id="fp32-early-saves-nothing"),
+    ],
+)
+def test_the_reports_saving_is_the_priced_ratio_on_the_class(
+    fleet: tuple[object, Catalog], ran: str, inferences: int, expected: str
+) -> None:
+    """fp32's baseline for a variant that ran 3 mJ an inference on rpi4: fp32's price there
+    once the variant is priced by its telemetry; before that the saving is the one the Models
+    page shows (its price against fp32's), not a measurement against a profile."""
+    from controller.planning import priced_on_class
+    from controller.selection import Measured
+
+    _db, catalog = fleet
+    variant = f"vib:1.0.0+{ran}"
+    field = {("rpi4", variant): Measured(inferences, 0.003, 2.0)}
+    prices = priced_on_class(catalog.variants("vib:1.0.0"), "rpi4", load_profiles()["rpi4"], field)
+    fp32 = prices["vib:1.0.0+fp32"].energy_j
+    baseline = baseline_per_class(catalog, load_profiles(), field)("rpi4", variant)
+    assert baseline is not None
+    saving = 1 - 0.003 / baseline
+    if expected == "fp32's price":
+        assert baseline == pytest.approx(fp32)
+    elif expected == "the priced ratio":
+        assert saving == pytest.approx(1 - prices[variant].energy_j / fp32)
+    else:
+        assert saving == pytest.approx(0.0)
