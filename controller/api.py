@@ -461,6 +461,22 @@ class EnergyRow(_Open):
     payback_inferences: float | None = Field(
         None, description="inferences after which the saving has paid for the build"
     )
+    period_s: float | None = Field(
+        None,
+        description="the period rates are taken over: from the first telemetry window of the "
+        "report (at or after since) to the end of the last",
+    )
+    payback_s: float | None = Field(
+        None,
+        description="seconds after which the saving has paid for the build, at this row's "
+        "inferences per second of the period",
+    )
+    paid_back: bool | None = Field(
+        None, description="whether the joules saved in the period already cover the build"
+    )
+    daily_saving_j: float | None = Field(
+        None, description="inference joules a day saved against fp32 at the period's rate"
+    )
     sci_g_co2e_per_1000_inferences: float | None = Field(
         None, description="SCI (ISO/IEC 21031) per 1,000 inferences, operational part E x I"
     )
@@ -475,6 +491,10 @@ class EnergyTotal(_Open):
     estimated_kwh: float
     co2e_kg: float
     saving_vs_fp32: float | None = None
+    period_s: float | None = Field(None, description="the period every row's rates are over")
+    daily_saving_j: float | None = Field(
+        None, description="inference joules a day the fleet saves against fp32, all rows"
+    )
 
 
 class EnergyReport(_Open):

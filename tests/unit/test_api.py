@@ -245,6 +245,24 @@ def test_energy_is_what_the_cli_reports(
     assert recent["since"] is not None
 
 
+def test_energy_rows_give_payback_time_and_daily_saving(client: TestClient) -> None:
+    """Rates are over the report's period: the fleet's first window (gw-1, 180 min ago) to the
+    end of its last (gw-2, 5 min ago, 60 s)."""
+    report = client.get("/api/v1/energy").json()
+    period = report["total"]["period_s"]
+    assert period == pytest.approx((180 - 5) * 60 + 60, abs=1)
+    daily = []
+    for row in report["rows"]:
+        assert {"payback_s", "paid_back", "daily_saving_j"} <= set(row), row
+        assert row["period_s"] == period
+        assert row["daily_saving_j"] == pytest.approx(row["saved_j"] / period * 86_400)
+        assert row["payback_s"] is None and row["paid_back"] is None, "no build cost recorded"
+        daily.append(row["daily_saving_j"])
+    assert report["total"]["daily_saving_j"] == pytest.approx(sum(daily))
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert {"payback_s", "paid_back", "daily_saving_j"} <= set(schema["EnergyRow"]["properties"])
+
+
 def test_health(client: TestClient) -> None:
     health = client.get("/api/v1/health").json()
     assert (health["status"], health["devices"], health["online"]) == ("ok", 2, 1)

@@ -14,7 +14,7 @@ from agent import protocol as p
 from controller import registry
 from controller.config import ControllerConfig, SiteConfig, load_controller_config
 from controller.db import open_db
-from controller.energy import energy_report, totals
+from controller.energy import EnergyRow, energy_report, totals
 from controller.errors import InvalidRequest
 from controller.planning import baseline_per_class, fleet_saving, is_planned, measured, plan
 from device_configs.schema import load_profiles
@@ -379,6 +379,82 @@ def test_the_plan_prices_each_candidate_as_the_models_page_and_report_do(
     fp32 = next(c for c in options if c.is_reference)
     baseline = baseline_per_class(catalog, load_profiles(), field)
     assert baseline("rpi4", ran.id) == prices[fp32.id].energy_j
+
+
+def test_payback_and_daily_saving_run_at_the_periods_inference_rate(tmp_path: Path) -> None:
+    """Two windows of pi-1 a minute apart (120 s of telemetry, 10 inferences a second) at
+    0.2 mJ against fp32's 0.4 mJ, a 0.6 J build: 3,000 inferences to pay back, so 300 s. The
+    period is the report's: the first window to the end of the last, of its site's devices."""
+    db = open_db(tmp_path / "greenfleet.db")
+    for device, site in (("pi-1", "plant-a"), ("pi-2", "plant-b")):
+        birth = p.Birth(
+            session="s",
+            agent_version="0.1.0",
+            device_class="rpi4",
+            labels={"site": site},
+            runtimes=[p.ModelFormat.ONNX],
+            hardware=HW,
+        )
+        registry.apply_birth(db, device, birth, NOW)
+    windows = [("pi-1", 0, "12:00:00"), ("pi-1", 1, "12:01:00"), ("pi-2", 0, "13:00:00")]
+    db.table("telemetry").insert_all(
+        {
+            "device": device,
+            "session": "s",
+            "seq": seq,
+            "start": f"2026-11-26T{at}.000+00:00",
+            "window_s": 60.0,
+            "model": "vib:1.0.0+int8",
+            "tier": "active",
+            "inferences": 600,
+            "errors": 0,
+            "power_w": 3.0,
+            "energy_per_inference_j": 0.0002,
+            "power_method": "rapl",
+            "received_at": "x",
+        }
+        for device, seq, at in windows
+    )
+    config = ControllerConfig()
+
+    def report(**kwargs: str) -> list[EnergyRow]:
+        return energy_report(
+            db, config, lambda _c, _v: 0.0004, build=lambda _v: (0.6, "measured"), **kwargs
+        )
+
+    (row,) = report(site="plant-a")
+    assert row.period_s == pytest.approx(120.0, abs=1e-3)
+    assert row.payback_inferences == pytest.approx(3000)
+    assert row.payback_s == pytest.approx(300.0, rel=1e-5)
+    assert row.daily_saving_j == pytest.approx(0.24 / 120 * 86_400, rel=1e-5)
+    assert row.paid_back is False  # 0.24 J saved so far against 0.6 J
+    assert row.as_dict()["payback_s"] == row.payback_s
+    # a later start: only pi-1's second window, 60 s at the same rate
+    (later,) = report(site="plant-a", since="2026-11-26T12:01:00")
+    assert later.period_s == pytest.approx(60.0, abs=1e-3)
+    assert later.payback_s == pytest.approx(300.0, rel=1e-5)
+    # the whole fleet: 12:00 to 13:01, the same 1,200 inferences of plant-a spread thinner
+    rows = {r.site: r for r in report()}
+    assert rows["plant-a"].period_s == pytest.approx(3660.0, abs=1e-3)
+    assert rows["plant-a"].payback_s == pytest.approx(3000 / (1200 / 3660), rel=1e-5)
+    fleet = totals(list(rows.values()))
+    assert fleet["daily_saving_j"] == pytest.approx(
+        sum(r.saved_j or 0 for r in rows.values()) / 3660 * 86_400, rel=1e-5
+    )
+    cheap = energy_report(db, config, lambda _c, _v: 0.0004, build=lambda _v: (0.1, "measured"))
+    assert all(r.paid_back for r in cheap) and all(r.payback_s for r in cheap)
+
+
+@pytest.mark.parametrize(
+    ("paid_back", "payback_s", "text"),
+    [(True, 30.0, "paid"), (False, 11_520.0, "3.2 h"), (None, None, "-"), (False, None, "-")],
+)
+def test_the_report_table_says_paid_or_how_long(
+    paid_back: bool | None, payback_s: float | None, text: str
+) -> None:
+    from controller.plan_commands import payback_text
+
+    assert payback_text({"paid_back": paid_back, "payback_s": payback_s}) == text
 
 
 @pytest.mark.parametrize(
