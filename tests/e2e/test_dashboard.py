@@ -515,6 +515,22 @@ def test_energy_page_shows_kwh_and_co2e_per_site(page: Page, fleet: Fleet) -> No
     assert total >= sum(r["kwh"] for r in ours.values()) * 0.999
     headers = page.js("return all('#energy-table thead th').map((t) => t.innerText)")
     assert {"Site", "Energy (kWh)", "CO2e", "Saving vs fp32"} <= set(headers)
+    # each deployed variant: its saving, what it saves a day, and when it pays for its build
+    variants = page.js("return all('[data-testid=energy-variant-row]').map(cells)")
+    assert variants, "a row per (site, model, variant)"
+    duration = re.compile(r"(paid|\u2013|[\d.,]+ (s|min|h|d|y))")
+    for row in variants:
+        assert duration.fullmatch(row["payback"]), row
+        assert row["daily_saving"] == "\u2013" or row["daily_saving"].endswith("Wh"), row
+    shown = {(r["site"], r["variant"]): r["payback"] for r in variants}
+    for r in fleet.get("/energy?hours=24")["rows"]:  # the page's period
+        if r["paid_back"] and (r["site"], r["variant"]) in shown:
+            assert shown[(r["site"], r["variant"])] == "paid", (r, shown)
+    headers = page.js("return all('#energy-variants thead th').map((t) => t.innerText)")
+    assert {"Variant", "Saved / day", "Payback"} <= set(headers)
+    assert "from the first telemetry window" in page.js(
+        "return document.getElementById('energy-period').innerText"
+    )
     page.assert_healthy()
 
 
