@@ -27,7 +27,7 @@ import hmac
 import ipaddress
 import json
 import threading
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -53,10 +53,11 @@ from controller.errors import DatabaseError, InvalidRequest, NotFound
 from controller.home import Home
 from controller.metrics import FleetCollector
 from controller.model_commands import variant_row, version_row
-from controller.planning import baseline_per_class, candidate, device_needs, measured
+from controller.planning import baseline_per_class, measured, priced_on_class
+from controller.pricing import FleetPrice, fleet_price, ratio
 from controller.rollout_commands import detail as rollout_detail
 from controller.rollout_commands import summary as rollout_summary
-from controller.selection import Measured, estimate
+from controller.selection import Estimate, Measured
 from device_configs.schema import DeviceProfile, ProfileError, load_profiles
 from model_store.catalog import Catalog, Variant
 
@@ -308,10 +309,19 @@ class TelemetryPoint(BaseModel):
 
 
 class VariantEnergy(BaseModel):
+    """A variant priced on one device class, on the plan's basis."""
+
     device_class: str
     energy_j: float = Field(description="joules per inference")
     latency_ms: float
-    source: str = Field(description="telemetry (measured on that class) or profile")
+    source: str = Field(
+        description="telemetry (enough measured on that class), 'profile x1.23 (field "
+        "correction)' (the profile estimate times the median measured/profile ratio of the "
+        "variants that ran on the class), or profile (nothing ran there to correct by)"
+    )
+    vs_fp32: float | None = Field(
+        None, description="energy against the fp32 variant on this class, same basis"
+    )
 
 
 class ModelVariant(_Open):
@@ -330,9 +340,18 @@ class ModelVariant(_Open):
     eligible: bool
     reason: str | None = None
     energy_j: float | None = Field(
-        None, description="joules per inference: measured where the fleet ran it, else estimated"
+        None,
+        description="joules per inference for the fleet: the plain mean of energy_by_class, "
+        "over the same device classes for every variant of the version",
     )
-    energy_source: str | None = Field(None, description="telemetry or profile")
+    energy_source: str | None = Field(
+        None,
+        description="how the per-class figures were obtained: telemetry, profile, "
+        "field-corrected profile, or mixed (see energy_by_class)",
+    )
+    vs_fp32: float | None = Field(
+        None, description="energy_j against the fp32 variant's, same classes and basis"
+    )
     energy_by_class: list[VariantEnergy] = Field(default_factory=list)
     build_j: float | None = Field(
         None, description="joules its compress run spent on it: its builder and the shared steps"
@@ -442,6 +461,22 @@ class EnergyRow(_Open):
     payback_inferences: float | None = Field(
         None, description="inferences after which the saving has paid for the build"
     )
+    period_s: float | None = Field(
+        None,
+        description="the period rates are taken over: from the first telemetry window of the "
+        "report (at or after since) to the end of the last",
+    )
+    payback_s: float | None = Field(
+        None,
+        description="seconds after which the saving has paid for the build, at this row's "
+        "inferences per second of the period",
+    )
+    paid_back: bool | None = Field(
+        None, description="whether the joules saved in the period already cover the build"
+    )
+    daily_saving_j: float | None = Field(
+        None, description="inference joules a day saved against fp32 at the period's rate"
+    )
     sci_g_co2e_per_1000_inferences: float | None = Field(
         None, description="SCI (ISO/IEC 21031) per 1,000 inferences, operational part E x I"
     )
@@ -456,6 +491,10 @@ class EnergyTotal(_Open):
     estimated_kwh: float
     co2e_kg: float
     saving_vs_fp32: float | None = None
+    period_s: float | None = Field(None, description="the period every row's rates are over")
+    daily_saving_j: float | None = Field(
+        None, description="inference joules a day the fleet saves against fp32, all rows"
+    )
 
 
 class EnergyReport(_Open):
@@ -517,47 +556,56 @@ def events(db: sqlite_utils.Database, device: str | None, limit: int) -> list[di
 
 
 def variant_energy(
-    variant: Variant,
-    classes: list[str],
+    variants: Sequence[Variant],
+    classes: Sequence[str],
     profiles: Mapping[str, DeviceProfile],
     field: Mapping[tuple[str, str], Measured],
-) -> dict[str, Any]:
-    """Energy per inference of a variant on each device class of the fleet (controller.
-    selection.estimate: telemetry of that class where there is enough, else the profile), and
-    one figure for the whole: the fleet's measured mean where it ran, else the classes' mean
-    estimate."""
-    option = candidate(variant)
-    by_class: list[dict[str, Any]] = []
+) -> dict[str, dict[str, Any]]:
+    """Energy per inference of each variant of one version, by variant id: on each device
+    class of the fleet, and one figure for the fleet.
+
+    Every figure is on the plan's basis (controller.pricing.class_prices): telemetry of that
+    class where there is enough, else the profile estimate corrected by what the class
+    measured (its field cost per inference).
+    The fleet figure is the plain mean over the classes where the version's variants can be
+    priced, the same classes for every variant, so the Models page, the plan and the energy
+    report's saving agree. ``vs_fp32`` is the ratio to the fp32 variant (the source file when
+    nothing was built) on the same basis.
+    """
+    reference = next((v.id for v in variants if v.variant == "fp32"), None) or next(
+        (v.id for v in variants if v.variant == ""), None
+    )
+    priced: dict[str, list[tuple[str, Estimate]]] = {v.id: [] for v in variants}
     for device_class in classes:
-        row = {"id": "-", "device_class": device_class, "labels": "{}", "runtimes": "[]"}
-        needs = device_needs(row, profiles.get(device_class))
-        guess = (
-            None if needs is None else estimate(needs, option, field.get((device_class, option.id)))
-        )
-        if guess is not None:
-            by_class.append(
+        on_class = priced_on_class(variants, device_class, profiles.get(device_class), field)
+        for variant_id, price in on_class.items():
+            priced[variant_id].append((device_class, price))
+    fleet = {variant_id: fleet_price([p for _, p in rows]) for variant_id, rows in priced.items()}
+    base_by_class = dict(priced.get(reference or "", []))
+    base_fleet = fleet.get(reference or "")
+
+    def joules(price: Estimate | FleetPrice | None) -> float | None:
+        return None if price is None else price.energy_j
+
+    out: dict[str, dict[str, Any]] = {}
+    for variant_id, rows in priced.items():
+        mean = fleet[variant_id]
+        out[variant_id] = {
+            "energy_j": joules(mean),
+            "energy_source": None if mean is None else mean.source,
+            "vs_fp32": ratio(joules(mean), joules(base_fleet)),
+            "energy_by_class": [
                 {
                     "device_class": device_class,
-                    "energy_j": guess.energy_j,
-                    "latency_ms": guess.latency_ms,
-                    "source": guess.source,
+                    "energy_j": price.energy_j,
+                    "latency_ms": price.latency_ms,
+                    "source": price.source,
+                    "vs_fp32": ratio(price.energy_j, joules(base_by_class.get(device_class))),
                 }
-            )
-    ran = [
-        m
-        for (_, variant_id), m in field.items()
-        if variant_id == option.id and m.inferences and m.energy_per_inference_j is not None
-    ]
-    energy: float | None = None
-    source: str | None = None
-    if ran:
-        total = sum(m.inferences for m in ran)
-        energy = sum((m.energy_per_inference_j or 0.0) * m.inferences for m in ran) / total
-        source = "telemetry"
-    elif by_class:
-        energy = sum(e["energy_j"] for e in by_class) / len(by_class)
-        source = "profile"
-    return {"energy_j": energy, "energy_source": source, "energy_by_class": by_class}
+                for device_class, price in rows
+            ],
+        }
+    return out
 
 
 # --------------------------------------------------------------------------------------- app
@@ -746,10 +794,11 @@ def _routes(
             reference = next((v for v in variants if v.variant == "fp32"), None) or next(
                 (v for v in variants if v.variant == ""), None
             )
+            energy = variant_energy(variants, classes, known, field)
             rows = [
                 {
                     **variant_row(v, reference.size if reference else None),
-                    **variant_energy(v, classes, known, field),
+                    **energy[v.id],
                     **_build(build(v.id) if v.variant else None),
                 }
                 for v in variants
@@ -761,7 +810,14 @@ def _routes(
 
     @app.get(f"{PREFIX}/models", response_model=list[Model], tags=["models"])
     def models() -> list[dict[str, Any]]:
-        """Model versions with their variants: size, latency, fidelity, energy, eligibility."""
+        """Model versions with their variants: size, latency, fidelity, energy, eligibility.
+
+        Energy per inference is priced as the plan prices it: per device class of the fleet,
+        telemetry where that class ran the variant enough, else the profile estimate times the
+        class's field correction (its cost per inference); the fleet figure is the mean over
+        the fleet's classes, the same classes for every variant, so ``vs_fp32`` agrees with
+        the energy report's saving.
+        """
         with connect() as db:
             return model_views(db, [v.id for v in Catalog(db, home.store).versions()])
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from model_store.catalog import Catalog
 from model_store.errors import ModelStoreError
 
 J_PER_KWH = 3.6e6
+SECONDS_PER_DAY = 86_400.0
 
 
 SCI_EMBODIED = "not known: no device profile states an embodied-carbon figure with a source"
@@ -45,6 +46,7 @@ class EnergyRow:
     grid_g_per_kwh: float = 0.0
     build_j: float | None = None  # what making the variant cost (see build_energy)
     build_method: str | None = None  # "measured" (RAPL) or "estimated" (CPU time)
+    period_s: float | None = None  # the report's period (report_period), for rates
 
     @property
     def device_kwh(self) -> float:
@@ -85,6 +87,33 @@ class EnergyRow:
         return self.build_j / (saved / self.baseline_inferences)
 
     @property
+    def payback_s(self) -> float | None:
+        """Seconds of running at this row's rate over the report's period (its inferences per
+        period second) after which the saving has paid for the build; None where
+        payback_inferences is, or the period is not known."""
+        payback = self.payback_inferences
+        if payback is None or not self.period_s or not self.inferences:
+            return None
+        return payback * self.period_s / self.inferences
+
+    @property
+    def paid_back(self) -> bool | None:
+        """Whether the joules saved in the report's period already cover the build; None while
+        the build cost or the saving is not known."""
+        saved = self.saved_j
+        if self.build_j is None or saved is None:
+            return None
+        return saved >= self.build_j
+
+    @property
+    def daily_saving_j(self) -> float | None:
+        """Joules a day this row saves against fp32 at the rate seen in the report's period."""
+        saved = self.saved_j
+        if saved is None or not self.period_s:
+            return None
+        return saved / self.period_s * SECONDS_PER_DAY
+
+    @property
     def sci_g_per_1000(self) -> float | None:
         """Software Carbon Intensity per 1,000 inferences (ISO/IEC 21031:2024,
         (E x I) + M per functional unit), its operational part E x I: the inference energy
@@ -115,6 +144,10 @@ class EnergyRow:
             "build_j": self.build_j,
             "build_energy": self.build_method,
             "payback_inferences": self.payback_inferences,
+            "period_s": self.period_s,
+            "payback_s": self.payback_s,
+            "paid_back": self.paid_back,
+            "daily_saving_j": self.daily_saving_j,
             "sci_g_co2e_per_1000_inferences": self.sci_g_per_1000,
             "sci_embodied": SCI_EMBODIED,
             "methods": sorted(self.methods),
@@ -156,6 +189,8 @@ def energy_report(
             "GROUP BY device, model, power_method"
         )
     rows: dict[tuple[str, str, str], EnergyRow] = {}
+    mine = [d for d, (where, _) in devices.items() if site is None or where == site]
+    period_s = report_period(db, mine, since)
     for device, model, method, inferences, device_j, inference_j in db.execute(query, params):
         device_site, device_class = devices.get(device, ("-", "unknown"))
         if site is not None and device_site != site:
@@ -169,6 +204,7 @@ def energy_report(
                 base,
                 variant or "(source)",
                 grid_g_per_kwh=config.grid_intensity(device_site),
+                period_s=period_s,
             )
             made = build(model) if variant else None  # a source file was not built here
             if made is not None:
@@ -186,6 +222,35 @@ def energy_report(
             row.baseline_j += fp32 * inferences
             row.baseline_inferences += inferences
     return sorted(rows.values(), key=lambda r: (r.site, r.model, r.variant))
+
+
+def report_period(
+    db: sqlite_utils.Database, devices: Collection[str], since: str | None
+) -> float | None:
+    """Seconds from the start of the first telemetry window of ``devices`` (at or after
+    ``since``) to the end of the last one, or None without telemetry.
+
+    The period rates are taken over (payback time, daily saving). It starts at the first
+    window rather than at ``since`` and ends with the last window rather than now, so a fleet
+    that began yesterday is not averaged over the 30 days asked for, nor a stopped fleet over
+    the hours since it stopped. Two index lookups per device on telemetry(device, start).
+    """
+    wanted = set(devices)
+    first: float | None = None
+    last: float | None = None
+    for device, start, end in db.execute(
+        "SELECT d.id, (SELECT julianday(start) FROM telemetry WHERE device = d.id AND start >= ? "
+        "ORDER BY start LIMIT 1), (SELECT julianday(start) + window_s / 86400.0 FROM telemetry "
+        "WHERE device = d.id AND start >= ? ORDER BY start DESC LIMIT 1) FROM devices d",
+        [since or "", since or ""],
+    ):
+        if device not in wanted or start is None or end is None:
+            continue
+        first = start if first is None else min(first, start)
+        last = end if last is None else max(last, end)
+    if first is None or last is None or last <= first:
+        return None
+    return (last - first) * SECONDS_PER_DAY
 
 
 def build_energy(catalog: Catalog) -> Callable[[str], tuple[float, str] | None]:
@@ -229,6 +294,7 @@ def totals(rows: list[EnergyRow]) -> dict[str, Any]:
     base_inf = sum(r.baseline_inferences for r in rows)
     base_j = sum(r.baseline_j for r in rows)
     spent = sum(r.inference_j * r.baseline_inferences / max(r.inferences, 1) for r in rows)
+    daily = [r.daily_saving_j for r in rows if r.daily_saving_j is not None]
     return {
         "inferences": inferences,
         "device_kwh": sum(by_method.values()) / J_PER_KWH,
@@ -236,4 +302,6 @@ def totals(rows: list[EnergyRow]) -> dict[str, Any]:
         "estimated_kwh": by_method["estimated"] / J_PER_KWH,
         "co2e_kg": sum(r.co2e_kg for r in rows),
         "saving_vs_fp32": (1.0 - spent / base_j) if base_inf and base_j > 0 else None,
+        "period_s": rows[0].period_s if rows else None,  # one period for the whole report
+        "daily_saving_j": sum(daily) if daily else None,
     }

@@ -37,6 +37,26 @@ def energy_mj(joules: float | None) -> str:
     return "-" if joules is None else f"{joules * 1000:.3f}"
 
 
+# Largest unit first: a duration is shown in the largest unit it fills at least once.
+DURATION_UNITS = (("y", 365 * 86_400.0), ("d", 86_400.0), ("h", 3_600.0), ("min", 60.0))
+
+
+def duration_text(seconds: float | None) -> str:
+    """``11520`` -> ``3.2 h``: a duration as people say it, for payback times that range from
+    minutes on a busy line to years on a sensor that infers once a minute. Two significant
+    digits below 10 of a unit, whole units above; "-" when not known."""
+    if seconds is None:
+        return "-"
+    value, unit = seconds, "s"
+    for name, size in DURATION_UNITS:
+        if seconds >= size:
+            value, unit = seconds / size, name
+            break
+    if value < 9.95:
+        return f"{value:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{value:,.0f} {unit}"
+
+
 # How each fallback tier looks in tables: anything below the active model is worth a glance.
 TIER_STYLE = {
     "active": "green",

@@ -15,7 +15,7 @@ from controller.config import load_controller_config
 from controller.db import open_db
 from controller.energy import SCI_EMBODIED, build_energy, energy_report, totals
 from controller.errors import InvalidRequest
-from controller.output import console, emit, fmt
+from controller.output import console, duration_text, emit, fmt
 from controller.planning import (
     baseline_per_class,
     fallbacks,
@@ -174,6 +174,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def payback_text(row: dict[str, Any]) -> str:
+    """A report row's payback for the table: "paid" once the period's saving covers the
+    build, else the time it takes at the period's rate ("3.2 h"), "-" when it never does or
+    the build cost is not known."""
+    if row["paid_back"]:
+        return "paid"
+    return duration_text(row["payback_s"])
+
+
 def cmd_energy_report(args: argparse.Namespace) -> int:
     db = open_db(args.home.database)
     catalog = Catalog(db, args.home.store)
@@ -198,7 +207,8 @@ def cmd_energy_report(args: argparse.Namespace) -> int:
             "fp32 mJ/inf",
             "saving",
             "build J",
-            "payback (inf.)",
+            "payback",
+            "saved J/day",
             "SCI g/1k inf",
             title="energy",
             title_justify="left",
@@ -219,7 +229,8 @@ def cmd_energy_report(args: argparse.Namespace) -> int:
                 "-"
                 if r["build_j"] is None
                 else f"{r['build_j']:.0f}" + ("" if r["build_energy"] == "measured" else " est."),
-                "-" if r["payback_inferences"] is None else f"{r['payback_inferences']:,.0f}",
+                payback_text(r),
+                "-" if r["daily_saving_j"] is None else f"{r['daily_saving_j']:,.0f}",
                 "-"
                 if r["sci_g_co2e_per_1000_inferences"] is None
                 else f"{r['sci_g_co2e_per_1000_inferences']:.2g}",
@@ -227,10 +238,16 @@ def cmd_energy_report(args: argparse.Namespace) -> int:
         console.print(table)
         t = data["total"]
         saving = "-" if t["saving_vs_fp32"] is None else f"{t['saving_vs_fp32']:.0%}"
+        daily = "" if t["daily_saving_j"] is None else f", {t['daily_saving_j']:,.0f} J a day"
         console.print(
             f"total: {t['inferences']:,} inferences, {t['device_kwh']:.6f} kWh "
             f"({t['measured_kwh']:.6f} measured, {t['estimated_kwh']:.6f} estimated), "
-            f"{t['co2e_kg'] * 1000:.2f} g CO2e; inference energy saved against fp32: {saving}"
+            f"{t['co2e_kg'] * 1000:.2f} g CO2e; inference energy saved against fp32: "
+            f"{saving}{daily}"
+        )
+        console.print(
+            f"payback and J/day at the inference rate of the report's period "
+            f"({duration_text(t['period_s'])}, first telemetry window to last)"
         )
         console.print(
             f"SCI per 1,000 inferences is E x I only; M (embodied carbon) is {SCI_EMBODIED}"

@@ -16,14 +16,15 @@ from typing import Any
 
 import sqlite_utils
 
+from controller.pricing import class_prices
 from controller.selection import (
     Candidate,
     Decision,
     DeviceNeeds,
+    Estimate,
     FallbackDecision,
     FieldCheck,
     Measured,
-    estimate,
     field_check,
     select_fallback,
     select_variant,
@@ -64,11 +65,16 @@ def candidate(variant: Variant) -> Candidate:
     )
 
 
-def candidates(catalog: Catalog, version_id: str) -> list[Candidate]:
-    """Deployable variants of a version (the source file counts only if nothing was built)."""
-    variants = catalog.variants(version_id)
+def deployable(variants: Sequence[Variant]) -> list[Variant]:
+    """The variants the plan chooses among: the built ones (the source file counts only if
+    nothing was built)."""
     built = [v for v in variants if v.variant]
-    return [candidate(v) for v in (built or variants)]
+    return built or list(variants)
+
+
+def candidates(catalog: Catalog, version_id: str) -> list[Candidate]:
+    """Deployable variants of a version, as selection sees them."""
+    return [candidate(v) for v in deployable(catalog.variants(version_id))]
 
 
 def is_planned(catalog: Catalog, desired: str) -> bool:
@@ -109,6 +115,43 @@ def device_needs(row: Mapping[str, Any], profile: DeviceProfile | None) -> Devic
         features=frozenset(f.value for f in profile.cpu.features),
         kernels=load_kernel_gains(),
     )
+
+
+def class_needs(device_class: str, profile: DeviceProfile | None) -> DeviceNeeds | None:
+    """A device of ``device_class`` with no labels or runtime report of its own: enough to
+    price variants there, since estimates depend only on the class's speed and power."""
+    row = {"id": "-", "device_class": device_class, "labels": "{}", "runtimes": "[]"}
+    return device_needs(row, profile)
+
+
+def of_class(
+    telemetry: Mapping[tuple[str, str], Measured],
+    device_class: str,
+    options: Sequence[Candidate],
+) -> dict[str, Measured]:
+    """The telemetry of ``options`` on ``device_class``, by variant id (what selection takes)."""
+    return {
+        c.id: telemetry[(device_class, c.id)] for c in options if (device_class, c.id) in telemetry
+    }
+
+
+def priced_on_class(
+    variants: Sequence[Variant],
+    device_class: str,
+    profile: DeviceProfile | None,
+    telemetry: Mapping[tuple[str, str], Measured],
+) -> dict[str, Estimate]:
+    """Every variant of one version priced on ``device_class`` by variant id
+    (controller.pricing.class_prices): the plan's candidates set the class's field correction,
+    and the source file of a compressed version is priced alongside. Empty for an unknown
+    class."""
+    needs = class_needs(device_class, profile)
+    if needs is None:
+        return {}
+    chosen_among = {v.id for v in deployable(variants)}
+    options = [candidate(v) for v in variants if v.id in chosen_among]
+    others = [candidate(v) for v in variants if v.id not in chosen_among]
+    return class_prices(needs, options, of_class(telemetry, device_class, options), others)
 
 
 def measured(db: sqlite_utils.Database) -> dict[tuple[str, str], Measured]:
@@ -182,11 +225,7 @@ def _plan_rows(
                 f"unknown device class {row['device_class']!r}; known classes: {known}",
             )
         else:
-            by_variant = {
-                c.id: telemetry[(needs.device_class, c.id)]
-                for c in cache[version]
-                if (needs.device_class, c.id) in telemetry
-            }
+            by_variant = of_class(telemetry, needs.device_class, cache[version])
             decision = select_variant(needs, cache[version], by_variant)
         planned.append(PlannedDevice(row["id"], row["device_class"], version, decision))
 
@@ -274,44 +313,42 @@ def baseline_per_class(
 ) -> Callable[[str, str], float | None]:
     """``(device class, variant id) -> J per inference fp32 would have spent instead``.
 
-    fp32's own telemetry on that class is used when there is enough of it. Otherwise the
-    variant's measured energy is scaled by the ratio of the two profile estimates: profiles
-    are measured in a tight loop on the controller, while devices infer now and then with cold
-    caches, so absolute profile figures understate what any variant costs in the field; the
-    ratio between two variants carries over far better than either number.
+    fp32's figure on that class as the plan and the Models page price it
+    (controller.pricing.class_prices): its own telemetry there when there is enough, else its
+    profile estimate corrected by what the class measured (its field cost per inference),
+    because profiles are timed in a tight loop and understate what any variant costs in the
+    field. While the variant that ran has too little telemetry on the class to be priced by it,
+    what it spent is measured but its price is an estimate; the baseline is then fp32's price in
+    the proportion of the variant's measured figure to its price, so the saving is the priced
+    ratio the Models page shows (and fp32, early on, saves nothing against itself). None when
+    the version has no fp32 variant, the class is unknown, or fp32 has no profile.
     """
+    prices: dict[tuple[str, str], dict[str, Estimate]] = {}
     cache: dict[tuple[str, str], float | None] = {}
 
     def lookup(device_class: str, variant_id: str) -> float | None:
         key = (device_class, variant_id)
-        if key in cache:
-            return cache[key]
-        cache[key] = None
-        version = variant_id.partition("+")[0]
-        options = candidates(catalog, version)
-        fp32 = next((c for c in options if c.is_reference), None)
-        ran = next((c for c in options if c.id == variant_id), None)
-        profile = profiles.get(device_class)
-        if fp32 is None or profile is None:
-            return None
-        needs = device_needs(
-            {"id": "-", "device_class": device_class, "labels": "{}", "runtimes": "[]"}, profile
-        )
-        assert needs is not None
-        fp32_measured = telemetry.get((device_class, fp32.id))
-        fp32_guess = estimate(needs, fp32, fp32_measured)
-        if fp32_guess is None:
-            return None
-        if fp32_guess.source == "telemetry" or ran is None or ran.id == fp32.id:
-            cache[key] = fp32_guess.energy_j
-            return cache[key]
-        ran_profile = estimate(needs, ran, None)
-        ran_measured = telemetry.get((device_class, variant_id))
-        if ran_profile is None or ran_measured is None or not ran_measured.energy_per_inference_j:
-            cache[key] = fp32_guess.energy_j
-        else:
-            ratio = fp32_guess.energy_j / ran_profile.energy_j
-            cache[key] = ran_measured.energy_per_inference_j * ratio
+        if key not in cache:
+            version = variant_id.partition("+")[0]
+            if (device_class, version) not in prices:
+                prices[(device_class, version)] = priced_on_class(
+                    catalog.variants(version), device_class, profiles.get(device_class), telemetry
+                )
+            priced = prices[(device_class, version)]
+            fp32 = priced.get(f"{version}+fp32")
+            ran = priced.get(variant_id)
+            seen = telemetry.get(key)
+            if fp32 is None:
+                cache[key] = None
+            elif (
+                ran is None
+                or ran.source == "telemetry"
+                or ran.energy_j <= 0
+                or not (seen and seen.energy_per_inference_j)
+            ):
+                cache[key] = fp32.energy_j
+            else:
+                cache[key] = fp32.energy_j * seen.energy_per_inference_j / ran.energy_j
         return cache[key]
 
     return lookup

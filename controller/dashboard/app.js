@@ -130,6 +130,29 @@
     return `${sig(wh * 1000, 3)} mWh`;
   }
 
+  /* A duration as people say it, in the largest unit it fills (controller.output.duration_text
+   * words it the same for the CLI): 11520 -> "3.2 h". */
+  const DURATION_UNITS = [
+    ["y", 365 * 86400],
+    ["d", 86400],
+    ["h", 3600],
+    ["min", 60],
+  ];
+
+  function durationText(seconds) {
+    seconds = num(seconds);
+    if (seconds === null) return "–";
+    let [value, unit] = [seconds, "s"];
+    const fits = DURATION_UNITS.find(([, size]) => seconds >= size);
+    if (fits) [value, unit] = [seconds / fits[1], fits[0]];
+    if (value < 9.95) return `${value.toFixed(1).replace(/\.0$/, "")} ${unit}`;
+    return `${Math.round(value).toLocaleString("en")} ${unit}`;
+  }
+
+  /* A report row's payback: "paid" once the period's saving covers its build, else how long
+   * that takes at the period's inference rate; "–" when it never does or the build is unknown. */
+  const paybackText = (r) => (r.paid_back ? "paid" : durationText(r.payback_s));
+
   function massText(kg) {
     kg = num(kg);
     if (kg === null) return "–";
@@ -619,6 +642,26 @@
     );
   }
 
+  /* A variant's fleet energy figure by how its per-class figures were obtained (the API's
+   * energy_source): the short label beside the number, and what it means. */
+  const ENERGY_SOURCES = {
+    telemetry: ["fleet", "measured by the fleet on every device class"],
+    mixed: ["part fleet", "measured on some device classes, estimated on the others"],
+    "field-corrected profile": [
+      "est.",
+      "estimated from the profile, scaled by what the variants that ran on each class measured against their profiles",
+    ],
+    profile: ["profile", "estimated from the variant's profile: nothing has run on these classes yet"],
+  };
+
+  function energyByClassTitle(v) {
+    return (
+      list(v.energy_by_class)
+        .map((c) => `${c.device_class}: ${sig(c.energy_j * 1000, 3)} mJ (${c.source}), ${fixed(c.vs_fp32, 2)} × fp32`)
+        .join("\n") || null
+    );
+  }
+
   const METRICS = { roc_auc: "AUC", accuracy: "accuracy", r2: "R²" };
 
   views.models = {
@@ -670,7 +713,16 @@
                     { label: "Latency p50 (ms)", num: true },
                     { label: "Latency p95 (ms)", num: true },
                     { label: "Fidelity", num: true },
-                    { label: "Energy / inference (mJ)", num: true, title: "estimate from the profile" },
+                    {
+                      label: "Energy / inference (mJ)",
+                      num: true,
+                      title: "the mean over the fleet's device classes, each priced as the plan prices it (hover a figure for its classes)",
+                    },
+                    {
+                      label: "Energy × fp32",
+                      num: true,
+                      title: "energy per inference against the fp32 variant, same classes and basis: the energy report's saving is 1 minus this",
+                    },
                     {
                       label: "Build (J)",
                       num: true,
@@ -690,7 +742,7 @@
               h(
                 "p",
                 { class: "scatter-note" },
-                "Each point is a variant: further left spends less energy per inference, higher keeps more of the model's fidelity on the calibration set. Hollow points are not eligible (see the table). Energy is measured where the fleet ran the variant, else estimated from its profile.",
+                "Each point is a variant: further left spends less energy per inference, higher keeps more of the model's fidelity on the calibration set. Hollow points are not eligible (see the table). Energy is the mean over the fleet's device classes: on a class where the variant ran, what it measured there; elsewhere its profile estimate, scaled by how much more the variants that did run on that class measured than their profiles promised.",
               ),
             ),
           );
@@ -744,22 +796,17 @@
               ),
               h(
                 "td",
-                { "data-col": "energy", class: "num" },
+                { "data-col": "energy", class: "num", title: energyByClassTitle(x) },
                 e === null ? "–" : sig(e * 1000, 3),
                 e !== null && x.energy_source
                   ? h(
                       "span",
-                      {
-                        class: "est",
-                        title:
-                          x.energy_source === "telemetry"
-                            ? "from the fleet's telemetry of this variant"
-                            : "estimated from the variant's profile",
-                      },
-                      x.energy_source === "telemetry" ? " fleet" : " profile",
+                      { class: "est", title: ENERGY_SOURCES[x.energy_source]?.[1] || x.energy_source },
+                      ` ${ENERGY_SOURCES[x.energy_source]?.[0] || x.energy_source}`,
                     )
                   : null,
               ),
+              h("td", { "data-col": "energy_vs_fp32", class: "num" }, fixed(x.vs_fp32, 2)),
               h(
                 "td",
                 { "data-col": "build", class: "num" },
@@ -1207,6 +1254,29 @@
           { class: "note" },
           "Device energy is mean power × time from telemetry; “estimated” rows come from the CPU-time estimate, not a meter. The saving compares inference energy with what the fp32 variant would have spent for the same inferences.",
         ),
+        table("energy-variants", "Saving and payback per variant", [
+          { label: "Site" },
+          { label: "Model" },
+          { label: "Variant" },
+          { label: "Inferences", num: true },
+          { label: "Saving vs fp32", num: true },
+          {
+            label: "Saved / day",
+            num: true,
+            title: "inference energy saved against fp32 per day, at the inference rate of the period",
+          },
+          {
+            label: "Build (J)",
+            num: true,
+            title: "what the compress run spent making the variant (see the Models page)",
+          },
+          {
+            label: "Payback",
+            num: true,
+            title: "when the saving has paid for the build, at the inference rate of the period; paid: it already has",
+          },
+        ]),
+        h("p", { class: "note", id: "energy-period" }),
       ];
     },
     async load() {
@@ -1229,6 +1299,7 @@
       const kwh = num(t.device_kwh) ?? sites.reduce((a, s) => a + (s.device_kwh || 0), 0);
       const co2 = num(t.co2e_kg) ?? sites.reduce((a, s) => a + (s.co2e_kg || 0), 0);
       const saving = num(t.saving_vs_fp32);
+      const daily = num(t.daily_saving_j);
       fill(document.getElementById("energy-summary"), plural(sites.length, "site"));
       fill(
         document.getElementById("energy-tiles"),
@@ -1251,6 +1322,56 @@
           h("span", { class: "tile-label" }, "Saving vs fp32"),
           h("span", { class: "tile-value" }, pct(saving)),
         ),
+        h(
+          "div",
+          { class: "tile", "data-testid": "energy-daily-saving" },
+          h("span", { class: "tile-label" }, "Saved a day"),
+          h("span", { class: "tile-value" }, energyText(daily === null ? null : daily / 3.6e6)),
+          h("span", { class: "tile-sub" }, "against fp32, at the period's rate"),
+        ),
+      );
+      fill(
+        document.getElementById("energy-period"),
+        num(t.period_s) === null
+          ? "No telemetry in this period."
+          : `Rates (saved a day, payback) are over the ${durationText(t.period_s)} from the first telemetry window of the period to the last.`,
+      );
+      syncRows(
+        document.querySelector("#energy-variants tbody"),
+        list(body.rows),
+        (r) => `${r.site}|${r.model}|${r.variant}`,
+        (r) => [
+          h("td", { "data-col": "site" }, r.site || "–"),
+          h("td", { "data-col": "model" }, r.model),
+          h("th", { scope: "row", "data-col": "variant" }, r.variant),
+          h(
+            "td",
+            { class: "num", "data-col": "inferences" },
+            num(r.inferences) === null ? "–" : r.inferences.toLocaleString(),
+          ),
+          h("td", { class: "num", "data-col": "saving" }, pct(r.saving_vs_fp32)),
+          h(
+            "td",
+            { class: "num", "data-col": "daily_saving" },
+            num(r.daily_saving_j) === null ? "–" : energyText(r.daily_saving_j / 3.6e6),
+          ),
+          h(
+            "td",
+            { class: "num", "data-col": "build" },
+            num(r.build_j) === null ? "–" : sig(r.build_j, 3),
+            num(r.build_j) !== null && r.build_energy !== "measured" ? h("span", { class: "est" }, " est.") : null,
+          ),
+          h(
+            "td",
+            {
+              class: "num",
+              "data-col": "payback",
+              title: num(r.payback_inferences) === null ? null : `${Math.round(r.payback_inferences).toLocaleString("en")} inferences`,
+            },
+            paybackText(r),
+          ),
+        ],
+        (r) => ({ "data-testid": "energy-variant-row", "data-variant": r.variant }),
       );
       syncRows(
         document.querySelector("#energy-table tbody"),

@@ -435,11 +435,14 @@ def test_models_page_lists_variants_and_plots_energy_against_fidelity(
         assert float(row["latency_p50_ms"]) > 0 and float(row["latency_p95_ms"]) > 0, row
         assert row["fidelity"].startswith("AUC"), row
         assert float(row["energy"].split()[0]) > 0, row
+        # priced on the plan's basis, as the energy report's saving is (1 - this)
+        assert float(row["energy_vs_fp32"]) > 0, row
         assert row["eligible"].startswith("yes"), row
         # what making it cost (issue 16): joules, labelled estimated here (no RAPL in CI)
         joules, _, how = row["build"].partition(" ")
         assert float(joules) > 0 and how in ("est.", "RAPL"), row
     assert variants["(source)"]["build"] == "\u2013", "the source was added, not built (an en dash)"
+    assert variants["fp32"]["energy_vs_fp32"] == "1.00", variants["fp32"]
     int8, fp32 = (float(variants[n]["size"].split()[0]) for n in ("int8-dynamic", "fp32"))
     assert int8 < fp32 / 2, "int8 weights are about a quarter of fp32"
     scatter = page.js(
@@ -512,6 +515,22 @@ def test_energy_page_shows_kwh_and_co2e_per_site(page: Page, fleet: Fleet) -> No
     assert total >= sum(r["kwh"] for r in ours.values()) * 0.999
     headers = page.js("return all('#energy-table thead th').map((t) => t.innerText)")
     assert {"Site", "Energy (kWh)", "CO2e", "Saving vs fp32"} <= set(headers)
+    # each deployed variant: its saving, what it saves a day, and when it pays for its build
+    variants = page.js("return all('[data-testid=energy-variant-row]').map(cells)")
+    assert variants, "a row per (site, model, variant)"
+    duration = re.compile(r"(paid|\u2013|[\d.,]+ (s|min|h|d|y))")
+    for row in variants:
+        assert duration.fullmatch(row["payback"]), row
+        assert row["daily_saving"] == "\u2013" or row["daily_saving"].endswith("Wh"), row
+    shown = {(r["site"], r["variant"]): r["payback"] for r in variants}
+    for r in fleet.get("/energy?hours=24")["rows"]:  # the page's period
+        if r["paid_back"] and (r["site"], r["variant"]) in shown:
+            assert shown[(r["site"], r["variant"])] == "paid", (r, shown)
+    headers = page.js("return all('#energy-variants thead th').map((t) => t.innerText)")
+    assert {"Variant", "Saved / day", "Payback"} <= set(headers)
+    assert "from the first telemetry window" in page.js(
+        "return document.getElementById('energy-period').innerText"
+    )
     page.assert_healthy()
 
 

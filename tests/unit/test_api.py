@@ -128,19 +128,50 @@ def test_models_list_versions_with_variants_and_energy(client: TestClient, fleet
         True,
     )
     assert int8["size"] > 0 and int8["latency_p50_ms"] == {"onnxruntime": 0.25}
-    # measured in the field: the inference-weighted energy per inference of its telemetry
+    # where it ran: the inference-weighted energy per inference of its telemetry there
     ran = fleet.of("gw-1")
     expected = sum(w.energy_j * w.inferences for w in ran) / sum(w.inferences for w in ran)
-    assert int8["energy_source"] == "telemetry"
-    assert int8["energy_j"] == pytest.approx(expected)
     by_class = {e["device_class"]: e for e in int8["energy_by_class"]}
     assert by_class["x86-ipc"]["source"] == "telemetry"
-    assert by_class["rpi4"]["source"] == "profile"  # never ran there: estimated
+    assert by_class["x86-ipc"]["energy_j"] == pytest.approx(expected)
+    # never ran on rpi4: its profile, plus the cost per inference fp32 measured there over its
+    # profile
+    assert by_class["rpi4"]["source"].endswith("(field cost per inference)"), by_class
+    # the fleet figure: each class once, the same classes for every variant
+    assert int8["energy_source"] == "mixed"
+    assert int8["energy_j"] == pytest.approx(
+        (by_class["x86-ipc"]["energy_j"] + by_class["rpi4"]["energy_j"]) / 2
+    )
     pruned = variants["vib:1.0.0+int8-pruned"]
     assert pruned["eligible"] is False and "accuracy floor" in pruned["reason"]
-    assert pruned["energy_source"] == "profile" and pruned["energy_j"] > 0
+    assert pruned["energy_source"] == "field-corrected profile" and pruned["energy_j"] > 0
     assert variants["vib:1.0.0"]["energy_j"] is None  # the source file was never profiled
-    assert variants[FP32]["energy_source"] == "telemetry"
+    assert variants["vib:1.0.0"]["vs_fp32"] is None
+    fp32 = variants[FP32]
+    assert fp32["energy_source"] == "mixed" and fp32["vs_fp32"] == pytest.approx(1.0)
+    assert {e["device_class"]: e["vs_fp32"] for e in fp32["energy_by_class"]} == {
+        "rpi4": pytest.approx(1.0),
+        "x86-ipc": pytest.approx(1.0),
+    }
+    assert int8["vs_fp32"] == pytest.approx(int8["energy_j"] / fp32["energy_j"])
+
+
+def test_the_models_page_and_the_energy_report_price_fp32_alike(
+    client: TestClient, fleet: Fleet
+) -> None:
+    """int8 ran on x86-ipc (gw-1), fp32 never did: the Models page's two figures for that
+    class and the energy report's saving there are one ratio, not two contradicting ones."""
+    (vib,) = [m for m in client.get("/api/v1/models").json() if m["id"] == "vib:1.0.0"]
+    priced = {
+        v["id"]: {e["device_class"]: e for e in v["energy_by_class"]} for v in vib["variant_list"]
+    }
+    int8, fp32 = priced[INT8]["x86-ipc"], priced[FP32]["x86-ipc"]
+    report = client.get("/api/v1/energy?site=a").json()
+    (row,) = [r for r in report["rows"] if r["variant"] == "int8-dynamic"]  # gw-1 only
+    assert row["j_per_inference"] == pytest.approx(int8["energy_j"])
+    assert row["fp32_j_per_inference"] == pytest.approx(fp32["energy_j"])
+    assert 1 - row["saving_vs_fp32"] == pytest.approx(int8["energy_j"] / fp32["energy_j"])
+    assert int8["vs_fp32"] == pytest.approx(1 - row["saving_vs_fp32"])
 
 
 def test_model_detail_and_404(client: TestClient) -> None:
@@ -213,6 +244,24 @@ def test_energy_is_what_the_cli_reports(
         w.inferences for w in fleet.windows if w.minutes_ago < 60
     )
     assert recent["since"] is not None
+
+
+def test_energy_rows_give_payback_time_and_daily_saving(client: TestClient) -> None:
+    """Rates are over the report's period: the fleet's first window (gw-1, 180 min ago) to the
+    end of its last (gw-2, 5 min ago, 60 s)."""
+    report = client.get("/api/v1/energy").json()
+    period = report["total"]["period_s"]
+    assert period == pytest.approx((180 - 5) * 60 + 60, abs=1)
+    daily = []
+    for row in report["rows"]:
+        assert {"payback_s", "paid_back", "daily_saving_j"} <= set(row), row
+        assert row["period_s"] == period
+        assert row["daily_saving_j"] == pytest.approx(row["saved_j"] / period * 86_400)
+        assert row["payback_s"] is None and row["paid_back"] is None, "no build cost recorded"
+        daily.append(row["daily_saving_j"])
+    assert report["total"]["daily_saving_j"] == pytest.approx(sum(daily))
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert {"payback_s", "paid_back", "daily_saving_j"} <= set(schema["EnergyRow"]["properties"])
 
 
 def test_health(client: TestClient) -> None:

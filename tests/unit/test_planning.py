@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+import sqlite_utils
 
 from agent import protocol as p
 from controller import registry
 from controller.config import ControllerConfig, SiteConfig, load_controller_config
 from controller.db import open_db
-from controller.energy import energy_report, totals
+from controller.energy import EnergyRow, energy_report, totals
 from controller.errors import InvalidRequest
 from controller.planning import baseline_per_class, fleet_saving, is_planned, measured, plan
 from device_configs.schema import load_profiles
@@ -332,3 +333,158 @@ def test_build_energy_charges_a_variant_its_builder_and_the_runs_shared_steps(
     assert how == ("measured" if rapl else "estimated")
     assert cost("vib:1.0.0+no-such-variant") is None
     assert cost("other:1.0.0+x") is None
+
+
+def test_the_plan_prices_each_candidate_as_the_models_page_and_report_do(
+    fleet: tuple[object, Catalog],
+) -> None:
+    """After telemetry of one variant on rpi4, every estimate the plan weighs for pi-1 is the
+    one controller.pricing gives the class, and the report's fp32 baseline is fp32's."""
+    from controller.planning import candidates, class_needs, of_class
+    from controller.pricing import class_prices
+
+    db, catalog = cast(sqlite_utils.Database, fleet[0]), fleet[1]
+    options = candidates(catalog, "vib:1.0.0")
+    ran = next(c for c in options if c.precision == "fp16")
+    db.table("telemetry").insert(
+        {
+            "device": "pi-1",
+            "session": "s",
+            "seq": 99,
+            "start": "2026-11-26T13:00:00+00:00",
+            "window_s": 60.0,
+            "model": ran.id,
+            "tier": "active",
+            "inferences": 500,
+            "errors": 0,
+            "latency_p95_ms": 3.0,
+            "power_w": 3.0,
+            "energy_per_inference_j": 0.003,
+            "power_method": "rapl",
+            "received_at": "x",
+        }
+    )
+    field = measured(db)
+    (pi,) = [
+        x
+        for x in plan(db, catalog, load_profiles(), registry.devices(db), "vib:1.0.0")
+        if x.device == "pi-1"
+    ]
+    rpi4 = class_needs("rpi4", load_profiles()["rpi4"])
+    assert rpi4 is not None
+    prices = class_prices(rpi4, options, of_class(field, "rpi4", options))
+    assert pi.decision.estimates == prices
+    assert prices[ran.id].source == "telemetry"
+    assert any("(field cost per inference)" in p.source for p in prices.values()), prices
+    fp32 = next(c for c in options if c.is_reference)
+    baseline = baseline_per_class(catalog, load_profiles(), field)
+    assert baseline("rpi4", ran.id) == prices[fp32.id].energy_j
+
+
+def test_payback_and_daily_saving_run_at_the_periods_inference_rate(tmp_path: Path) -> None:
+    """Two windows of pi-1 a minute apart (120 s of telemetry, 10 inferences a second) at
+    0.2 mJ against fp32's 0.4 mJ, a 0.6 J build: 3,000 inferences to pay back, so 300 s. The
+    period is the report's: the first window to the end of the last, of its site's devices."""
+    db = open_db(tmp_path / "greenfleet.db")
+    for device, site in (("pi-1", "plant-a"), ("pi-2", "plant-b")):
+        birth = p.Birth(
+            session="s",
+            agent_version="0.1.0",
+            device_class="rpi4",
+            labels={"site": site},
+            runtimes=[p.ModelFormat.ONNX],
+            hardware=HW,
+        )
+        registry.apply_birth(db, device, birth, NOW)
+    windows = [("pi-1", 0, "12:00:00"), ("pi-1", 1, "12:01:00"), ("pi-2", 0, "13:00:00")]
+    db.table("telemetry").insert_all(
+        {
+            "device": device,
+            "session": "s",
+            "seq": seq,
+            "start": f"2026-11-26T{at}.000+00:00",
+            "window_s": 60.0,
+            "model": "vib:1.0.0+int8",
+            "tier": "active",
+            "inferences": 600,
+            "errors": 0,
+            "power_w": 3.0,
+            "energy_per_inference_j": 0.0002,
+            "power_method": "rapl",
+            "received_at": "x",
+        }
+        for device, seq, at in windows
+    )
+    config = ControllerConfig()
+
+    def report(**kwargs: str) -> list[EnergyRow]:
+        return energy_report(
+            db, config, lambda _c, _v: 0.0004, build=lambda _v: (0.6, "measured"), **kwargs
+        )
+
+    (row,) = report(site="plant-a")
+    assert row.period_s == pytest.approx(120.0, abs=1e-3)
+    assert row.payback_inferences == pytest.approx(3000)
+    assert row.payback_s == pytest.approx(300.0, rel=1e-5)
+    assert row.daily_saving_j == pytest.approx(0.24 / 120 * 86_400, rel=1e-5)
+    assert row.paid_back is False  # 0.24 J saved so far against 0.6 J
+    assert row.as_dict()["payback_s"] == row.payback_s
+    # a later start: only pi-1's second window, 60 s at the same rate
+    (later,) = report(site="plant-a", since="2026-11-26T12:01:00")
+    assert later.period_s == pytest.approx(60.0, abs=1e-3)
+    assert later.payback_s == pytest.approx(300.0, rel=1e-5)
+    # the whole fleet: 12:00 to 13:01, the same 1,200 inferences of plant-a spread thinner
+    rows = {r.site: r for r in report()}
+    assert rows["plant-a"].period_s == pytest.approx(3660.0, abs=1e-3)
+    assert rows["plant-a"].payback_s == pytest.approx(3000 / (1200 / 3660), rel=1e-5)
+    fleet = totals(list(rows.values()))
+    assert fleet["daily_saving_j"] == pytest.approx(
+        sum(r.saved_j or 0 for r in rows.values()) / 3660 * 86_400, rel=1e-5
+    )
+    cheap = energy_report(db, config, lambda _c, _v: 0.0004, build=lambda _v: (0.1, "measured"))
+    assert all(r.paid_back for r in cheap) and all(r.payback_s for r in cheap)
+
+
+@pytest.mark.parametrize(
+    ("paid_back", "payback_s", "text"),
+    [(True, 30.0, "paid"), (False, 11_520.0, "3.2 h"), (None, None, "-"), (False, None, "-")],
+)
+def test_the_report_table_says_paid_or_how_long(
+    paid_back: bool | None, payback_s: float | None, text: str
+) -> None:
+    from controller.plan_commands import payback_text
+
+    assert payback_text({"paid_back": paid_back, "payback_s": payback_s}) == text
+
+
+@pytest.mark.parametrize(
+    ("ran", "inferences", "expected"),
+    [
+        pytest.param("fp16", 500, "fp32's price", id="priced-by-its-telemetry"),
+        pytest.param("fp16", 50, "the priced ratio", id="too-little-telemetry-to-price-by"),
+        pytest.param("fp32", 50, "what it spent", id="fp32-early-saves-nothing"),
+    ],
+)
+def test_the_reports_saving_is_the_priced_ratio_on_the_class(
+    fleet: tuple[object, Catalog], ran: str, inferences: int, expected: str
+) -> None:
+    """fp32's baseline for a variant that ran 3 mJ an inference on rpi4: fp32's price there
+    once the variant is priced by its telemetry; before that the saving is the one the Models
+    page shows (its price against fp32's), not a measurement against a profile."""
+    from controller.planning import priced_on_class
+    from controller.selection import Measured
+
+    _db, catalog = fleet
+    variant = f"vib:1.0.0+{ran}"
+    field = {("rpi4", variant): Measured(inferences, 0.003, 2.0)}
+    prices = priced_on_class(catalog.variants("vib:1.0.0"), "rpi4", load_profiles()["rpi4"], field)
+    fp32 = prices["vib:1.0.0+fp32"].energy_j
+    baseline = baseline_per_class(catalog, load_profiles(), field)("rpi4", variant)
+    assert baseline is not None
+    saving = 1 - 0.003 / baseline
+    if expected == "fp32's price":
+        assert baseline == pytest.approx(fp32)
+    elif expected == "the priced ratio":
+        assert saving == pytest.approx(1 - prices[variant].energy_j / fp32)
+    else:
+        assert saving == pytest.approx(0.0)
