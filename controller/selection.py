@@ -167,7 +167,8 @@ class Correction:
     profile's ratio between two variants in the field, which overstates every saving: in the
     demo (2026-12-08) bearing-diagnosis fp32 and int8 on one class measured 4.55 and 3.01 mJ
     against profiles of 2.90 and 1.44 (field minus profile 1.66 and 1.57); corrected by the
-    other's telemetry, the additive rule predicted each within 3%, the scaling one 25-33% off.
+    other's telemetry, the additive rule predicted each within 3%, the scaling one 25-33% off
+    (a second run, with int8 in QDQ form: -14% and +21%).
     Where the field is cheaper than the profile (the class is faster than its fp32 factor,
     which no fixed cost explains) the correction scales instead (``scale``).
     """
