@@ -28,7 +28,7 @@ import msgspec
 import msgspec.json
 
 from agent import protocol as p
-from agent.protocol import ActiveModel, Deploy, Manifest, Strict
+from agent.protocol import ActiveModel, Budgets, Deploy, Manifest, Strict
 from agent.transfer import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class Pointer(Strict, frozen=True, kw_only=True):
     last_good: ActiveModel | None = None
     fallback: ActiveModel | None = None
     preloaded: ActiveModel | None = None
+    budgets: Budgets | None = None  # what the controller sent with the active deploy
 
 
 class Activation:
@@ -72,7 +73,7 @@ class Activation:
             )
             return Pointer()
 
-    def activate(self, model: ActiveModel) -> Pointer:
+    def activate(self, model: ActiveModel, budgets: Budgets | None = None) -> Pointer:
         """Make ``model`` active; the previously active one becomes last-good.
 
         The fallback stays unless it is a variant of another model (a different name); the
@@ -91,7 +92,13 @@ class Activation:
         if preloaded is not None and preloaded.sha256 == model.sha256:
             preloaded = None
         return self._write(
-            Pointer(active=model, last_good=last_good, fallback=fallback, preloaded=preloaded)
+            Pointer(
+                active=model,
+                last_good=last_good,
+                fallback=fallback,
+                preloaded=preloaded,
+                budgets=budgets,
+            )
         )
 
     def set_fallback(self, model: ActiveModel | None) -> Pointer:

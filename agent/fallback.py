@@ -29,11 +29,38 @@ import msgspec
 import msgspec.json
 
 from agent.config import FallbackConfig
-from agent.protocol import Tier
+from agent.protocol import Budgets, Tier
 
 log = logging.getLogger(__name__)
 
 ORDER: tuple[Tier, ...] = (Tier.ACTIVE, Tier.LAST_GOOD, Tier.FALLBACK, Tier.RULES)
+
+
+def effective_budgets(config: FallbackConfig, sent: Budgets | None) -> Budgets:
+    """The budgets this device falls on: its own config's where set (a local decision wins),
+    else what the controller sent with the active deploy (its class, or a label's override),
+    else none (not checked)."""
+    sent = sent or Budgets()
+    latency = (
+        (config.latency_budget_ms, "agent.yaml")
+        if config.latency_budget_ms is not None
+        else (sent.latency_ms, sent.latency_from if sent.latency_ms is not None else "")
+    )
+    power = (
+        (config.power_budget_w, "agent.yaml")
+        if config.power_budget_w is not None
+        else (sent.power_w, sent.power_from if sent.power_w is not None else "")
+    )
+    return Budgets(
+        latency_ms=latency[0], latency_from=latency[1], power_w=power[0], power_from=power[1]
+    )
+
+
+def with_budgets(config: FallbackConfig, budgets: Budgets) -> FallbackConfig:
+    """``config`` with the effective budgets (:func:`effective_budgets`) in place."""
+    return msgspec.structs.replace(
+        config, latency_budget_ms=budgets.latency_ms, power_budget_w=budgets.power_w
+    )
 
 
 class Move(msgspec.Struct, frozen=True):

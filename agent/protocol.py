@@ -308,6 +308,21 @@ class ActiveModel(Strict, frozen=True, kw_only=True):
     format: ModelFormat
 
 
+class Budgets(Strict, frozen=True, kw_only=True):
+    """The latency and power a device's model must stay within, and where each came from.
+
+    The controller plans with its class's budgets (a device label may override them) and sends
+    them with every active Deploy, so the agent falls on the same figures the plan chose
+    against; a budget set in the agent's own ``fallback`` config wins on the device. The agent
+    reports what it applies (its Birth), so ``devices show`` shows the effective values.
+    """
+
+    latency_ms: Annotated[float, Meta(gt=0, le=3_600_000)] | None = None
+    latency_from: Name = ""  # "class rpi4", "label latency_budget_ms", "agent.yaml"
+    power_w: Annotated[float, Meta(gt=0, le=100_000)] | None = None
+    power_from: Name = ""
+
+
 class HardwareFacts(Strict, frozen=True, kw_only=True):
     """What the agent read from its host at start."""
 
@@ -337,6 +352,7 @@ class Birth(Envelope, frozen=True, kw_only=True):
     preloaded: ActiveModel | None = None  # fetched and staged, waiting for a window
     # messages the agent's outbox dropped (full, too old, disk), over its life
     outbox_dropped: Annotated[int, Meta(ge=0, le=MAX_SEQ)] | None = None
+    budgets: Budgets | None = None  # the latency and power budgets the agent applies
 
 
 class Death(Envelope, frozen=True, kw_only=True):
@@ -368,6 +384,7 @@ class Deploy(Envelope, frozen=True, kw_only=True):
     rollback_grant: SignedManifest | None = None
     manifest: SignedManifest | None = None
     slot: Slot = Slot.ACTIVE
+    budgets: Budgets | None = None  # the device's budgets, for an active deploy
 
 
 class Ping(Envelope, frozen=True, kw_only=True):

@@ -32,7 +32,7 @@ from agent import protocol as p
 from agent.activation import Activation, Pointer
 from agent.config import AgentConfig, MqttInput
 from agent.errors import IntegrityError, TransferError
-from agent.fallback import Ladder, Move, RunRecord
+from agent.fallback import Ladder, Move, RunRecord, effective_budgets, with_budgets
 from agent.hardware import read_hardware
 from agent.link import MqttLink, Will, topic_matches_sub
 from agent.outbox import Outbox, OutboxSender
@@ -129,6 +129,7 @@ class Agent:
         self._stop = threading.Event()
         self._serving: Serving | None = None
         self.ladder = Ladder(config.fallback)
+        self.budgets = effective_budgets(config.fallback, None)  # until a deploy brings some
         self.runs = RunRecord(config.state_dir / "runs.json", config.fallback)
         self._tier_lock = threading.RLock()
         self._controller_path = config.state_dir / "controller"
@@ -308,10 +309,17 @@ class Agent:
         """
         floor, cause = self.runs.begin()
         with self._tier_lock:
+            self._apply_budgets(self.activation.read().budgets)
             self.ladder.hold_s = self.runs.hold_s
             self._refresh_tiers()
             move = self.ladder.start(time.monotonic(), floor, cause)
             self._enter_tier(move, previous=None)
+
+    def _apply_budgets(self, sent: p.Budgets | None) -> None:
+        """Fall on the budgets the controller sent with the active model, unless agent.yaml
+        sets its own (agent.fallback.effective_budgets)."""
+        self.budgets = effective_budgets(self.config.fallback, sent)
+        self.ladder.policy = with_budgets(self.config.fallback, self.budgets)
 
     # -- the fallback chain ---------------------------------------------------------------------
 
@@ -444,6 +452,7 @@ class Agent:
             tier=self.ladder.tier,
             preloaded=pointer.preloaded,
             outbox_dropped=self.outbox.dropped,
+            budgets=self.budgets,
         )
         return p.topic(self.device, p.Channel.STATE), p.encode(birth)
 
@@ -929,14 +938,21 @@ class Agent:
         """Load and stage ``path``; on failure report why and return None (nothing changes)."""
         try:
             model = load_model(path, command.artifact.format, threads=self.config.inference.threads)
-            self._stage(model, manifest)
+            # an active deploy brings its budgets; a fallback serves under the active model's
+            sent = command.budgets if command.slot is p.Slot.ACTIVE else None
+            budgets = (
+                self.budgets if sent is None else effective_budgets(self.config.fallback, sent)
+            )
+            self._stage(model, manifest, budgets)
         except (ModelLoadError, InferenceError, ManifestRejected) as exc:
             self._event(p.EventKind.MODEL_LOAD_FAILED, str(exc), model=str(command.model))
             self._fail_deploy(command, f"{prefix}{exc}")
             return None
         return model
 
-    def _stage(self, model: LoadedModel, manifest: p.Manifest | None) -> None:
+    def _stage(
+        self, model: LoadedModel, manifest: p.Manifest | None, budgets: p.Budgets | None = None
+    ) -> None:
         """Run the manifest's golden cases when there is a manifest, else the zero-input test.
 
         The signature was checked when the deploy arrived; only expiry can change since.
@@ -962,7 +978,8 @@ class Agent:
             model.format,
             float(np.median(times)),
             factor=self.config.fallback.staging_latency_factor,
-            budget_ms=self.config.fallback.latency_budget_ms,
+            budget_ms=(budgets or self.budgets).latency_ms,
+            budget_from=(budgets or self.budgets).latency_from,
         )
 
     @staticmethod
@@ -1029,11 +1046,13 @@ class Agent:
         )
         if manifest is not None:
             self.activation.save_manifest(active.sha256, manifest)
-        self.activation.activate(active)  # fsyncs: outside the lock the inference thread takes
+        # fsyncs: outside the lock the inference thread takes
+        self.activation.activate(active, command.budgets)
         self.activation.clear_pending()
         with self._tier_lock:
             previous = self._serving
             self._serving = Serving(model, active)
+            self._apply_budgets(command.budgets)
             self.ladder.reset(time.monotonic())
             self._refresh_tiers()
         if previous is not None and previous.tier is not p.Tier.ACTIVE:

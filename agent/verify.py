@@ -420,6 +420,7 @@ def check_latency(
     *,
     factor: float,
     budget_ms: float | None,
+    budget_from: str = "fallback.latency_budget_ms",
 ) -> None:
     """Reject a staged model whose median latency here is over the device's latency budget, or
     far beyond (``factor`` times) what the manifest's profile measured on the controller's host.
@@ -431,7 +432,7 @@ def check_latency(
         raise ManifestRejected(
             RejectReason.TOO_SLOW,
             f"staging: median latency {measured_ms:.1f} ms is over this device's latency budget "
-            f"of {budget_ms:g} ms (fallback.latency_budget_ms); deploy a smaller variant",
+            f"of {budget_ms:g} ms ({budget_from}); deploy a smaller variant",
             measured_ms=round(measured_ms, 3),
             budget_ms=budget_ms,
         )

@@ -286,6 +286,12 @@ class DeviceDetail(Device):
     deploy_retry: dict[str, Any] | None = Field(
         None, description="Its newest deploy failed: model, error, failures in a row, next_try."
     )
+    budgets: dict[str, Any] | None = Field(
+        None,
+        description="Latency and power budgets: 'applied' as the agent reports them, 'planned' "
+        "as the controller sends them with the next active deploy (class profile, labels "
+        "latency_budget_ms / power_budget_w); each figure names where it came from.",
+    )
     recent_events: list[Event] = Field(default_factory=list)
     recent_tier_changes: list[Event] = Field(default_factory=list)
     recent_deployments: list[dict[str, Any]] = Field(default_factory=list)

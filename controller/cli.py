@@ -41,6 +41,42 @@ from simulator import cli as simulator_cli
 # ---------------------------------------------------------------------------------- commands
 
 
+def _budget(value: float | None, unit: str, source: str) -> str:
+    return "none (not checked)" if value is None else f"{value:g} {unit} ({source})"
+
+
+def _differs(applied: dict[str, Any] | None, planned: dict[str, Any]) -> bool:
+    """The agent applies other budgets than the plan's, and not because agent.yaml says so."""
+    if applied is None:
+        return True
+    if "agent.yaml" in (applied["latency_from"], applied["power_from"]):
+        return False
+    return (applied["latency_ms"], applied["power_w"]) != (
+        planned["latency_ms"],
+        planned["power_w"],
+    )
+
+
+def budgets_text(budgets: dict[str, Any]) -> str:
+    """``devices show``'s budget line: what the agent applies, and what the controller would
+    send with the next active deploy where that differs."""
+    applied, planned = budgets.get("applied"), budgets.get("planned")
+    if applied is None:
+        text = "budgets: not reported by the agent yet"
+    else:
+        text = (
+            f"budgets: latency {_budget(applied['latency_ms'], 'ms', applied['latency_from'])}, "
+            f"power {_budget(applied['power_w'], 'W', applied['power_from'])}"
+        )
+    if planned is not None and _differs(applied, planned):
+        text += (
+            f"; [yellow]the controller plans with latency {planned['latency_ms']:g} ms "
+            f"({planned['latency_from']}), power {planned['power_w']:g} W "
+            f"({planned['power_from']})[/]: sent with the next active deploy"
+        )
+    return text
+
+
 def cmd_devices_list(args: argparse.Namespace) -> int:
     db = open_db(args.home.database)
     rows = views.fleet(db)
@@ -66,6 +102,7 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
             f"last-good {detail['last_good_model'] or '-'}; "
             f"fallback {detail['fallback_model'] or '-'}"
         )
+        console.print(budgets_text(detail["budgets"]))
         if detail.get("pinned"):
             console.print(
                 f"[yellow]pinned[/]: rollouts skip it ({escape(detail.get('pin_reason') or '-')}); "

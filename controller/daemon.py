@@ -24,7 +24,7 @@ from controller.db import open_db
 from controller.errors import InvalidRequest
 from controller.home import Home
 from controller.ingest import Ingest, stored_messages
-from controller.planning import fallbacks, is_planned, measured, plan
+from controller.planning import device_budgets, fallbacks, is_planned, measured, plan
 from controller.reconcile import (
     DeployDecision,
     DeviceView,
@@ -482,6 +482,11 @@ class Controller:
         slot = p.Slot(decision.slot)
         # a fallback is a variant of the version the device already runs: never older
         rollback = slot is not p.Slot.FALLBACK and bool(row.get("desired_rollback"))
+        # the budgets the plan chose against travel with the model, so the agent falls on them
+        profile = self._profiles().get(row.get("device_class") or "")
+        budgets = (
+            device_budgets(row, profile) if slot is p.Slot.ACTIVE and profile is not None else None
+        )
         command = p.Deploy(
             model=model.ref,
             artifact=model.artifact(),
@@ -489,6 +494,7 @@ class Controller:
             rollback_grant=self._grant(decision.device, model.sha256, now) if rollback else None,
             manifest=model.manifest,
             slot=slot,
+            budgets=budgets,
         )
         self._sent.add((decision.device, model.sha256))
         with db.conn:

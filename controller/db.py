@@ -359,6 +359,12 @@ def _m10_build_cost(db: sqlite_utils.Database) -> None:
     db.table("model_versions").add_column("build_cost", str)
 
 
+def _m11_budgets(db: sqlite_utils.Database) -> None:
+    """The latency and power budgets the agent applies, as its birth reports them (issue 17):
+    JSON of agent.protocol.Budgets, each with where it came from."""
+    db.table("devices").add_column("budgets", str)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m1_initial,
     _m2_variants,
@@ -370,6 +376,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m8_telemetry_rollups,
     _m9_revoked,
     _m10_build_cost,
+    _m11_budgets,
 ]
 
 

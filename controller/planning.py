@@ -16,6 +16,7 @@ from typing import Any
 
 import sqlite_utils
 
+from agent import protocol as p
 from controller.pricing import class_prices
 from controller.selection import (
     Candidate,
@@ -34,6 +35,7 @@ from device_configs.schema import DeviceProfile
 from model_store.catalog import Catalog, Variant
 
 LATENCY_BUDGET_LABEL = "latency_budget_ms"  # a device label overrides its class's budget
+POWER_BUDGET_LABEL = "power_budget_w"
 
 
 @dataclass(frozen=True)
@@ -86,25 +88,44 @@ def is_planned(catalog: Catalog, desired: str) -> bool:
     return version is not None and version.compressed is not None
 
 
+def _label_number(labels: Mapping[str, Any], key: str) -> float | None:
+    """A positive finite number from a label, or None (absent or not a number)."""
+    try:
+        value = float(labels[key])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def device_budgets(row: Mapping[str, Any], profile: DeviceProfile) -> p.Budgets:
+    """The latency and power budgets of a device: its class profile's, each overridden by a
+    label (``latency_budget_ms``, ``power_budget_w``) where one is set. Selection chooses
+    against the latency budget; active deploys carry both, so the agent falls on them."""
+    labels = json.loads(row.get("labels") or "{}")
+    latency = _label_number(labels, LATENCY_BUDGET_LABEL)
+    power = _label_number(labels, POWER_BUDGET_LABEL)
+    here = f"class {profile.name}"
+    return p.Budgets(
+        latency_ms=latency if latency is not None else profile.latency_budget_ms,
+        latency_from=f"label {LATENCY_BUDGET_LABEL}" if latency is not None else here,
+        power_w=power if power is not None else profile.power.budget_w,
+        power_from=f"label {POWER_BUDGET_LABEL}" if power is not None else here,
+    )
+
+
 def device_needs(row: Mapping[str, Any], profile: DeviceProfile | None) -> DeviceNeeds | None:
     """What selection needs from a device row and its class profile (None: unknown class)."""
     if profile is None:
         return None
-    labels = json.loads(row.get("labels") or "{}")
-    budget = profile.latency_budget_ms
-    try:
-        label = float(labels.get(LATENCY_BUDGET_LABEL, budget))
-    except (TypeError, ValueError):
-        label = budget
-    if math.isfinite(label) and label > 0:
-        budget = label
+    budget = device_budgets(row, profile).latency_ms
+    assert budget is not None
     reported = set(json.loads(row.get("runtimes") or "[]"))
     allowed = {r.value for r in profile.runtimes}
     return DeviceNeeds(
         id=row["id"],
         device_class=row["device_class"],
         runtimes=frozenset(reported & allowed if reported else allowed),
-        precisions=frozenset(p.value for p in profile.precisions),
+        precisions=frozenset(x.value for x in profile.precisions),
         model_memory_mb=profile.model_memory_mb,
         storage_mb=profile.storage_mb,
         latency_budget_ms=budget,
@@ -272,9 +293,9 @@ class FleetSaving:
 def fleet_saving(planned: Sequence[PlannedDevice]) -> FleetSaving | None:
     """None when no device has both a choice and an fp32 estimate."""
     pairs = [
-        (p.decision.estimate.energy_j, p.decision.reference.energy_j)
-        for p in planned
-        if p.decision.estimate is not None and p.decision.reference is not None
+        (item.decision.estimate.energy_j, item.decision.reference.energy_j)
+        for item in planned
+        if item.decision.estimate is not None and item.decision.reference is not None
     ]
     if not pairs:
         return None

@@ -52,6 +52,7 @@ def apply_birth(db: sqlite_utils.Database, device: str, birth: Birth, now: datet
         "fallback_sha256": birth.fallback.sha256 if birth.fallback else None,
         "preloaded_model": str(birth.preloaded.model) if birth.preloaded else None,
         "preloaded_sha256": birth.preloaded.sha256 if birth.preloaded else None,
+        "budgets": encode(birth.budgets).decode() if birth.budgets else None,
         "last_seen": iso(now),
     }
     if not existing:

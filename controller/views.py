@@ -120,6 +120,25 @@ def deploy_retry(db: sqlite_utils.Database, device: str) -> dict[str, Any] | Non
     }
 
 
+def budgets(row: dict[str, Any]) -> dict[str, Any]:
+    """The budgets the agent applies (its birth) and those the controller plans with (class
+    profile, label overrides; sent with the next active deploy)."""
+    from agent.protocol import Budgets, load, to_builtins
+    from controller.planning import device_budgets
+    from device_configs.schema import ProfileError, load_profiles
+
+    applied = load(Budgets, row["budgets"]) if row.get("budgets") else None
+    try:
+        profile = load_profiles().get(row.get("device_class") or "")
+    except ProfileError:
+        profile = None
+    planned = device_budgets(row, profile) if profile is not None else None
+    return {
+        "applied": to_builtins(applied) if applied else None,
+        "planned": to_builtins(planned) if planned else None,
+    }
+
+
 def device_detail(
     db: sqlite_utils.Database, device: str, events: int = 10, tier_changes: int = 5
 ) -> dict[str, Any]:
@@ -139,6 +158,7 @@ def device_detail(
     detail["tier_at"] = row.get("tier_at")
     detail["preloaded_model"] = row.get("preloaded_model")
     detail["last_rejection"] = row.get("last_rejection")
+    detail["budgets"] = budgets(row)
     detail["deploy_retry"] = deploy_retry(db, device)
     detail["recent_events"] = _events(
         db.table("events").rows_where("device = ?", [device], order_by="ts DESC", limit=events)

@@ -326,3 +326,40 @@ def test_an_imported_variant_is_profiled_but_stays_deployable_until_compress_jud
     variant = Catalog(open_db(home / "greenfleet.db"), home / "store").get("vib:1.0.0+tflite")
     assert variant.profile is not None and "litert" in variant.profile.latency
     assert variant.eligible and variant.reason is None
+
+
+CLASS = {
+    "latency_ms": 50.0,
+    "latency_from": "class rpi4",
+    "power_w": 7.5,
+    "power_from": "class rpi4",
+}
+
+
+@pytest.mark.parametrize(
+    "applied, planned, shows, warns",
+    [
+        (CLASS, CLASS, "latency 50 ms (class rpi4), power 7.5 W (class rpi4)", False),
+        (None, CLASS, "not reported by the agent yet", True),
+        (
+            {"latency_ms": None, "latency_from": "", "power_w": None, "power_from": ""},
+            CLASS,
+            "latency none (not checked), power none (not checked)",
+            True,
+        ),
+        (
+            {**CLASS, "power_w": 3.0, "power_from": "agent.yaml"},
+            CLASS,
+            "power 3 W (agent.yaml)",
+            False,  # a local setting is a decision, not drift
+        ),
+    ],
+)
+def test_devices_show_says_which_budgets_apply_and_where_they_came_from(
+    applied: dict[str, object] | None, planned: dict[str, object], shows: str, warns: bool
+) -> None:
+    from controller.cli import budgets_text
+
+    text = budgets_text({"applied": applied, "planned": planned})
+    assert shows in text
+    assert ("sent with the next active deploy" in text) is warns

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from agent import protocol as p
 from agent.config import FallbackConfig
-from agent.fallback import ORDER, Ladder, Move, RunRecord
+from agent.fallback import ORDER, Ladder, Move, RunRecord, effective_budgets, with_budgets
 from agent.protocol import Tier
 
 A, LG, F, R = Tier.ACTIVE, Tier.LAST_GOOD, Tier.FALLBACK, Tier.RULES
@@ -718,3 +719,43 @@ def test_a_hand_edited_hold_is_kept_within_the_policy(tmp_path: Path, hold: Any)
     rec = RunRecord(path, policy())
     rec.begin()
     assert 30.0 <= rec.hold_s <= 100.0
+
+
+# ------------------------------------------------------------------ budgets: sent or local
+
+SENT = p.Budgets(latency_ms=50.0, latency_from="class rpi4", power_w=7.5, power_from="class rpi4")
+
+
+@pytest.mark.parametrize(
+    "local, sent, expected",
+    [
+        pytest.param({}, None, (None, "", None, ""), id="nothing-sent-nothing-checked"),
+        pytest.param({}, SENT, (50.0, "class rpi4", 7.5, "class rpi4"), id="the-controllers"),
+        pytest.param(
+            {"power_budget_w": 3.0},
+            SENT,
+            (50.0, "class rpi4", 3.0, "agent.yaml"),
+            id="agent-yaml-wins-per-field",
+        ),
+        pytest.param(
+            {"latency_budget_ms": 9.0},
+            None,
+            (9.0, "agent.yaml", None, ""),
+            id="local-only",
+        ),
+    ],
+)
+def test_the_agent_falls_on_the_sent_budgets_unless_its_config_sets_one(
+    local: dict[str, float], sent: p.Budgets | None, expected: tuple[object, ...]
+) -> None:
+    config = FallbackConfig(**local)  # type: ignore[arg-type]
+    budgets = effective_budgets(config, sent)
+    got = (budgets.latency_ms, budgets.latency_from, budgets.power_w, budgets.power_from)
+    assert got == expected
+    policy = with_budgets(config, budgets)
+    assert (policy.latency_budget_ms, policy.power_budget_w) == (expected[0], expected[2])
+    ladder = Ladder(policy)
+    ladder.available = {Tier.ACTIVE, Tier.LAST_GOOD}
+    ladder.start(0.0, 0, "")
+    moves = [ladder.power(8.0, float(t)) for t in range(policy.power_windows_to_fall)]
+    assert (moves[-1] is not None) == (expected[2] is not None and expected[2] < 8.0)

@@ -16,7 +16,15 @@ from controller.config import ControllerConfig, SiteConfig, load_controller_conf
 from controller.db import open_db
 from controller.energy import EnergyRow, energy_report, totals
 from controller.errors import InvalidRequest
-from controller.planning import baseline_per_class, fleet_saving, is_planned, measured, plan
+from controller.planning import (
+    baseline_per_class,
+    device_budgets,
+    device_needs,
+    fleet_saving,
+    is_planned,
+    measured,
+    plan,
+)
 from device_configs.schema import load_profiles
 from model_store import pipeline
 from model_store.catalog import Catalog, Declared
@@ -488,3 +496,34 @@ def test_the_reports_saving_is_the_priced_ratio_on_the_class(
         assert saving == pytest.approx(1 - prices[variant].energy_j / fp32)
     else:
         assert saving == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    "labels, expected",
+    [
+        pytest.param({}, (50.0, "class rpi4", 7.5, "class rpi4"), id="the-class"),
+        pytest.param(
+            {"latency_budget_ms": "20", "power_budget_w": "4.5"},
+            (20.0, "label latency_budget_ms", 4.5, "label power_budget_w"),
+            id="labels-override",
+        ),
+        pytest.param(
+            {"latency_budget_ms": "fast", "power_budget_w": "-1"},
+            (50.0, "class rpi4", 7.5, "class rpi4"),
+            id="a-label-that-is-no-budget-is-ignored",
+        ),
+        pytest.param(
+            {"latency_budget_ms": "inf"}, (50.0, "class rpi4", 7.5, "class rpi4"), id="inf"
+        ),
+    ],
+)
+def test_device_budgets_come_from_the_class_and_labels_override_them(
+    labels: dict[str, str], expected: tuple[object, ...]
+) -> None:
+    profile = load_profiles()["rpi4"]
+    row = {"id": "gw-1", "device_class": "rpi4", "labels": json.dumps(labels)}
+    budgets = device_budgets(row, profile)
+    got = (budgets.latency_ms, budgets.latency_from, budgets.power_w, budgets.power_from)
+    assert got == expected
+    needs = device_needs(row, profile)
+    assert needs is not None and needs.latency_budget_ms == expected[0], "selection agrees"

@@ -41,6 +41,9 @@ EXAMPLES: dict[str, p.Envelope] = {
         runtimes=[p.ModelFormat.ONNX, p.ModelFormat.TFLITE],
         hardware=HW,
         active=ACTIVE,
+        budgets=p.Budgets(
+            latency_ms=50.0, latency_from="class rpi5", power_w=2.0, power_from="agent.yaml"
+        ),
     ),
     "death": p.Death(id="m2", ts=TS, session="s1"),
     "deploy": p.Deploy(
@@ -48,6 +51,12 @@ EXAMPLES: dict[str, p.Envelope] = {
         ts=TS,
         model=REF,
         artifact=p.Artifact(sha256=SHA, size=682655, format=p.ModelFormat.ONNX),
+        budgets=p.Budgets(
+            latency_ms=50.0,
+            latency_from="class rpi5",
+            power_w=12.0,
+            power_from="label power_budget_w",
+        ),
     ),
     "ping": p.Ping(id="c2", ts=TS),
     "inject_fault": p.InjectFault(id="c3", ts=TS, fault=p.FaultKind.OUTER_RACE, severity=0.5),
