@@ -112,13 +112,20 @@ _HOSTNAME_MISMATCH = {62, 64}  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADD
 _NOT_YET_VALID, _EXPIRED = 9, 10
 
 
+LOOPBACK_NAMES = frozenset(
+    {"localhost", "localhost.", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+)
+
+
 def is_loopback(host: str) -> bool:
-    """True for ``localhost`` (and ``*.localhost``) and loopback addresses (127.0.0.0/8, ::1).
+    """True for ``localhost`` (and ``*.localhost``) and loopback addresses (127.0.0.0/8, ::1,
+    an IPv4-mapped 127.x). The one rule for every "is this this machine?" question: the agent's
+    plain-TCP check, the broker config's plain listener and the API's token-free local access.
 
     Names are not resolved: what counts is what the config says, not what DNS answers today.
     """
     name = host.strip().lower().strip("[]")
-    if name in {"localhost", "localhost.", "ip6-localhost", "ip6-loopback"}:
+    if name in LOOPBACK_NAMES:
         return True
     if name.endswith((".localhost", ".localhost.")):
         return True

@@ -24,7 +24,6 @@ page on another site from reading a loopback API through DNS rebinding.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import threading
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
@@ -43,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from agent import link
 from agent.protocol import utcnow
 from agent.version import __version__
 from controller import registry, rollout_store, views
@@ -64,7 +64,6 @@ from model_store.catalog import Catalog, Variant
 PREFIX = "/api/v1"
 DASHBOARD = Path(__file__).parent / "dashboard"
 MIN_TOKEN_LENGTH = 16
-LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 # The dashboard is self-contained: this keeps every asset and request on the controller.
 CONTENT_SECURITY_POLICY = (
@@ -84,16 +83,9 @@ SECURITY_HEADERS = {
 
 
 def is_loopback(host: str | None) -> bool:
-    """Whether ``host`` (an address or a name, without a port) is this machine."""
-    if not host:
-        return False
-    name = host.strip("[]").lower()
-    if name in LOOPBACK_NAMES or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    """Whether ``host`` (an address or a name, without a port) is this machine (the one rule,
+    agent.link.is_loopback)."""
+    return bool(host) and link.is_loopback(host or "")
 
 
 def _host_name(host_header: str) -> str:

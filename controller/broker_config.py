@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import ipaddress
 import os
 import pwd
 import signal
@@ -39,6 +38,7 @@ from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent import protocol as p
+from agent.link import is_loopback
 from controller.errors import InvalidRequest
 from controller.home import Home
 from controller.identity import (
@@ -118,15 +118,6 @@ class BrokerSettings(BaseModel):
 
 def host_port(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_settings(settings: BrokerSettings) -> list[str]:

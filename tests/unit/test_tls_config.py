@@ -45,10 +45,18 @@ def ca() -> TestCA:
         ("mqtt.plant-a.local", False),
         ("localhost.example.com", False),
         ("0.0.0.0", False),
+        ("localhost.localdomain", True),
+        ("", False),
     ],
 )
 def test_loopback_is_decided_from_the_setting_not_from_dns(host: str, loopback: bool) -> None:
+    """One rule for the agent's plain-TCP check, the broker's plain listener and the API's
+    token-free local access (they were three, and disagreed on ::ffff:127.0.0.1)."""
+    from controller import api, broker_config
+
     assert is_loopback(host) is loopback
+    assert broker_config.is_loopback(host) is loopback
+    assert api.is_loopback(host) is loopback
 
 
 def test_plain_tcp_is_allowed_to_loopback_and_refused_elsewhere_naming_the_settings() -> None:
