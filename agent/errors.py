@@ -5,7 +5,19 @@ AgentError
 ├── BrokerAuthError      the broker refused our credentials (fatal, never retried)
 ├── TransferError        a chunk or artifact that does not match what was announced
 │   └── IntegrityError   the assembled file's sha256 or size is wrong
-└── runtime errors       agent.runtime.base: ModelLoadError, InferenceError
+├── ManifestRejected     agent.verify: a deploy's manifest, signature or golden cases fail
+├── InstallError         agent.install: an enrollment bundle cannot be installed
+├── MeterUnavailable     agent.power.base: a power meter cannot be read on this host
+├── MeterError           agent.power.base: a reading failed mid-run
+│   └── WindowSkipped    no reading for this telemetry window
+└── ModelRuntimeError    agent.runtime.base
+    ├── ModelLoadError   a model file cannot be loaded
+    └── InferenceError   one inference call failed
+
+Outside the tree on purpose: agent.protocol.ProtocolError (a ValueError: bad bytes on the
+wire, shared with the controller), agent.transfer.NoSpaceError (an OSError: the disk) and
+agent.link.HandshakeCut (an ssl.SSLError the TLS layer raises for a cut handshake).
+A test checks that every exception class the agent defines is in this picture.
 """
 
 

@@ -19,14 +19,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from agent.errors import AgentError
+
 if TYPE_CHECKING:
     import numpy as np
 
     from agent.protocol import ModelFormat
 
 
-class ModelRuntimeError(Exception):
-    """Base of the errors raised by :mod:`agent.runtime`."""
+class ModelRuntimeError(AgentError):
+    """Base of the errors raised by :mod:`agent.runtime` (the model store on the controller
+    catches it too, by this name)."""
 
 
 class ModelLoadError(ModelRuntimeError):
