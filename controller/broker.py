@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from controller.errors import InvalidRequest
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_WARNING = (
@@ -153,7 +155,14 @@ class EmbeddedBroker:
         self._broker: Any = None
 
     def start(self) -> EmbeddedBroker:
-        from amqtt.broker import Broker
+        try:
+            from amqtt.broker import Broker
+        except ImportError as exc:  # the `demo` extra: only demos use it
+            self._loop.close()
+            raise InvalidRequest(
+                "the embedded broker needs amqtt: pip install 'greenfleet[demo]', or install "
+                "Mosquitto (apt-get install -y mosquitto) and run without --embedded"
+            ) from exc
 
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)

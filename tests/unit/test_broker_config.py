@@ -384,3 +384,17 @@ def test_controller_uses_the_home_credentials_over_tls(home: Home) -> None:
     assert (other.host, other.port, other.tls) == ("broker.local", 9999, conn.tls)
     forced = device_commands.controller_connection(home, None, plain=True)
     assert forced.tls is None and forced.port == 1883
+
+
+def test_the_embedded_broker_without_amqtt_says_which_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """amqtt is the `demo` extra, not a controller dependency: its absence is one line."""
+    import sys
+
+    from controller.broker import EmbeddedBroker
+    from controller.errors import InvalidRequest
+
+    monkeypatch.setitem(sys.modules, "amqtt.broker", None)  # import fails as if not installed
+    with pytest.raises(InvalidRequest, match=r"pip install 'greenfleet\[demo\]'"):
+        EmbeddedBroker().start()
