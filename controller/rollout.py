@@ -15,75 +15,8 @@ to make and the events to record. The daemon (controller.rollouts_job) does the 
 nothing here sleeps, reads a clock or touches the database, so every rule is tested table-driven
 (tests/unit/test_rollout.py).
 
-Terms: *member* = one device in one rollout; *wave* 0 is the canary; *control group* = members
-whose wave has not started and who still run their previous model.
-
-The rules, as implemented:
-
-* **Sizes.** ``canary`` and ``wave_size`` are a count (``5``, ``"5"``) or ``"N%"`` of the
-  devices being planned (the matching devices that are not skipped), rounded up, at least 1.
-  Wave *i* after the canary has ``ceil(wave_size * growth**i)`` devices (exact arithmetic, so
-  ``"10%"`` of 30 is 3, not 4); the last wave takes what is left. "abc", "0%", "150%", 0 and
-  negatives are refused (RolloutError, or pydantic's ValidationError when a RolloutSpec is built
-  directly; :meth:`RolloutSpec.parse` turns that into a RolloutError).
-* **Running the model.** A device runs the rollout's model when its active model equals it, or
-  when the rollout names no ``+variant`` and the active model's ``name:version`` equals it
-  (:func:`runs_model`). A deploy failure counts by the same rule, and only when it happened
-  after the member was asked (``DeviceFacts.deploy_failed_at``, where known).
-* **start.** Members in device id order; pinned ones and ones in another live rollout are
-  SKIPPED (``wave == NO_WAVE``); the rest are planned into waves and the canary starts at once.
-  Nothing to plan is a RolloutError.
-* **Starting a wave** sets ``wave_started`` and ``metrics_since``; each member records its
-  ``previous_model`` then (the active model it reports), and becomes UPDATING with a
-  DesiredChange, or UPDATED at once (no change) if it already runs the model, or SKIPPED if it
-  has since been pinned, joined another rollout or stopped matching the selector.
-* **Members.** UPDATING/MISSED/FAILED -> UPDATED when the device reports the model;
-  UPDATING/MISSED -> FAILED when its deploy of the model failed; UPDATING -> MISSED when it is
-  offline (or gone from ``devices``) ``offline_deadline_s`` after it was asked (its desired model
-  stays set: reconcile deploys when it returns). This goes on while PAUSED.
-* **Joining.** A matching device that is not a member joins the last wave not started yet, or a
-  new final wave when all have started (RUNNING or PAUSED only); pinned or in-another-rollout
-  newcomers are SKIPPED. One new final wave per call, however many devices arrive.
-* **Soak.** When every member of the current wave is UPDATED/FAILED/MISSED/SKIPPED,
-  ``soak_started`` is set (``wave_soaking``). Gates are evaluated on every call from the wave's
-  start, so a bad canary is caught as soon as the minimum sample is there. The wave passes when
-  ``soak_s`` has gone by since ``soak_started`` (at once for a wave with no device to judge)
-  and every enabled gate is judged and passing; then the next wave starts, or the rollout is
-  COMPLETED after the last. An unjudged gate holds the wave ("waiting: N of M inferences").
-  At most one wave starts per call: the next wave's gates need telemetry from its own start.
-* **Breach** (RUNNING only): one ``gate_breached`` event per breached gate, then ``on_breach``:
-  PAUSED with the gates in ``reason``, or :func:`abort`. While PAUSED no wave starts and no
-  change is made; gates are still reported in ``Step.gates``. :func:`resume` restarts the
-  observation: ``metrics_since`` and (if the wave was soaking) ``soak_started`` become now.
-* **Gates** (:func:`evaluate_gates`). Telemetry comes from the wave's UPDATED members, summed:
-  error rate = errors / (inferences + errors); p95 latency and energy per inference are
-  inference-weighted means of the per-device values (None ignored); fallback rate = fallback
-  inferences / inferences. The control group is the PENDING members. A telemetry gate is judged
-  when the wave has ``min_inferences`` (attempts, for the error gates; inferences with a reading,
-  for latency and energy) from ``min(min_devices, UPDATED+UPDATING members)`` devices (at least
-  1); a relative gate also needs ``min_inferences`` from the control group, and with no control
-  group it is judged and passing ("no control group left; absolute limits only", value None).
-  Install failures = FAILED / touched wave members (UPDATING, UPDATED, FAILED, MISSED), judged
-  once ``min(min_devices, touched)`` have settled. Offline = UPDATED wave members offline /
-  touched wave members, always judged: a member still UPDATING while offline never ran the new
-  model, so it is left to the offline deadline (MISSED) rather than breaching the gate. A wave
-  with no touched member judges every gate as passing. Breached means value > limit
-  (beyond float rounding).
-* **abort** (from RUNNING or PAUSED): touched members get ``DesiredChange(device,
-  previous_model, rollback=True)`` and ROLLING_BACK; a touched member with no previous model, or
-  whose previous model already was the rollout's, has nothing to go back to: it becomes
-  ROLLED_BACK at once with that reason and keeps its desired model. PENDING -> CANCELLED.
-  Status ABORTING, or ABORTED straight away when nobody is rolling back. When :func:`advance`
-  aborts on a breach it also applies the ABORTING rules at once, so a member that never left its
-  previous model (say, one whose install failed) is ROLLED_BACK in the same call.
-* **ABORTING.** ROLLING_BACK -> ROLLED_BACK when the device reports its previous model. A member
-  not back ``offline_deadline_s`` after the abort stays ROLLING_BACK (its desired model is set
-  back, reconcile finishes the job when it can) with reason "offline; rollback pending on
-  reconnect" (or "... not confirmed ..." when online), and stops holding the rollout: ABORTED
-  once no member is rolling back within its deadline. An ABORTED rollout with members still
-  ROLLING_BACK keeps recording them as they come back (:func:`needs_advance`).
-* **Idempotent.** Calling :func:`advance` again with its own output state and the same inputs
-  adds no change and no event, so a daemon killed between deciding and recording may repeat it.
+The rules it implements (sizes, waves, members, joining, soak, gates, breach, abort, the
+ABORTING state, idempotence) are written out in docs/rollouts.md, one paragraph per rule.
 """
 
 from __future__ import annotations
