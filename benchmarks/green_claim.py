@@ -14,8 +14,9 @@ part. Then, against fp32 in the same run and the same runtime:
 
 Width students and TFLite variants need TensorFlow: run it where the ``tflite-build`` extra is
 installed to see them; without it they are listed as not built and the figures are what is left.
-The plan's predictions are host latencies times each class's per-precision speed factors, so
-they are only as good as both (see ``device_configs/``).
+The plan's predictions are host latencies times each class's fp32 factor and, for int8, the
+ratio of the build host's int8 gain to the class's (``device_configs/runtimes/kernel-gains.yaml``),
+so they are only as good as both.
 
     python -m benchmarks.run green_claim [--quick]
 """

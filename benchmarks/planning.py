@@ -14,7 +14,8 @@ does (catalog, ``compress`` with 400 calibration windows, signing; the TFLite sa
 (``planning.fleet_saving``) on the demo fleet (rpi4, jetson-orin-nano, x86-ipc) and on one
 device of each of the nine classes; and once more with only the variants ``compress`` built, to
 show what compression alone buys. Predictions come from latencies measured on this host times
-each class's speed factor, so they are only as good as both.
+each class's fp32 factor and, for int8, the ratio of this host's int8 gain to the class's
+(``device_configs/runtimes/kernel-gains.yaml``), so they are only as good as both.
 
     python -m benchmarks.run planning [--quick]
 """
