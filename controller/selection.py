@@ -11,6 +11,7 @@ each other candidate out.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -114,19 +115,21 @@ def speed_factor(device: DeviceNeeds, candidate: Candidate) -> tuple[float, str]
     fp32 = device.speed.get("fp32", slowest)
     precision = "int8" if candidate.precision == "mixed" else candidate.precision
     if precision == "fp32":
-        return fp32, f"fp32 x{fp32:g} (class)"
+        return fp32, _class_basis("fp32", fp32)
     if precision in device.speed:
-        return device.speed[precision], f"{precision} x{device.speed[precision]:g} (class)"
-    runtime = RUNTIME_OF_FORMAT.get(candidate.format, "")
-    host = device.kernels.gain(
-        runtime, precision, candidate.host_arch, candidate.host_features or frozenset()
+        return device.speed[precision], _class_basis(precision, device.speed[precision])
+    return device.kernels.carry(
+        fp32,
+        RUNTIME_OF_FORMAT.get(candidate.format, ""),
+        precision,
+        (candidate.host_arch, candidate.host_features),
+        (device.arch, device.features),
     )
-    here = device.kernels.gain(runtime, precision, device.arch, device.features)
-    recorded = "" if candidate.host_features is not None else ", host flags not recorded"
-    return fp32 * host.value / here.value, (
-        f"fp32 x{fp32:g} (class) x {precision} gain on {runtime}: build host {host.basis}"
-        f"{recorded} / class {here.basis}"
-    )
+
+
+@functools.cache
+def _class_basis(precision: str, factor: float) -> str:
+    return f"{precision} x{factor:g} (class)"
 
 
 def estimate(

@@ -17,7 +17,7 @@ machine ran ``models compress``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
@@ -68,11 +68,40 @@ class Gain:
     basis: str  # "int8 on onnxruntime, x86_64 avx2: 1.5 (measured)"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class KernelTable:
-    """The rows of kernel-gains.yaml; ``gain`` picks the one that applies to a CPU."""
+    """The rows of kernel-gains.yaml; ``gain`` picks the one that applies to a CPU.
+
+    The plan asks the same few questions for every device and variant (a fleet has a handful
+    of classes and one build host), so answers are kept: ``carry`` is a dict lookup after the
+    first call, which keeps planning 10,000 devices linear and cheap."""
 
     rows: tuple[KernelGain, ...] = ()
+    _carried: dict[tuple[object, ...], tuple[float, str]] = field(default_factory=dict, repr=False)
+
+    def carry(
+        self,
+        fp32: float,
+        runtime: str,
+        precision: str,
+        host: tuple[str, frozenset[str] | None],
+        device: tuple[str, frozenset[str]],
+    ) -> tuple[float, str]:
+        """The factor from a build host's latency of a ``precision`` variant to a device's:
+        ``fp32 x gain(host) / gain(device)``, and the sentence that says so."""
+        key = (fp32, runtime, precision, host, device)
+        known = self._carried.get(key)
+        if known is None:
+            host_arch, host_flags = host
+            on_host = self.gain(runtime, precision, host_arch, host_flags or frozenset())
+            here = self.gain(runtime, precision, *device)
+            recorded = "" if host_flags is not None else ", host flags not recorded"
+            known = self._carried[key] = (
+                fp32 * on_host.value / here.value,
+                f"fp32 x{fp32:g} (class) x {precision} gain on {runtime}: build host "
+                f"{on_host.basis}{recorded} / class {here.basis}",
+            )
+        return known
 
     def gain(self, runtime: str, precision: str, arch: str, features: frozenset[str]) -> Gain:
         """The largest gain among the rows of this runtime, precision and architecture whose
