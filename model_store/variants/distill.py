@@ -36,9 +36,12 @@ comes from running the exported ONNX file on that part.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +68,10 @@ MIN_SAMPLES = 20  # fewer calibration inputs than this cannot both train and jud
 HOLDOUT_SHARE = 0.25  # of the building calibration part, kept for the fidelity report
 AUGMENT_FACTOR = 20  # teacher-labelled augmented inputs per calibration input used for training
 MAX_TRAINING = 12000  # cap on training samples, which bounds the build time
+# Augmented inputs are made, labelled and turned into features this many bytes (of float64
+# working arrays; making a chunk briefly needs about five times that) at a time, never all at
+# once: 12,000 ResNet-50 inputs (3x224x224) would be 7.2 GB as float32, twice that being made.
+CHUNK_BYTES = 16 * 2**20
 SIGNAL_BANDS = 32
 FILTER_RADIUS = 3  # image filters are 7x7
 LINE_DIRECTIONS = 8
@@ -121,8 +128,11 @@ class _SignalFrontEnd:
         return best
 
     @classmethod
-    def fit(cls, inputs: np.ndarray) -> _SignalFrontEnd:
-        n = inputs.shape[1]
+    def fit(cls, chunks: Iterable[np.ndarray]) -> _SignalFrontEnd:
+        """The front end for the training inputs, given as ``[n, N]`` chunks in order."""
+        chunks = iter(chunks)
+        first = next(chunks)
+        n = first.shape[1]
         if n < 8:
             raise VariantError(VARIANT, f"a signal of {n} samples is too short for a spectrum")
         p, m = cls.plan(n)
@@ -131,7 +141,11 @@ class _SignalFrontEnd:
         # The log floor scales with the data (volts or millivolts alike): a millionth of the
         # mean band energy, which by Parseval is N * sum((hann * x)^2) / 2 spread over the bands.
         hann = np.hanning(n + 1)[:n]
-        energy = float(np.mean(np.sum((inputs.astype(np.float64) * hann) ** 2, axis=1)))
+        per_input = [
+            np.sum((chunk.astype(np.float64) * hann) ** 2, axis=1)
+            for chunk in itertools.chain([first], chunks)
+        ]
+        energy = float(np.mean(np.concatenate(per_input)))
         eps = max(1e-6 * n * energy / (2 * bands), 1e-30)
         return cls(n, p, m, bands, eps)
 
@@ -234,8 +248,8 @@ class _ImageFrontEnd:
     hidden: tuple[int, ...] = (24,)
 
     @classmethod
-    def fit(cls, inputs: np.ndarray) -> _ImageFrontEnd:
-        c, h, w = inputs.shape[1:]
+    def fit(cls, sample_shape: tuple[int, ...]) -> _ImageFrontEnd:
+        c, h, w = sample_shape
         size = 2 * FILTER_RADIUS + 1
         if min(h, w) < size:
             raise VariantError(
@@ -281,11 +295,11 @@ class _ImageFrontEnd:
 _FrontEnd = _SignalFrontEnd | _ImageFrontEnd
 
 
-def _front_end(sample_shape: tuple[int, ...], inputs: np.ndarray) -> _FrontEnd:
+def _front_end(sample_shape: tuple[int, ...], training: _TrainingSet) -> _FrontEnd:
     if len(sample_shape) == 1:
-        return _SignalFrontEnd.fit(inputs)
+        return _SignalFrontEnd.fit(training.chunks())
     if len(sample_shape) == 3:
-        return _ImageFrontEnd.fit(inputs)
+        return _ImageFrontEnd.fit(sample_shape)
     raise VariantError(
         VARIANT,
         f"no student design for inputs shaped [1, {', '.join(map(str, sample_shape))}]: "
@@ -293,7 +307,7 @@ def _front_end(sample_shape: tuple[int, ...], inputs: np.ndarray) -> _FrontEnd:
     )
 
 
-def _features(ctx: BuildContext, front: _FrontEnd, inputs: np.ndarray) -> np.ndarray:
+def _features(ctx: BuildContext, front: _FrontEnd, chunks: Iterable[np.ndarray]) -> np.ndarray:
     """The front end's features, computed by the very graph the student will contain."""
     g = _Graph()
     out = g.op("Identity", front.onnx(g, ctx.info.input_name), out="features")
@@ -309,7 +323,9 @@ def _features(ctx: BuildContext, front: _FrontEnd, inputs: np.ndarray) -> np.nda
     model.ir_version = IR_VERSION
     sess = session(model.SerializeToString(), VARIANT)
     name = ctx.info.input_name
-    rows = [sess.run([out], {name: inputs[i : i + 1]})[0] for i in range(len(inputs))]
+    rows = [
+        sess.run([out], {name: chunk[i : i + 1]})[0] for chunk in chunks for i in range(len(chunk))
+    ]
     return np.concatenate(rows).astype(np.float64)
 
 
@@ -392,29 +408,67 @@ def _fit_mlp(
     return [(w.astype(np.float32), b.astype(np.float32)) for w, b in layers]
 
 
-def _augment(inputs: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """``count`` new inputs: mixtures of two calibration inputs, rescaled, with a little noise.
+class _TrainingSet:
+    """What the student trains on: the calibration inputs it may use, then ``extra`` augmented
+    ones (:func:`_augmented`), made again, chunk by chunk, each time they are read. Labelling,
+    fitting the front end and computing features each read them once; holding them instead
+    would cost ``len(self)`` inputs, up to MAX_TRAINING, at once."""
+
+    def __init__(self, own: np.ndarray, extra: int) -> None:
+        self.own = own
+        self.extra = extra
+        per_input = 8 * int(np.prod(own.shape[1:]))  # float64 while being made
+        self.chunk = max(1, CHUNK_BYTES // per_input)
+
+    def __len__(self) -> int:
+        return len(self.own) + self.extra
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        for start in range(0, len(self.own), self.chunk):
+            yield self.own[start : start + self.chunk]
+        if self.extra:
+            yield from _augmented(self.own, self.extra, np.random.default_rng(SEED), self.chunk)
+
+
+def _augmented(
+    inputs: np.ndarray, count: int, rng: np.random.Generator, chunk: int
+) -> Iterator[np.ndarray]:
+    """``count`` new inputs, ``chunk`` at a time: mixtures of two calibration inputs, rescaled,
+    with a little noise.
 
     Mixing makes inputs between the calibration points (between healthy and faulty, between
     classes), which is where a student learns the teacher's boundaries; images are also
-    flipped, since a surface defect has no preferred orientation in a crop.
+    flipped, since a surface defect has no preferred orientation in a crop. The random draws
+    are those of making all ``count`` at once, in the same order, whatever ``chunk`` is: the
+    per-input noise levels come after all the noise, so the noise is drawn twice, once to pass
+    over it and once, from a copy of the generator, to use.
     """
     first = rng.integers(len(inputs), size=count)
     second = rng.integers(len(inputs), size=count)
     shape = (count,) + (1,) * (inputs.ndim - 1)
     mix = rng.uniform(0.0, 1.0, size=shape)
-    out = mix * inputs[first] + (1 - mix) * inputs[second]
     if inputs.ndim == 4:
         flip_h = rng.random(count) < 0.5
-        out[flip_h] = out[flip_h, :, :, ::-1]
         flip_v = rng.random(count) < 0.5
-        out[flip_v] = out[flip_v, :, ::-1, :]
     else:
-        out *= np.exp(rng.uniform(np.log(0.8), np.log(1.25), size=shape))
+        gain = np.exp(rng.uniform(np.log(0.8), np.log(1.25), size=shape))
     scale = float(np.std(inputs)) or 1.0
-    out += rng.standard_normal(out.shape) * rng.uniform(0.0, 0.03, size=shape) * scale
-    augmented: np.ndarray = out.astype(np.float32)
-    return augmented
+    noise = copy.deepcopy(rng)
+    spans = [slice(start, min(start + chunk, count)) for start in range(0, count, chunk)]
+    for span in spans:
+        rng.standard_normal((span.stop - span.start, *inputs.shape[1:]))
+    level = rng.uniform(0.0, 0.03, size=shape)
+    for span in spans:
+        out = mix[span] * inputs[first[span]] + (1 - mix[span]) * inputs[second[span]]
+        if inputs.ndim == 4:
+            flip = flip_h[span]
+            out[flip] = out[flip, :, :, ::-1]
+            flip = flip_v[span]
+            out[flip] = out[flip, :, ::-1, :]
+        else:
+            out *= gain[span]
+        out += noise.standard_normal(out.shape) * level[span] * scale
+        yield out.astype(np.float32)
 
 
 def _student_model(
@@ -508,17 +562,17 @@ class DistillBuilder:
         started = time.monotonic()
         cut = len(inputs) - max(1, math.ceil(len(inputs) * HOLDOUT_SHARE))
         own, heldout = inputs[:cut], inputs[cut:]
-        rng = np.random.default_rng(SEED)
         extra = min(AUGMENT_FACTOR * len(own), max(0, MAX_TRAINING - len(own)))
-        training = np.concatenate([own, _augment(own, extra, rng)])
-        teacher = run_outputs(ctx.reference, ctx, training, VARIANT)[0]
+        training = _TrainingSet(own, extra)
+        teacher = run_outputs(ctx.reference, ctx, training.chunks(), VARIANT)[0]
         # Outputs of one input each are stacked on axis 0: one row is the model's output shape.
         output_shape = tuple(int(d) for d in teacher[:1].shape)
         teacher = teacher.reshape(len(training), -1).astype(np.float64)
 
         front = _front_end(ctx.info.sample_shape, training)
         target = _Target.choose(ctx.info.task, teacher)
-        layers = _fit_mlp(_features(ctx, front, training), target.encode(teacher), front.hidden)
+        features = _features(ctx, front, training.chunks())
+        layers = _fit_mlp(features, target.encode(teacher), front.hidden)
         model = _student_model(ctx, front, layers, target, output_shape)
         path = ctx.workdir / "student.onnx"
         onnx.save(model, str(path))

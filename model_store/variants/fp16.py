@@ -153,18 +153,25 @@ def activation_peaks(
         types = tensor_types(model)
     except Exception as exc:
         raise VariantError("fp16", f"ONNX shape inference fails on the reference: {exc}") from exc
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    outputs = {o.name for o in exposed.graph.output}
+    outputs = {o.name for o in model.graph.output}
     names = [
         name
-        for node in exposed.graph.node
+        for node in model.graph.node
         for name in node.output
         if name and name not in outputs and types.get(name) == TensorProto.FLOAT
     ]
-    for name in names:
-        exposed.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    sess = session(exposed.SerializeToString(), "fp16")
+    # Every tensor is made an output of the model itself for one serialization, then the
+    # outputs are taken off again: a copy of the model would hold every weight once more.
+    kept = len(model.graph.output)
+    model.graph.output.extend(
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in names
+    )
+    try:
+        exposed = model.SerializeToString()
+    finally:
+        del model.graph.output[kept:]
+    sess = session(exposed, "fp16")
+    del exposed
     fetch = [o.name for o in sess.get_outputs()]
     for i in range(len(probes)):
         values = sess.run(fetch, {ctx.info.input_name: probes[i : i + 1]})

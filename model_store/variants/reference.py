@@ -6,7 +6,7 @@ checked against the reference the same way before the profiler measures it prope
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -61,17 +61,21 @@ def session(model: Path | bytes, variant: str) -> ort.InferenceSession:
 
 
 def run_outputs(
-    model: Path | bytes, ctx: BuildContext, inputs: np.ndarray, variant: str
+    model: Path | bytes,
+    ctx: BuildContext,
+    inputs: np.ndarray | Iterable[np.ndarray],
+    variant: str,
 ) -> list[np.ndarray]:
     """Each output of ``model`` for each input, one sample at a time: ``[N, *output]`` per name.
 
+    ``inputs`` is one ``[N, *sample]`` array or chunks of them in order, so a caller that makes
+    inputs on the fly (the distilled student's augmented images) never holds them all.
     Also checks that the model keeps the reference's interface: float32 input and outputs under
     the same names, so the agent can feed it exactly like the reference.
     """
-    try:
-        Calibration(inputs).check_shape(ctx.info.sample_shape)
-    except ModelStoreError as exc:
-        raise VariantError(variant, str(exc)) from exc
+    chunks = [inputs] if isinstance(inputs, np.ndarray) else inputs
+    if isinstance(inputs, np.ndarray):
+        _check_shape(inputs, ctx, variant)
     sess = session(model, variant)
     feeds = {i.name: i.type for i in sess.get_inputs()}
     fetches = {o.name: o.type for o in sess.get_outputs()}
@@ -82,13 +86,23 @@ def run_outputs(
     names = list(ctx.info.output_names)
     if any(fetches.get(name) != "tensor(float)" for name in names):
         raise VariantError(variant, f"outputs changed: expected {names} as float32, got {fetches}")
-    try:
-        rows = [
-            sess.run(names, {ctx.info.input_name: inputs[i : i + 1]}) for i in range(len(inputs))
-        ]
-    except Exception as exc:
-        raise VariantError(variant, f"onnxruntime fails running the result: {exc}") from exc
+    rows = []
+    for chunk in chunks:
+        _check_shape(chunk, ctx, variant)
+        try:
+            rows += [
+                sess.run(names, {ctx.info.input_name: chunk[i : i + 1]}) for i in range(len(chunk))
+            ]
+        except Exception as exc:
+            raise VariantError(variant, f"onnxruntime fails running the result: {exc}") from exc
     return [np.concatenate([np.asarray(row[k]) for row in rows]) for k in range(len(names))]
+
+
+def _check_shape(inputs: np.ndarray, ctx: BuildContext, variant: str) -> None:
+    try:
+        Calibration(inputs).check_shape(ctx.info.sample_shape)
+    except ModelStoreError as exc:
+        raise VariantError(variant, str(exc)) from exc
 
 
 def output_error(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:

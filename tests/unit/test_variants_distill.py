@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,10 @@ import onnxruntime as ort
 import pytest
 
 from agent.protocol import ModelFormat, Task
+from benchmarks.large_compress import images, resnet
 from model_store.samples import build
 from model_store.samples.calibration import calibration_set
+from model_store.variants import distill
 from model_store.variants.base import (
     BuildContext,
     BuiltVariant,
@@ -19,7 +22,7 @@ from model_store.variants.base import (
     ModelInfo,
     VariantError,
 )
-from model_store.variants.distill import DistillBuilder, filter_bank
+from model_store.variants.distill import SEED, DistillBuilder, _augmented, filter_bank
 
 SAMPLES = Path(build.__file__).parent
 VIBRATION = SAMPLES / "vibration-ae.onnx"
@@ -213,3 +216,65 @@ def test_inputs_that_are_neither_signal_nor_image_are_refused(workdir: Path) -> 
     data = Calibration(np.random.default_rng(0).normal(size=(40, 4, 4)).astype(np.float32))
     with pytest.raises(VariantError, match=r"no student design for inputs shaped \[1, 4, 4\]"):
         DistillBuilder().build(context(path, info, data, workdir))
+
+
+def augment_at_once(inputs: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """How augmented inputs were made before they came in chunks: all of them in one array.
+    Chunks must give these values exactly, or every sample's student changes bytes."""
+    first = rng.integers(len(inputs), size=count)
+    second = rng.integers(len(inputs), size=count)
+    shape = (count,) + (1,) * (inputs.ndim - 1)
+    mix = rng.uniform(0.0, 1.0, size=shape)
+    out = mix * inputs[first] + (1 - mix) * inputs[second]
+    if inputs.ndim == 4:
+        flip_h = rng.random(count) < 0.5
+        out[flip_h] = out[flip_h, :, :, ::-1]
+        flip_v = rng.random(count) < 0.5
+        out[flip_v] = out[flip_v, :, ::-1, :]
+    else:
+        out *= np.exp(rng.uniform(np.log(0.8), np.log(1.25), size=shape))
+    scale = float(np.std(inputs)) or 1.0
+    out += rng.standard_normal(out.shape) * rng.uniform(0.0, 0.03, size=shape) * scale
+    made: np.ndarray = out.astype(np.float32)
+    return made
+
+
+@pytest.mark.parametrize("sample_shape", [(512,), (3, 16, 16)])
+def test_augmented_inputs_made_in_chunks_are_the_ones_made_at_once(
+    sample_shape: tuple[int, ...],
+) -> None:
+    inputs = np.random.default_rng(2).standard_normal((12, *sample_shape)).astype(np.float32)
+    whole = augment_at_once(inputs, 50, np.random.default_rng(SEED))
+    for chunk in (1, 7, 50, 64):
+        made = list(_augmented(inputs, 50, np.random.default_rng(SEED), chunk))
+        assert max(len(part) for part in made) == min(chunk, 50)
+        assert np.array_equal(np.concatenate(made), whole)
+
+
+def test_a_student_of_large_inputs_is_trained_without_holding_its_training_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ResNet layout at test size: 3x64x64 images, 60 calibration inputs, so 45 train and
+    # 900 augmented copies join them: 46 MB as float32, and three times that as the float64
+    # arrays they were made in when the whole set was made at once (issue: ResNet-50 took 4.3
+    # GB here). numpy reports its arrays to tracemalloc, so the traced peak shows what is held.
+    monkeypatch.setattr(distill, "CHUNK_BYTES", 2**20)
+    model = resnet(stages=(1, 1), width=8, size=64, classes=10)
+    onnx.save(model, str(tmp_path / "resnet.onnx"))
+    info = ModelInfo("resnet", "1.0.0", Task.CLASSIFICATION, "input", (3, 64, 64), ("logits",))
+    calibration = images(60, size=64)
+    (tmp_path / "work").mkdir()
+    ctx = context(tmp_path / "resnet.onnx", info, calibration, tmp_path / "work")
+    import sklearn.neural_network  # noqa: F401  (the first import would count in the peak)
+
+    tracemalloc.start()
+    try:
+        [student] = DistillBuilder().build(ctx)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    training = student.details["training_samples"]
+    assert training == 945
+    training_bytes = training * 3 * 64 * 64 * 4
+    assert peak < training_bytes / 3, f"traced peak {peak / 2**20:.1f} MiB"
+    assert student.details["agreement"] > 0

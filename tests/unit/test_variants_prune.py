@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from model_store.samples.build import spectral_constants
 from model_store.variants.base import BuildContext, BuiltVariant, VariantError
-from model_store.variants.prune import PruneBuilder, looks_engineered
+from model_store.variants.prune import PruneBuilder, compressed_size, looks_engineered
 from tests.unit.test_variants_quant import (
     VIBRATION,
     MakeContext,
@@ -204,3 +205,13 @@ def test_structured_pruning_removes_dead_units_without_changing_outputs(tmp_path
     assert got["fw"].shape == (3 * 16, 12) and got["gain"].shape == (1, 12)
     assert got["mw"].shape == (12, 3)
     assert relative_error(structured, ctx) < 1e-5
+
+
+def test_the_compressed_size_is_the_whole_file_deflated_though_read_in_pieces(
+    tmp_path: Path,
+) -> None:
+    # Over 1 MiB, so it is read in more than one piece; half zeros, so it compresses.
+    data = np.random.default_rng(0).integers(0, 256, 3 * 2**19, dtype=np.uint8).tobytes()
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data + bytes(len(data)))
+    assert compressed_size(path) == len(zlib.compress(path.read_bytes(), 6))

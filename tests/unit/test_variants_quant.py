@@ -20,7 +20,7 @@ from model_store.variants.base import (
     ModelInfo,
     VariantError,
 )
-from model_store.variants.fp16 import Fp16Builder
+from model_store.variants.fp16 import Fp16Builder, activation_peaks
 from model_store.variants.quantize import (
     QUANT_TOLERANCE,
     DynamicInt8Builder,
@@ -207,6 +207,18 @@ def test_fp16_keeps_overflowing_nodes_in_float32(tmp_path: Path) -> None:
     assert variant.precision == "mixed"
     assert len(variant.details["fp32_nodes"]) >= 2
     assert relative_error(variant, ctx) < 0.01
+
+
+def test_finding_activation_peaks_leaves_the_model_as_it_was(tmp_path: Path) -> None:
+    # The tensors are exposed as outputs on the model itself (a copy would hold the weights
+    # twice: 100 MB more for a ResNet-50), so they must come off again.
+    ctx = cnn_context(tmp_path)
+    model = onnx.load(str(ctx.reference))
+    before = model.SerializeToString()
+    assert ctx.calibration is not None
+    peaks = activation_peaks(model, ctx, ctx.calibration.inputs[:4])
+    assert model.SerializeToString() == before
+    assert len(peaks) > len(model.graph.initializer) + 1  # weights, input and activations
 
 
 def test_fp16_of_a_corrupt_reference_is_a_variant_error(tmp_path: Path) -> None:
