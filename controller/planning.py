@@ -48,7 +48,9 @@ class PlannedDevice:
     decision: Decision
 
 
-def candidate(variant: Variant) -> Candidate:
+def candidate(variant: Variant, fp32_ms: Mapping[str, float] | None = None) -> Candidate:
+    """``variant`` as selection sees it; ``fp32_ms``: the p50 of each runtime's fp32 variant
+    of the same version on the build host (:func:`fp32_latencies`)."""
     profile = variant.profile
     host_arch, host_features = parse_host(profile.host if profile else "")
     return Candidate(
@@ -64,7 +66,26 @@ def candidate(variant: Variant) -> Candidate:
         macs=profile.macs if profile else None,
         host_arch=host_arch,
         host_features=host_features,
+        fp32_host_ms=dict(fp32_ms or {}),
     )
+
+
+FP32_OF_RUNTIME = {"onnxruntime": ("fp32",), "litert": ("tflite-fp32", "tflite")}
+
+
+def fp32_latencies(variants: Sequence[Variant]) -> dict[str, float]:
+    """runtime -> build-host p50 of the version's fp32 variant in that runtime (the fp32 ONNX
+    reference, the TFLite build or the imported TFLite file)."""
+    by_name = {v.variant: v for v in variants}
+    out: dict[str, float] = {}
+    for runtime, names in FP32_OF_RUNTIME.items():
+        for name in names:
+            found = by_name.get(name)
+            stats = found.profile.latency.get(runtime) if found and found.profile else None
+            if stats is not None:
+                out[runtime] = stats.p50_ms
+                break
+    return out
 
 
 def deployable(variants: Sequence[Variant]) -> list[Variant]:
@@ -76,7 +97,9 @@ def deployable(variants: Sequence[Variant]) -> list[Variant]:
 
 def candidates(catalog: Catalog, version_id: str) -> list[Candidate]:
     """Deployable variants of a version, as selection sees them."""
-    return [candidate(v) for v in deployable(catalog.variants(version_id))]
+    variants = catalog.variants(version_id)
+    fp32_ms = fp32_latencies(variants)
+    return [candidate(v, fp32_ms) for v in deployable(variants)]
 
 
 def is_planned(catalog: Catalog, desired: str) -> bool:
@@ -170,8 +193,9 @@ def priced_on_class(
     if needs is None:
         return {}
     chosen_among = {v.id for v in deployable(variants)}
-    options = [candidate(v) for v in variants if v.id in chosen_among]
-    others = [candidate(v) for v in variants if v.id not in chosen_among]
+    fp32_ms = fp32_latencies(variants)
+    options = [candidate(v, fp32_ms) for v in variants if v.id in chosen_among]
+    others = [candidate(v, fp32_ms) for v in variants if v.id not in chosen_among]
     return class_prices(needs, options, of_class(telemetry, device_class, options), others)
 
 

@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from device_configs.kernels import KernelTable
+from device_configs.kernels import KernelTable, carry_ratio
 
 # Precisions a variant needs the device to support ("mixed" = int8 kernels with fp32 parts).
 REQUIRED_PRECISIONS: Mapping[str, frozenset[str]] = {
@@ -69,6 +69,9 @@ class Candidate:
     macs: int | None = None  # multiply-accumulates per inference, from the profile
     host_arch: str = "unknown"  # the CPU its latency was measured on
     host_features: frozenset[str] | None = None  # None: not recorded (older profiles)
+    # runtime -> p50 on the build host of the fp32 variant of the same runtime (the version's
+    # fp32 ONNX, its fp32 TFLite): how much this variant gained there
+    fp32_host_ms: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,13 +121,19 @@ def speed_factor(device: DeviceNeeds, candidate: Candidate) -> tuple[float, str]
         return fp32, _class_basis("fp32", fp32)
     if precision in device.speed:
         return device.speed[precision], _class_basis(precision, device.speed[precision])
-    return device.kernels.carry(
+    runtime = RUNTIME_OF_FORMAT.get(candidate.format, "")
+    host_gain, device_gain, basis = device.kernels.carry(
         fp32,
-        RUNTIME_OF_FORMAT.get(candidate.format, ""),
+        runtime,
         precision,
         (candidate.host_arch, candidate.host_features),
         (device.arch, device.features),
     )
+    mine, base = candidate.host_latency_ms.get(runtime), candidate.fp32_host_ms.get(runtime)
+    if mine is None or base is None or mine <= 0 or base <= 0:
+        return fp32 * host_gain / device_gain, basis  # no fp32 to compare with: in proportion
+    here = mine / base
+    return fp32 * carry_ratio(here, host_gain, device_gain) / here, basis
 
 
 @functools.cache

@@ -88,3 +88,24 @@ def test_the_host_text_carries_the_flags_and_old_profiles_have_none() -> None:
     assert parse_host(text) == ("x86_64", frozenset({"avx2", "fma"}))
     assert parse_host("aarch64, 4 cores") == ("aarch64", None)
     assert parse_host("") == ("unknown", None)
+
+
+@pytest.mark.parametrize(
+    "here, host_gain, device_gain, there",
+    [
+        pytest.param(0.5, 2.0, 2.0, 0.5, id="same-gains-same-share"),
+        pytest.param(1 / 1.5, 1.5, 2.0, 0.5, id="compute-bound-gets-the-device-gain"),
+        pytest.param(0.47, 1.5, 2.0, 0.47 * 1.5 / 2.0, id="better-than-the-table-in-proportion"),
+        # 0.9x on a 1.5x host: 70% of the time does not gain, 30% gains the device's 2x
+        pytest.param(0.9, 1.5, 2.0, 0.7 + 0.3 / 2.0, id="overhead-bound-keeps-its-fixed-part"),
+        pytest.param(1.0, 1.5, 2.0, 1.0, id="no-gain-here-none-there"),
+        pytest.param(6.8, 1.5, 2.0, 6.8, id="a-slow-kernel-stays-slow"),
+        pytest.param(0.9, 1.5, 1.3, 0.7 + 0.3 / 1.3, id="a-weaker-device"),
+    ],
+)
+def test_a_variants_gain_carries_over_only_where_it_was_compute(
+    here: float, host_gain: float, device_gain: float, there: float
+) -> None:
+    from device_configs.kernels import carry_ratio
+
+    assert carry_ratio(here, host_gain, device_gain) == pytest.approx(there)
