@@ -10,7 +10,6 @@ import hashlib
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 
 from agent import protocol as p
 from controller.broker import Mosquitto, free_port
-from tests.conftest import REPO, SAMPLES, Probe, Processes, agent_config, unique
+from tests.conftest import REPO, SAMPLES, Probe, Processes, agent_config, unique, wait_until
 from tests.e2e.fake_controller import MODEL, FakeController
 
 pytestmark = pytest.mark.e2e
@@ -166,9 +165,15 @@ def test_unreachable_broker_the_agent_keeps_inferring_and_reports_after_connecti
         f'{{"active": {p.encode(active).decode()}, "last_good": null}}'
     )
     proc = processes.agent(config)
-    time.sleep(4)
+    # the agent says it cannot reach the broker and keeps running: wait for the words, not a
+    # fixed time (a slow start under load took more than the 4 s this once slept)
+    wait_until(
+        lambda: "unreachable" in processes.log(device) or proc.poll() is not None,
+        60,
+        "the agent to report the broker unreachable",
+        lambda: processes.log(device),
+    )
     assert proc.poll() is None, processes.log(device)
-    assert "unreachable" in processes.log(device)
     broker = Mosquitto(tmp_path / "late-broker", port).start()
     try:
         probe = Probe(port, f"gf/v1/{device}/#")
