@@ -59,6 +59,12 @@ PATHS: dict[str, tuple[str, ...]] = {
         "benchmarks/green_claim.py",
         "benchmarks/planning.py",
     ),
+    "large_compress": (
+        "model_store",
+        "controller/model_commands.py",
+        "controller/output.py",
+        "benchmarks/large_compress.py",
+    ),
     "planning": (
         "controller/planning.py",
         "controller/selection.py",

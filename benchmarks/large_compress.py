@@ -62,7 +62,8 @@ QUICK_SAMPLES = 32
 QUICK_RUNS = 20  # latency runs per variant in quick mode (the CLI's default, 200, otherwise)
 SAMPLE_S = 0.1  # how often the child's RSS is read
 # The bound stated in the README: peak RSS of compress at most this many times the fp32 file,
-# plus a fixed allowance for Python, numpy, onnxruntime, scikit-learn and the CLI.
+# plus the calibration inputs (compress holds them as float32), plus a fixed allowance for
+# Python, numpy, onnxruntime, scikit-learn and the CLI.
 RSS_PER_MODEL_BYTE = 4.0
 RSS_FIXED_GIB = 1.0
 BN_EPS = 1e-5
@@ -233,6 +234,7 @@ class Measured:
     builders: str
     parameters: int
     model_bytes: int  # the ONNX file as added
+    calibration_bytes: int  # the calibration inputs as float32
     wall_s: float
     peak_rss_kib: int
     # per step ("start-up", "fp32", each builder, "profile", "finish"): wall seconds from the
@@ -362,7 +364,10 @@ def measure(
         weights = parameters(model)
         del model
         calibration = Path(tmp) / "calib.npz"
-        images(samples).save(calibration)
+        calibration_set = images(samples)
+        calibration_set.save(calibration)
+        calibration_bytes = calibration_set.inputs.nbytes
+        del calibration_set
         add = [sys.executable, "-m", "controller.cli", "models", "add", str(model_path)]
         add += ["--name", MODEL, "--version", "1.0.0", "--task", "classification"]
         subprocess.run(add, cwd=ROOT, env=_env(home), check=True, capture_output=True)
@@ -389,6 +394,7 @@ def measure(
         builders=only or "all",
         parameters=weights,
         model_bytes=model_path_bytes,
+        calibration_bytes=calibration_bytes,
         wall_s=round(wall, 1),
         peak_rss_kib=peak,
         steps=steps,
@@ -398,15 +404,17 @@ def measure(
     )
 
 
-def bound_kib(model_bytes: int) -> int:
-    return int((RSS_PER_MODEL_BYTE * model_bytes + RSS_FIXED_GIB * 2**30) / 1024)
+def bound_kib(m: Measured) -> int:
+    """The stated bound on compress's peak RSS for this model and calibration set."""
+    fixed = RSS_FIXED_GIB * 2**30
+    return int((RSS_PER_MODEL_BYTE * m.model_bytes + m.calibration_bytes + fixed) / 1024)
 
 
 def describe(m: Measured) -> str:
     lines = [
         f"{MODEL} ({m.parameters / 1e6:.1f} M parameters, {m.model_bytes / 1e6:.1f} MB fp32), "
         f"{m.samples} calibration images, builders {m.builders}: {m.wall_s:.0f} s wall, peak "
-        f"RSS {m.peak_rss_kib / 2**20:.2f} GiB (bound {bound_kib(m.model_bytes) / 2**20:.2f} GiB)",
+        f"RSS {m.peak_rss_kib / 2**20:.2f} GiB (bound {bound_kib(m) / 2**20:.2f} GiB)",
         f"{'step':<16} {'wall s':>8} {'peak RSS MiB':>13}",
     ]
     lines += [
@@ -435,8 +443,11 @@ def run(quick: bool) -> Outcome:
         ),
         baseline=f"fp32 file {m.model_bytes / 1e6:.1f} MB",
         ratio=m.peak_rss_kib * 1024 / m.model_bytes,
-        target=f"peak RSS <= {RSS_PER_MODEL_BYTE:g}x the fp32 file + {RSS_FIXED_GIB:g} GiB",
-        passed=m.peak_rss_kib <= bound_kib(m.model_bytes),
+        target=(
+            f"peak RSS <= {RSS_PER_MODEL_BYTE:g}x the fp32 file + the calibration inputs + "
+            f"{RSS_FIXED_GIB:g} GiB"
+        ),
+        passed=m.peak_rss_kib <= bound_kib(m),
         numbers=dict(m.__dict__),
     )
 

@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, str] = {
     "variants": "benchmarks.variants",
     "planning": "benchmarks.planning",
     "green_claim": "benchmarks.green_claim",
+    "large_compress": "benchmarks.large_compress",
     "resilience": "benchmarks.resilience",
     "rollout_abort": "benchmarks.rollout_abort",
     "ingest": "benchmarks.ingest",

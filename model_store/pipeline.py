@@ -11,6 +11,9 @@ by name with its reason and the others still run. Files reach the store only whe
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import gc
 import importlib
 import json
 import logging
@@ -101,6 +104,29 @@ def model_info(version: ModelVersion, *, need_task: bool = True) -> ModelInfo:
     )
 
 
+@functools.cache
+def _libc() -> Any | None:
+    """The C library the interpreter runs on, if it is glibc (it has ``malloc_trim``)."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+def return_freed_memory() -> None:
+    """Give the heap pages the last step freed back to the OS before the next step starts.
+
+    glibc keeps them: after the fp16 build of a ResNet-50, RSS stood at 650 MiB around 160 MiB
+    of live data, so every later step's peak started from the previous step's. Without glibc
+    (musl, macOS) only the garbage collector runs.
+    """
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def _builder(name: str) -> Any:
     module, _, cls = BUILDERS[name].partition(":")
     return getattr(importlib.import_module(module), cls)()
@@ -159,6 +185,7 @@ def compress(
         progress("build", 0, total, "fp32 reference")
         with meter.measure(spent.setdefault("fp32", [])):
             reference, normalized = optimize_reference(source.path, workdir / "fp32.onnx")
+        return_freed_memory()
         built: list[BuiltVariant] = [
             BuiltVariant(
                 "fp32",
@@ -189,6 +216,7 @@ def compress(
             except Exception as exc:  # a bug or a third-party failure in one builder
                 log.exception("builder %s failed", name)
                 report.failures.append((name, f"unexpected error: {type(exc).__name__}: {exc}"))
+            return_freed_memory()
         progress("build", total, total, "done")
 
         with meter.measure(spent.setdefault("profile", [])):
@@ -235,6 +263,7 @@ def compress(
                     return None
 
             for done, variant in enumerate(files):
+                return_freed_memory()
                 progress("profile", done, steps, variant.variant)
                 assert variant.path is not None and variant.format is not None
                 profile = profiled(variant.variant, variant.path, variant.format)
@@ -258,6 +287,7 @@ def compress(
                     _sign(catalog, signer, version, info, stored, heldout, building)
                 )
             for done, stored in enumerate(existing, start=len(files)):
+                return_freed_memory()
                 progress("profile", done, steps, stored.variant or "source")
                 profile = profiled(stored.variant or "source", stored.path, stored.format)
                 if profile is None:

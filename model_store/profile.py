@@ -319,16 +319,21 @@ Shape = tuple[int, ...]
 
 
 def _onnx_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
-    import onnx
+    from model_store.shapes import infer_shapes
 
+    lifted: set[str] = set()  # weights the inference saw as inputs: their dims are their own
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred, lifted = infer_shapes(model)
     except Exception as exc:  # an op the inference does not know, or a bad graph
         logger.warning("ONNX shape inference failed (%s); MACs are counted from known shapes", exc)
         inferred = model
     graph = inferred.graph
-    shapes: dict[str, Shape] = {t.name: tuple(int(d) for d in t.dims) for t in graph.initializer}
+    shapes: dict[str, Shape] = {
+        t.name: tuple(int(d) for d in t.dims) for t in model.graph.initializer
+    }
     for info in [*graph.input, *graph.value_info, *graph.output]:
+        if info.name in lifted:
+            continue
         tensor_type = info.type.tensor_type
         if tensor_type.HasField("shape"):
             # A symbolic or unknown dimension (the batch, usually) is taken as 1.

@@ -15,6 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.protocol import ModelFormat
+from model_store.shapes import infer_shapes
 from model_store.variants.base import BuildContext, BuiltVariant, VariantError
 from model_store.variants.reference import (
     file_size,
@@ -131,9 +132,9 @@ def node_label(node: onnx.NodeProto, index: int) -> str:
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor in the main graph, from ONNX shape inference."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred, _ = infer_shapes(model)
     graph = inferred.graph
-    types = {init.name: init.data_type for init in graph.initializer}
+    types = {init.name: init.data_type for init in model.graph.initializer}
     for value in (*graph.input, *graph.output, *graph.value_info):
         if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
             types[value.name] = value.type.tensor_type.elem_type
