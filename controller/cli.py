@@ -42,7 +42,8 @@ from simulator import cli as simulator_cli
 
 
 def _budget(value: float | None, unit: str, source: str) -> str:
-    return "none (not checked)" if value is None else f"{value:g} {unit} ({source})"
+    # the source comes from the device's birth: text, never markup
+    return "none (not checked)" if value is None else f"{value:g} {unit} ({escape(source)})"
 
 
 def _differs(applied: dict[str, Any] | None, planned: dict[str, Any]) -> bool:

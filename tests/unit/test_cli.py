@@ -362,4 +362,6 @@ def test_devices_show_says_which_budgets_apply_and_where_they_came_from(
 
     text = budgets_text({"applied": applied, "planned": planned})
     assert shows in text
+    hostile = {**CLASS, "latency_from": "[blink]agent.yam[/blink]"}  # what a device may send
+    assert "\\[blink]" in budgets_text({"applied": hostile, "planned": CLASS})
     assert ("sent with the next active deploy" in text) is warns

@@ -203,3 +203,20 @@ def test_agent_imports_nothing_from_controller_or_model_store() -> None:
                 if n.split(".")[0] in ("controller", "model_store")
             ]
     assert offenders == []
+
+
+@pytest.mark.parametrize(
+    "budgets",
+    [
+        {"latency_ms": 1e12},
+        {"power_w": -1.0},
+        {"latency_from": "x" * 65},
+        {"latency_ms": 50.0, "colour": "red"},
+    ],
+)
+def test_budgets_a_device_reports_are_bounded(budgets: dict[str, object]) -> None:
+    """A birth is what a device says of itself: its budgets are bounded like every field."""
+    raw = json.loads(p.encode(EXAMPLES["birth"]))
+    raw["budgets"] = budgets
+    with pytest.raises(p.ProtocolError):
+        p.decode(json.dumps(raw).encode())
