@@ -63,9 +63,11 @@ QUICK_RUNS = 20  # latency runs per variant in quick mode (the CLI's default, 20
 SAMPLE_S = 0.1  # how often the child's RSS is read
 # The bound stated in the README: peak RSS of compress at most this many times the fp32 file,
 # plus the calibration inputs (compress holds them as float32), plus a fixed allowance for
-# Python, numpy, onnxruntime, scikit-learn and the CLI.
-RSS_PER_MODEL_BYTE = 4.0
-RSS_FIXED_GIB = 1.0
+# Python, numpy, onnxruntime, scikit-learn and the CLI. Measured on 2026-12-08: 0.99 GiB for
+# ResNet-50 (102 MB) and 1.46 GiB for the ResNet-101 layout (178 MB), so RSS grows by ~6.7
+# bytes per byte of model from ~0.35 GiB; the bound leaves ~20% on both.
+RSS_PER_MODEL_BYTE = 7.0
+RSS_FIXED_GIB = 0.5
 BN_EPS = 1e-5
 CENTRING_IMAGES = 8  # images whose mean pooled features the classifier's bias takes out
 
