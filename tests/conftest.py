@@ -263,3 +263,28 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
     procs = Processes(tmp_path, env)
     yield procs
     procs.stop_all()
+
+
+@contextlib.contextmanager
+def configured_broker(processes: Processes, tmp_path: Path) -> Iterator[int]:
+    """A locked-down Mosquitto from `greenfleet broker config` (TLS, per-device logins, ACL)
+    for the test's controller home; yields its TLS port, stops every process and the broker
+    after."""
+    from controller import broker_config as bc
+    from controller import device_commands
+    from controller.broker import ConfiguredMosquitto, free_port, mosquitto_path
+    from controller.home import Home
+
+    if mosquitto_path() is None:
+        pytest.fail("mosquitto is not installed: apt-get install -y mosquitto (.ci/run does this)")
+    home = Home(Path(processes.env["GREENFLEET_HOME"])).prepare()
+    settings = bc.BrokerSettings(
+        out_dir=tmp_path / "broker", hosts=["broker.test"], port=free_port(), cert_port=free_port()
+    )
+    files, _ = device_commands.configure_broker(home, settings)
+    broker = ConfiguredMosquitto(files.conf, settings.port, tmp_path / "mosquitto.log").start()
+    try:
+        yield settings.port
+    finally:
+        processes.stop_all()
+        broker.stop()

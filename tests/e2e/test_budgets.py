@@ -13,11 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from controller import broker_config as bc
-from controller import device_commands
-from controller.broker import ConfiguredMosquitto, free_port, mosquitto_path
-from controller.home import Home
-from tests.conftest import SAMPLES, Processes, unique, wait_until
+from tests.conftest import SAMPLES, Processes, configured_broker, unique, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -25,15 +21,7 @@ pytestmark = pytest.mark.e2e
 def test_an_enrolled_device_applies_the_planned_budgets_and_falls_on_them(
     processes: Processes, tmp_path: Path
 ) -> None:
-    if mosquitto_path() is None:
-        pytest.fail("mosquitto is not installed: apt-get install -y mosquitto (.ci/run does this)")
-    home = Home(Path(processes.env["GREENFLEET_HOME"])).prepare()
-    settings = bc.BrokerSettings(
-        out_dir=tmp_path / "broker", hosts=["broker.test"], port=free_port(), cert_port=free_port()
-    )
-    files, _ = device_commands.configure_broker(home, settings)
-    broker = ConfiguredMosquitto(files.conf, settings.port, tmp_path / "mosquitto.log").start()
-    try:
+    with configured_broker(processes, tmp_path) as port:
         added = processes.cli(
             "models", "add", str(SAMPLES / "vibration-ae.onnx"), "--name", "vibration-ae",
             "--version", "1.0.0",
@@ -50,7 +38,7 @@ def test_an_enrolled_device_applies_the_planned_budgets_and_falls_on_them(
         # below the board's idle power (2.7 W), so every telemetry window breaks it
         enrolled = processes.cli(
             "devices", "add", device, "--profile", "rpi4", "--site", "plant-t",
-            "--labels", "power_budget_w=2", "--broker", f"127.0.0.1:{settings.port}",
+            "--labels", "power_budget_w=2", "--broker", f"127.0.0.1:{port}",
             "--out", str(bundle),
         )  # fmt: skip
         assert enrolled.returncode == 0, enrolled.stderr
@@ -70,7 +58,7 @@ def test_an_enrolled_device_applies_the_planned_budgets_and_falls_on_them(
         processes.agent(config, name=device)
         processes.start(
             "controller", "-m", "controller.cli", "controller", "run",
-            "--broker", f"127.0.0.1:{settings.port}", "--reconcile-interval", "0.5",
+            "--broker", f"127.0.0.1:{port}", "--reconcile-interval", "0.5",
         )  # fmt: skip
 
         def show() -> dict[str, Any]:
@@ -117,6 +105,3 @@ def test_an_enrolled_device_applies_the_planned_budgets_and_falls_on_them(
         change = fell()[0]["detail"]
         assert (change["from"], change["to"]) == ("active", "last_good")
         assert "over the 2 W power budget" in change["cause"]
-    finally:
-        processes.stop_all()
-        broker.stop()

@@ -12,11 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controller import broker_config as bc
-from controller import device_commands
-from controller.broker import ConfiguredMosquitto, free_port, mosquitto_path
-from controller.home import Home
-from tests.conftest import SAMPLES, Processes, unique, wait_until
+from tests.conftest import SAMPLES, Processes, configured_broker, unique, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -24,15 +20,7 @@ pytestmark = pytest.mark.e2e
 def test_an_enrolled_agent_connects_over_tls_and_receives_a_deployment(
     processes: Processes, tmp_path: Path
 ) -> None:
-    if mosquitto_path() is None:
-        pytest.fail("mosquitto is not installed: apt-get install -y mosquitto (.ci/run does this)")
-    home = Home(Path(processes.env["GREENFLEET_HOME"])).prepare()
-    settings = bc.BrokerSettings(
-        out_dir=tmp_path / "broker", hosts=["broker.test"], port=free_port(), cert_port=free_port()
-    )
-    files, _ = device_commands.configure_broker(home, settings)
-    broker = ConfiguredMosquitto(files.conf, settings.port, tmp_path / "mosquitto.log").start()
-    try:
+    with configured_broker(processes, tmp_path) as port:
         added = processes.cli(
             "models", "add", str(SAMPLES / "vibration-ae.onnx"), "--name", "vibration-ae",
             "--version", "1.0.0", "--json",
@@ -42,7 +30,7 @@ def test_an_enrolled_agent_connects_over_tls_and_receives_a_deployment(
         bundle = tmp_path / "bundle.yaml"
         enrolled = processes.cli(
             "devices", "add", device, "--profile", "x86-ipc", "--site", "plant-t",
-            "--labels", "line=9", "--broker", f"127.0.0.1:{settings.port}", "--out", str(bundle),
+            "--labels", "line=9", "--broker", f"127.0.0.1:{port}", "--out", str(bundle),
         )  # fmt: skip
         assert enrolled.returncode == 0, enrolled.stderr
         assert bundle.stat().st_mode & 0o077 == 0, "the bundle holds secrets: owner only"
@@ -74,7 +62,7 @@ def test_an_enrolled_agent_connects_over_tls_and_receives_a_deployment(
             "controller",
             "run",
             "--broker",
-            f"127.0.0.1:{settings.port}",
+            f"127.0.0.1:{port}",
             "--reconcile-interval",
             "0.5",
         )  # fmt: skip  (TLS and the gf-controller login come from the home, made by broker config)
@@ -105,6 +93,3 @@ def test_an_enrolled_agent_connects_over_tls_and_receives_a_deployment(
         assert refused.wait(timeout=30) == 3, "bad credentials are fatal, not a reconnect storm"
         log = processes.log("wrong-password")
         assert "refused the connection" in log and "Check the username/password" in log
-    finally:
-        processes.stop_all()
-        broker.stop()
